@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated Keras home and feature cache per test, and the ../shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: The team's shared folder (real ImageNet weights and photos), beside the checkout in CI.
+SHARED_DIR = Path(os.environ.get("TRANSFERKIT_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHARED_WEIGHTS = SHARED_DIR / "imagenet-weights"
+SHARED_DATASETS = SHARED_DIR / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def isolated_homes(tmp_path_factory, monkeypatch):
+    """Every test gets an empty Keras home and feature cache: no test sees the developer's files."""
+    base = tmp_path_factory.mktemp("homes")
+    monkeypatch.setenv("KERAS_HOME", str(base / "keras"))
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(base / "cache"))
+    return base
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Make Keras' download fail at once, as on a machine without a network."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr("transferkit.weights._download", refuse)
+
+
+@pytest.fixture
+def shared_keras_home(tmp_path, monkeypatch):
+    """A Keras home whose ``models`` folder is ../shared/imagenet-weights (real ImageNet files)."""
+    if not SHARED_WEIGHTS.is_dir():
+        pytest.skip(f"real ImageNet weights not found at {SHARED_WEIGHTS} (set TRANSFERKIT_SHARED_DIR)")
+    home = tmp_path / "keras-shared"
+    home.mkdir()
+    (home / "models").symlink_to(SHARED_WEIGHTS, target_is_directory=True)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return home
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real photo set {name} not found at {path} (set TRANSFERKIT_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A small learnable synthetic folder: 3 classes x 12 images, 32 px, mixed formats."""
+    from transferkit.testing import make_image_folder
+
+    return make_image_folder(tmp_path / "photos", num_classes=3, images_per_class=12, image_size=32,
+                             formats=("png", "jpg", "bmp"))
