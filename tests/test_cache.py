@@ -1,0 +1,93 @@
+"""Feature cache: keys, atomic shards, damaged shards, incremental extraction."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+
+from transferkit.backbones import get_backbone
+from transferkit.cache import FeatureCache, FeatureSpec, extract_features, hash_file
+from transferkit.weights import load_backbone, resolve_weights
+
+SPEC = FeatureSpec("tiny_test", "w1", 32, "tf")
+
+
+def test_every_setting_changes_the_key():
+    keys = {SPEC.key()}
+    for field, value in [("backbone", "other"), ("weights_id", "w2"), ("image_size", 64), ("preprocessing", "caffe"),
+                         ("pooling", "max"), ("layer", "block3"), ("resize", "crop"), ("dtype", "float16"),
+                         ("version", 99)]:
+        keys.add(dataclasses.replace(SPEC, **{field: value}).key())
+    assert len(keys) == 10
+
+
+def test_put_then_read_back_from_a_new_instance(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    FeatureCache(tmp_path, SPEC).put(["a", "b", "c"], vectors)
+    again = FeatureCache(tmp_path, SPEC)
+    got = again.get(["c", "x", "a"])
+    np.testing.assert_array_equal(got[0], vectors[2])
+    assert got[1] is None
+    np.testing.assert_array_equal(got[2], vectors[0])
+    assert not list(again.dir.glob(".tmp-*")), "temporary files must be renamed into place"
+
+
+def test_damaged_shard_is_ignored_not_trusted(tmp_path):
+    cache = FeatureCache(tmp_path, SPEC)
+    cache.put(["a"], np.ones((1, 4)))
+    shard = next(cache.dir.glob("shard-*.npz"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    fresh = FeatureCache(tmp_path, SPEC)
+    with pytest.warns(UserWarning, match="damaged cache shard"):
+        assert fresh.get(["a"]) == [None]
+    assert fresh.bad_shards == [shard]
+
+
+@pytest.fixture
+def tiny_model():
+    spec = get_backbone("tiny_test")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return load_backbone(spec, resolve_weights(spec, "none"), 32)
+
+
+def test_extraction_is_incremental_and_content_addressed(tmp_path, image_folder, tiny_model):
+    from PIL import Image
+
+    paths = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    cache = FeatureCache(tmp_path / "c", SPEC)
+    first = extract_features(tiny_model, paths, cache, batch_size=8, flush_every=10, verbose=0)
+    assert first.num_computed == len(paths) and first.num_cached == 0 and first.ok.all()
+    assert len(list(cache.dir.glob("shard-*.npz"))) >= 2, "vectors are flushed while extracting"
+
+    # Re-run: nothing computed. Renamed file: still a hit. Edited pixels: a miss.
+    moved = paths[0].with_name("renamed" + paths[0].suffix)
+    shutil.move(paths[0], moved)
+    edited = paths[1]
+    image = Image.open(edited).convert("RGB")
+    image.putpixel((0, 0), (255, 0, 255))
+    image.save(edited)
+    paths = [moved] + paths[1:]
+    again = extract_features(tiny_model, paths, FeatureCache(tmp_path / "c", SPEC), batch_size=8, verbose=0)
+    assert again.num_computed == 1 and again.num_cached == len(paths) - 1
+    np.testing.assert_allclose(again.vectors[2:], first.vectors[2:], rtol=1e-5, atol=1e-6)
+
+
+def test_broken_image_is_reported_not_fatal(tmp_path, image_folder, tiny_model):
+    paths = sorted(p for p in image_folder.rglob("*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(paths[0].read_bytes()[:40])
+    result = extract_features(tiny_model, paths + [broken], None, verbose=0)
+    assert result.ok.tolist() == [True, True, True, False]
+    assert "cannot decode" in result.errors[3]
+
+
+def test_hash_file_is_content_only(tmp_path):
+    (tmp_path / "a").write_bytes(b"xyz")
+    (tmp_path / "b").write_bytes(b"xyz")
+    assert hash_file(tmp_path / "a") == hash_file(tmp_path / "b")
