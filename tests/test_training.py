@@ -1,0 +1,130 @@
+"""End to end on a synthetic folder with the tiny backbone: train, the run folder, evaluate, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from transferkit import runs
+from transferkit.config import TrainConfig, load_config
+from transferkit.evaluation import evaluate_run
+from transferkit.testing import make_image_folder
+from transferkit.training import train
+
+RUN_FILES = {"model.keras", "labels.txt", "config.yaml", "splits.csv", "history.csv", "metrics.json", "skipped.csv"}
+
+
+def tiny_config(image_dir, output_dir, **changes) -> TrainConfig:
+    base = TrainConfig(image_dir=str(image_dir), output_dir=str(output_dir), backbone="tiny_test",
+                       weights="none", epochs=60, patience=15, learning_rate=0.01, batch_size=8)
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    folder = make_image_folder(root / "photos", num_classes=3, images_per_class=20, image_size=32,
+                               formats=("png", "jpg"))
+    result = train(tiny_config(folder, root / "run", cache_dir=str(root / "cache")), verbose=0)
+    return folder, result
+
+
+def test_run_folder_holds_everything(trained_run):
+    folder, result = trained_run
+    assert RUN_FILES <= {p.name for p in result.run_dir.iterdir()}
+    assert (result.run_dir / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) >= {"accuracy", "macro_f1", "top_k_accuracy", "per_class", "confusion_matrix"}
+    assert np.array(test["confusion_matrix"]).sum() == test["num_examples"] > 0
+    assert metrics["extraction"]["computed"] == 60
+    assert sum(sum(c.values()) for c in metrics["counts"].values()) == 60
+    with open(result.run_dir / "splits.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 60 and {r["split"] for r in rows} == {"train", "val", "test"}
+    history = (result.run_dir / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch") and len(history) - 1 == metrics["epochs_run"]
+    assert load_config(result.run_dir / "config.yaml") == tiny_config(folder, result.run_dir,
+                                                                         cache_dir=metrics["extraction"]["cache_dir"]
+                                                                         .rsplit("/", 1)[0])
+
+
+def test_head_learns_the_synthetic_classes(trained_run):
+    # Random-init tiny CNN features separate the colour/stripe classes well above chance (1/3).
+    assert trained_run[1].test_accuracy >= 0.7
+
+
+def test_saved_model_is_flat_takes_raw_pixels_and_matches_cached_features(trained_run):
+    import keras
+
+    from transferkit.cache import extract_features
+
+    folder, result = trained_run
+    run = runs.load_run(result.run_dir)
+    assert not any(isinstance(layer, keras.Model) for layer in run.model.layers), "one flat graph"
+    assert run.model.input_shape == (None, 32, 32, 3)
+    paths = [folder.parent / "photos" / p for p in sorted(x.relative_to(folder).as_posix()
+                                                         for x in folder.rglob("*") if x.is_file())]
+    probs = extract_features(run.model, paths, None, verbose=0).vectors
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # The same images through the cached-feature head (what training evaluated) agree.
+    backbone = keras.Model(run.model.input, run.model.get_layer("head_dropout").input)
+    head_in = extract_features(backbone, paths, None, verbose=0).vectors
+    head_probs = run.model.get_layer("predictions")(head_in).numpy()
+    np.testing.assert_allclose(probs, head_probs, atol=1e-5)
+
+
+def test_second_run_reuses_the_cache(trained_run, tmp_path):
+    folder, result = trained_run
+    cache_dir = json.loads((result.run_dir / "metrics.json").read_text())["extraction"]["cache_dir"]
+    again = train(tiny_config(folder, tmp_path / "run2", cache_dir=str(tmp_path / "unused")), verbose=0)
+    # A different cache folder computes again; the same folder (and same seed) computes nothing.
+    assert again.metrics["extraction"]["computed"] == 60
+    third = train(tiny_config(folder, tmp_path / "run3", cache_dir=cache_dir.rsplit("/", 1)[0]), verbose=0)
+    assert third.metrics["extraction"]["computed"] == 0 and third.metrics["extraction"]["cached"] == 60
+
+
+def test_evaluate_and_predict(trained_run, tmp_path):
+    folder, result = trained_run
+    metrics = evaluate_run(result.run_dir, folder, tmp_path / "eval", verbose=0)
+    assert metrics["num_examples"] == 60 and metrics["accuracy"] >= 0.7
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    run = runs.load_run(result.run_dir)
+    rows = runs.predict_files(run, [folder / "class_1"], top_k=2)
+    assert len(rows) == 20 and all(r["ok"] and len(r["predictions"]) == 2 for r in rows)
+    assert sum(r["predictions"][0][0] == "class_1" for r in rows) >= 14
+
+
+def test_folder_split_val_becomes_test_and_early_stopping_uses_part_of_train(tmp_path):
+    folder = make_image_folder(tmp_path / "split", num_classes=2, images_per_class=20, image_size=32,
+                               split_dirs=True)
+    for extra in folder.glob("test"):
+        import shutil
+
+        shutil.rmtree(extra)
+    result = train(tiny_config(folder, tmp_path / "run", epochs=5), verbose=0)
+    counts = result.metrics["counts"]
+    with open(result.run_dir / "splits.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(r["split"] == "test" for r in rows if r["path"].startswith("val/"))
+    assert sum(counts["val"].values()) > 0 and all(not r["path"].startswith("val/") for r in rows
+                                                     if r["split"] == "val")
+    assert result.metrics["test"]["num_examples"] == sum(1 for r in rows if r["path"].startswith("val/"))
+
+
+def test_existing_output_dir_is_refused_before_any_work(trained_run, tmp_path):
+    from transferkit.errors import InputError
+
+    folder, result = trained_run
+    with pytest.raises(InputError, match="already exists and is not empty.*--overwrite"):
+        train(tiny_config(folder, result.run_dir), verbose=0)
+
+
+def test_config_yaml_reruns_the_same_experiment(trained_run):
+    _, result = trained_run
+    data = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert data["backbone"] == "tiny_test" and data["strategy"] == "freeze-all"

@@ -1,0 +1,103 @@
+"""Classification metrics from scikit-learn, gathered into one JSON-ready dictionary."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def classification_metrics(
+    y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str], top_k: Sequence[int] = (1, 3, 5)
+) -> dict:
+    """Accuracy, top-k accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix.
+
+    Args:
+        y_true: ``(n,)`` true class indices.
+        probabilities: ``(n, num_classes)`` scores or probabilities, columns in class order.
+        class_names: names in column order.
+        top_k: k values for top-k accuracy; values >= the number of classes are skipped.
+
+    Returns:
+        A dictionary with plain Python numbers and lists, ready for ``json.dump``.
+
+    Example:
+        >>> m = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+        >>> m["accuracy"], m["per_class"]["b"]["recall"]
+        (1.0, 1.0)
+    """
+    from sklearn import metrics
+
+    y_true = np.asarray(y_true)
+    probabilities = np.asarray(probabilities)
+    num_classes = len(class_names)
+    labels = np.arange(num_classes)
+    y_pred = probabilities.argmax(axis=1)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    result = {
+        "num_examples": int(len(y_true)),
+        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(metrics.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "top_k_accuracy": {
+            str(k): float(metrics.top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))
+            for k in top_k
+            if 1 < k < num_classes
+        },
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "class_names": list(class_names),
+    }
+    return result
+
+
+def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, overwrite: bool = True,
+                 verbose: int = 1) -> dict:
+    """Evaluate a trained run on every image of a labelled folder and write ``metrics.json``.
+
+    The folder's class sub-folders must be among the run's classes (a folder may lack some).
+
+    Args:
+        run_dir: the folder of a ``transferkit train`` run.
+        image_dir: a folder with one sub-folder per class (split folders are pooled).
+        output_dir: where to write; default ``RUN_DIR/evaluations/<folder name>``.
+
+    Returns:
+        The metrics written.
+    """
+    from pathlib import Path
+
+    from transferkit import runs
+    from transferkit.cache import extract_features
+    from transferkit.data import scan_folder
+
+    run = runs.load_run(run_dir)
+    folder = scan_folder(image_dir, class_names=run.class_names)
+    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / Path(image_dir).resolve().name
+    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite)
+    result = extract_features(
+        run.model, [folder.abs_path(p) for p in folder.paths], None, batch_size=batch_size, verbose=verbose
+    )
+    ok = result.ok
+    metrics = classification_metrics(folder.labels[ok], result.vectors[ok], run.class_names)
+    skipped = list(folder.skipped) + [(folder.paths[i], reason) for i, reason in sorted(result.errors.items())]
+    metrics.update(
+        run_dir=str(run.run_dir),
+        image_dir=str(folder.root),
+        skipped=[{"path": p, "reason": r} for p, r in skipped],
+        images_per_second=round(result.images_per_second, 2),
+    )
+    runs.write_json(output_dir / runs.METRICS_FILE, metrics)
+    runs.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+    metrics["output_dir"] = str(output_dir)
+    return metrics

@@ -1,0 +1,188 @@
+"""The run folder: what a ``train`` run writes, and loading it back for ``evaluate`` and ``predict``.
+
+Layout of RUN_DIR::
+
+    model.keras     raw RGB pixels (0-255) in, class probabilities out; preprocessing inside
+    labels.txt      class names, one a line, in output order
+    config.yaml     the resolved settings (re-run with ``transferkit train --config``)
+    splits.csv      every image with its label and split
+    history.csv     per-epoch loss and accuracy (Keras CSVLogger)
+    metrics.json    test metrics, counts, skipped files, timings
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from transferkit.errors import InputError
+
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.txt"
+CONFIG_FILE = "config.yaml"
+SPLITS_FILE = "splits.csv"
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+SKIPPED_FILE = "skipped.csv"
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir") -> Path:
+    """Check an output folder before a long job starts: refuse to mix runs, fail early if unwritable.
+
+    Raises:
+        InputError: the folder is not empty (and ``overwrite`` is off), is a file, or is read-only.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"Output folder '{path}' ({option}) is a file. Choose a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise InputError(
+            f"Output folder '{path}' ({option}) already exists and is not empty. "
+            "Choose a new folder, or pass --overwrite to replace the run in it."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"Cannot write to output folder '{path}' ({option}): {exc.strerror or exc}. "
+            "Choose a writable folder."
+        ) from exc
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_labels(path: str | os.PathLike, class_names: Sequence[str]) -> None:
+    atomic_write_text(path, "".join(f"{name}\n" for name in class_names))
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """``model.save`` to a temporary ``.keras`` file, then rename into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Run:
+    """A trained run loaded back from its folder."""
+
+    run_dir: Path
+    model: object
+    class_names: list[str]
+    config: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.input_shape[1])
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Load the model, labels and settings of a ``transferkit train`` run.
+
+    The model loads with Keras' safe mode on: a run folder from elsewhere cannot run code
+    through a Lambda layer.
+
+    Raises:
+        InputError: the folder is not a complete run folder.
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    missing = [name for name in (MODEL_FILE, LABELS_FILE) if not (run_dir / name).is_file()]
+    if missing:
+        raise InputError(
+            f"'{run_dir}' is not a transferkit run folder (missing {', '.join(missing)}). "
+            "Pass the -o folder of a finished 'transferkit train' run."
+        )
+    import keras
+
+    import transferkit.layers  # noqa: F401 - registers the Preprocess layer for deserialisation
+
+    model = keras.saving.load_model(run_dir / MODEL_FILE, safe_mode=True)
+    class_names = [line for line in (run_dir / LABELS_FILE).read_text(encoding="utf-8").splitlines() if line]
+    config_path = run_dir / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if model.output_shape[-1] != len(class_names):
+        raise InputError(
+            f"Run folder '{run_dir}' is inconsistent: the model has {model.output_shape[-1]} outputs "
+            f"but {LABELS_FILE} lists {len(class_names)} classes."
+        )
+    return Run(run_dir, model, class_names, config or {})
+
+
+def predict_files(run: Run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32,
+                  verbose: int = 0) -> list[dict]:
+    """Classify image files and folders (searched recursively) with a loaded run.
+
+    Returns:
+        One row per image, in the order given (folders sorted): ``{"path", "ok", "error",
+        "predictions": [(class name, probability), ...]}`` with the ``top_k`` best first.
+    """
+    import numpy as np
+
+    from transferkit.cache import extract_features
+    from transferkit.data import find_images
+
+    files: list[Path] = []
+    for item in paths:
+        item = Path(item)
+        if item.is_dir():
+            files.extend(find_images(item))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise InputError(f"'{item}' is neither an image file nor a folder. Check the path.")
+    if not files:
+        raise InputError(f"No image files found in {', '.join(map(str, paths))}.")
+    result = extract_features(run.model, files, None, batch_size=batch_size, verbose=verbose)
+    k = max(1, min(top_k, len(run.class_names)))
+    rows = []
+    for i, path in enumerate(files):
+        probs = result.vectors[i]
+        best = np.argsort(-probs)[:k] if result.ok[i] else []
+        rows.append({
+            "path": str(path),
+            "ok": bool(result.ok[i]),
+            "error": result.errors.get(i, ""),
+            "predictions": [(run.class_names[c], float(probs[c])) for c in best],
+        })
+    return rows
