@@ -1,0 +1,178 @@
+"""The command line: help without TensorFlow, messages and exit codes, the end-to-end commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from transferkit.cli import main
+from transferkit.testing import make_image_folder
+
+COMMANDS = [[], ["backbones"], ["weights"], ["weights", "import"], ["extract"], ["train"], ["evaluate"],
+            ["predict"], ["demo"]]
+
+
+def run(*args, **kwargs):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
+    return result
+
+
+def test_help_of_every_command_does_not_import_tensorflow():
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom transferkit.cli import main\n"
+        f"for args in {COMMANDS!r}:\n"
+        "    r = CliRunner().invoke(main, args + ['--help'])\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "    assert 'Usage:' in r.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version():
+    from transferkit import __version__
+
+    assert __version__ in run("--version").output
+
+
+def test_backbones_json_lists_the_registry_and_offline_weights():
+    result = run("backbones", "--json")
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["mobilenet_v2_035"]["weights_offline"] == "bundled"
+    assert rows["resnet50"]["weights_offline"] is None
+    assert rows["efficientnet_b0"]["input_size"] == 224 and rows["efficientnet_b0"]["feature_dim"] == 1280
+
+
+def test_backbones_table_is_readable():
+    result = run("backbones")
+    assert result.exit_code == 0
+    assert "mobilenet_v2_035" in result.output and "bundled" in result.output
+
+
+def test_unknown_backbone_suggests_the_nearest(tmp_path, image_folder):
+    result = run("train", image_folder, "-o", tmp_path / "run", "--backbone", "resnet5")
+    assert result.exit_code == 2
+    assert "Unknown backbone 'resnet5'. Did you mean: resnet50" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_weights_fail_at_once_with_instructions(tmp_path, image_folder, no_downloads):
+    result = run("train", image_folder, "-o", tmp_path / "run", "--backbone", "resnet50")
+    assert result.exit_code == 1
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in result.output
+    assert "transferkit weights import" in result.output
+    assert not (tmp_path / "run").exists(), "nothing is written before the inputs are checked"
+
+
+def test_missing_image_dir_is_a_usage_error(tmp_path):
+    result = run("train", tmp_path / "nowhere", "-o", tmp_path / "run")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_empty_class_folder_is_named(tmp_path, image_folder):
+    (image_folder / "class_9").mkdir()
+    result = run("train", image_folder, "-o", tmp_path / "run", "--backbone", "tiny_test", "--weights", "none")
+    assert result.exit_code == 2
+    assert "class_9" in result.output and "no readable images" in result.output
+
+
+def test_debug_shows_the_traceback(tmp_path, image_folder):
+    result = CliRunner().invoke(main, ["--debug", "train", str(image_folder), "-o", str(tmp_path / "r"),
+                                       "--backbone", "resnet5"])
+    assert result.exit_code != 0 and type(result.exception).__name__ == "UnknownBackboneError"
+
+
+def tiny_train(image_dir, run_dir, *extra):
+    return run("train", image_dir, "-o", run_dir, "--backbone", "tiny_test", "--weights", "none",
+               "--learning-rate", "0.01", "--batch-size", "8", "-q", *extra)
+
+
+def test_train_evaluate_predict_through_the_cli(tmp_path, image_folder):
+    result = tiny_train(image_folder, tmp_path / "run", "--epochs", "40", "--min-accuracy", "0")
+    assert result.exit_code == 0, result.output
+    assert "randomly initialised" in result.output
+    assert "test accuracy:" in result.output and str(tmp_path / "run") in result.output
+
+    again = tiny_train(image_folder, tmp_path / "run")
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+    evaluated = run("evaluate", tmp_path / "run", image_folder, "-q")
+    assert evaluated.exit_code == 0 and "accuracy:" in evaluated.output
+    assert (tmp_path / "run" / "evaluations" / "photos" / "metrics.json").is_file()
+
+    out_csv = tmp_path / "pred.csv"
+    predicted = run("predict", tmp_path / "run", image_folder / "class_0", "--top-k", "2", "--output", out_csv)
+    assert predicted.exit_code == 0
+    lines = out_csv.read_text().splitlines()
+    assert lines[0] == "path,ok,error,class_1,prob_1,class_2,prob_2" and len(lines) == 13
+    out_json = tmp_path / "pred.json"
+    assert run("predict", tmp_path / "run", image_folder, "--output", out_json).exit_code == 0
+    assert len(json.loads(out_json.read_text())) == 36
+
+    bad = run("predict", tmp_path / "run", image_folder, "--output", tmp_path / "pred.txt")
+    assert bad.exit_code == 2 and "--output" in bad.output
+
+
+def test_train_from_a_saved_config_with_overrides(tmp_path, image_folder):
+    assert tiny_train(image_folder, tmp_path / "a", "--epochs", "2").exit_code == 0
+    result = run("train", "--config", tmp_path / "a" / "config.yaml", "-o", tmp_path / "b", "--epochs", "3", "-q")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["backbone"] == "tiny_test" and metrics["epochs_run"] <= 3
+
+
+def test_unknown_config_key_suggests_the_nearest(tmp_path, image_folder):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"image_dir: {image_folder}\noutput_dir: {tmp_path / 'r'}\nbackbon: resnet50\n")
+    result = run("train", "--config", recipe)
+    assert result.exit_code == 2 and "Unknown key 'backbon'" in result.output and "'backbone'" in result.output
+
+
+def test_min_accuracy_gate_exits_1_after_writing_everything(tmp_path):
+    # Pure noise images with arbitrary labels: nothing to learn, so accuracy stays far below 0.99.
+    folder = tmp_path / "noise"
+    rng = __import__("numpy").random.default_rng(0)
+    from PIL import Image
+
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(15):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype="uint8")).save(folder / f"c{c}" / f"{i}.png")
+    result = tiny_train(folder, tmp_path / "run", "--epochs", "3", "--min-accuracy", "0.99")
+    assert result.exit_code == 1
+    assert "below --min-accuracy 0.99" in result.output
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "model.keras").is_file()
+
+
+def test_extract_reports_seen_computed_cached(tmp_path, image_folder):
+    args = ["extract", image_folder, "--backbone", "tiny_test", "--weights", "none", "-q",
+            "--cache-dir", tmp_path / "cache", "--image-size", "32"]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert "Images seen: 36; computed: 36; already cached: 0" in first.output
+    assert "images/s" in first.output
+
+
+def test_weights_import_rejects_a_bad_file(tmp_path):
+    bad = tmp_path / "x.h5"
+    bad.write_bytes(b"junk")
+    result = run("weights", "import", bad, "--backbone", "mobilenet_v2_035")
+    assert result.exit_code == 1 and "could not be loaded" in result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_reaches_the_expected_accuracy(tmp_path, no_downloads):
+    result = run("demo", "-o", tmp_path / "demo", "--cache-dir", tmp_path / "cache", "-q")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["weights"].startswith("bundled")
+    assert metrics["test"]["accuracy"] >= 0.8
+    rerun = run("demo", "-o", tmp_path / "demo", "--cache-dir", tmp_path / "cache", "-q")
+    assert rerun.exit_code == 0, "a previous demo run is replaced"
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["extraction"]["computed"] == 0

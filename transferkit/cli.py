@@ -1,0 +1,422 @@
+"""The ``transferkit`` command line: parses options, calls the library, maps errors to exit codes.
+
+Only this module prints.  TensorFlow is imported inside the commands that need it, so ``--help``
+and ``transferkit backbones`` answer at once.  Exit codes: 0 success, 1 runtime error or a failed
+``--min-accuracy`` gate, 2 usage error (bad option, path or input), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from transferkit import __version__
+from transferkit.errors import TransferkitError
+
+log = logging.getLogger("transferkit")
+
+DEMO_DIR = Path(__file__).parent / "assets" / "demo" / "sign_digits"
+DEMO_BACKBONE = "mobilenet_v2_035"
+
+
+class _ClickHandler(logging.Handler):
+    """Library log records to stderr; warnings in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.WARNING:
+            message = click.style(message, fg="yellow")
+        click.echo(message, err=True)
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) says nothing a user can act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _start_tensorflow() -> None:
+    """Import TensorFlow and probe its devices with the process's stderr set aside.
+
+    TF 2.21 writes its start-up lines through absl before absl's logging is initialised, and
+    absl then ignores TF_CPP_MIN_LOG_LEVEL (abseil-cpp PR #1957, open), so no setting hides
+    them.  Redirecting file descriptor 2 is the only way; what was written is shown if the
+    import fails, and always with --debug.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    debug = click.get_current_context().find_root().params.get("debug", False)
+    if debug:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _handle_errors(func):
+    """Turn library errors into a one-line message and an exit code (traceback only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except TransferkitError as exc:
+            if debug:
+                raise
+            click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Finished features are kept in the cache; run again to resume.", err=True)
+            ctx.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="transferkit")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Transfer learning for Keras 3: train, evaluate and use image classifiers built on
+    ImageNet-pretrained backbones, from a folder with one sub-folder per class.
+
+    \b
+    Start here:   transferkit demo
+    Your data:    transferkit train PHOTOS_DIR -o runs/first
+    """
+    logging.basicConfig(level=logging.WARNING)
+    log.handlers[:] = [_ClickHandler()]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    _quiet_tensorflow()
+
+
+# ----------------------------------------------------------------------------- shared options
+
+def _backbone_option(default: str | None = DEMO_BACKBONE):
+    return click.option(
+        "--backbone", default=default, show_default=True, required=default is None,
+        help="Backbone name; 'transferkit backbones' lists them.",
+    )
+
+
+_weights_option = click.option(
+    "--weights", default="imagenet", show_default=True,
+    help="'imagenet' (Keras cache, bundled or downloaded), 'none' (random init) or a weights file path.",
+)
+_image_size_option = click.option(
+    "--image-size", type=click.IntRange(min=8), default=None,
+    help="Input size in pixels (square). Default: the backbone's native size.",
+)
+_batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                                  help="Images per batch.")
+_cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None,
+    help="Feature cache folder. Default: $TRANSFERKIT_CACHE_DIR or the user cache folder.",
+)
+_quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+
+
+_image_dir_argument = click.argument("image_dir", type=click.Path(exists=True, file_okay=False), metavar="IMAGE_DIR")
+
+
+# ----------------------------------------------------------------------------- backbones
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def backbones(as_json: bool) -> None:
+    """List the backbones: input size, feature size, parameters, offline weights."""
+    from transferkit.backbones import list_backbones
+    from transferkit.weights import BUNDLED_WEIGHTS_DIR, find_offline
+
+    rows = []
+    for spec in list_backbones():
+        local = find_offline(spec) if spec.pretrained else None
+        offline = "bundled" if local and local.parent == BUNDLED_WEIGHTS_DIR else ("cache" if local else "")
+        rows.append({
+            "name": spec.name, "family": spec.family, "input_size": spec.input_size,
+            "feature_dim": spec.feature_dim, "num_params": spec.num_params, "num_blocks": spec.num_blocks,
+            "preprocessing": spec.preprocessing, "pretrained": spec.pretrained,
+            "weights_offline": offline or None,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = f"{'name':<22} {'input':>5} {'features':>8} {'params':>8} {'blocks':>6}  offline weights"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for row in rows:
+        offline = row["weights_offline"] or ("-" if row["pretrained"] else "n/a (test backbone)")
+        click.echo(
+            f"{row['name']:<22} {row['input_size']:>5} {row['feature_dim']:>8} "
+            f"{row['num_params'] / 1e6:>7.1f}M {row['num_blocks']:>6}  {offline}"
+        )
+    from transferkit.weights import keras_models_dir
+
+    click.echo(f"\nOffline weights are looked up in {keras_models_dir()} (KERAS_HOME) and in the package.")
+
+
+# ----------------------------------------------------------------------------- weights
+
+@main.group()
+def weights() -> None:
+    """Manage ImageNet weights files in Keras' cache."""
+
+
+@weights.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_backbone_option(default=None)
+@_image_size_option
+@_handle_errors
+def weights_import(file: str, backbone: str, image_size: int | None) -> None:
+    """Verify FILE by loading it into a backbone, then place it in Keras' cache.
+
+    Use it to bring weights downloaded on another machine to an offline one.
+    """
+    _start_tensorflow()
+    from transferkit.backbones import get_backbone
+    from transferkit.weights import import_weights
+
+    spec = get_backbone(backbone)
+    target = import_weights(file, spec, image_size)
+    click.echo(f"Verified {file} for {spec.name}; placed at {target}.")
+
+
+# ----------------------------------------------------------------------------- extract
+
+@main.command()
+@_image_dir_argument
+@_backbone_option()
+@_weights_option
+@_image_size_option
+@_batch_size_option
+@_cache_dir_option
+@_quiet_option
+@_handle_errors
+def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, quiet) -> None:
+    """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
+
+    Images already in the cache (same bytes, same settings) are not computed again.
+    """
+    _start_tensorflow()
+    from transferkit.backbones import check_image_size, get_backbone
+    from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
+    from transferkit.data import scan_folder
+    from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+
+    spec = get_backbone(backbone)
+    size = check_image_size(spec, image_size)
+    resolved = resolve_weights(spec, weights, size)
+    folder = scan_folder(image_dir)
+    model = load_backbone(spec, resolved, size)
+    cache = FeatureCache(cache_dir or default_cache_dir(),
+                         FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing))
+    result = extract_features(model, [folder.abs_path(p) for p in folder.paths], cache,
+                              batch_size=batch_size, verbose=0 if quiet else 1)
+    skipped = list(folder.skipped) + [(folder.paths[i], r) for i, r in sorted(result.errors.items())]
+    for rel, reason in skipped:
+        log.warning("Skipped %s: %s", rel, reason)
+    click.echo(
+        f"Images seen: {len(folder.paths) + len(folder.skipped)}; computed: {result.num_computed}; "
+        f"already cached: {result.num_cached}; skipped: {len(skipped)}; "
+        f"{result.images_per_second:.1f} images/s.\nCache: {cache.dir}"
+    )
+
+
+# ----------------------------------------------------------------------------- train
+
+@main.command()
+@click.argument("image_dir", type=click.Path(file_okay=False), required=False, metavar="IMAGE_DIR")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), help="Run folder to write (required).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of options (e.g. a previous RUN_DIR/config.yaml); flags override it.")
+@_backbone_option()
+@_weights_option
+@click.option("--strategy", type=click.Choice(["freeze-all"]), default="freeze-all", show_default=True,
+              help="freeze-all: train a softmax head on the frozen backbone's cached features.")
+@_image_size_option
+@click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Maximum epochs; early stopping usually ends sooner.")
+@_batch_size_option
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Adam learning rate of the head.")
+@click.option("--patience", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Early stopping: epochs without validation-loss improvement before stopping.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout before the softmax layer.")
+@click.option("--regularization", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="L2 penalty on the head, as 1/C of scikit-learn's LogisticRegression (0 = none).")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="After early stopping, retrain the head on train + val for the best epoch count.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the training.")
+@click.option("--val-fraction", type=float, default=0.15, show_default=True,
+              help="Share of images for validation when IMAGE_DIR is not split into folders.")
+@click.option("--test-fraction", type=float, default=0.15, show_default=True,
+              help="Share of images for the test when IMAGE_DIR is not split into folders.")
+@_cache_dir_option
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=None,
+              help="Exit with code 1 (after writing everything) if test accuracy is below this.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
+@click.option("-v", "--verbose", count=True, help="-v: one line per training epoch.")
+@_quiet_option
+@_handle_errors
+def train(image_dir, output_dir, config_path, quiet, verbose, **options) -> None:
+    """Train a classifier on IMAGE_DIR (one sub-folder per class) and write RUN_DIR.
+
+    \b
+    IMAGE_DIR may be split into train/ val/ (or validation/) [test/] folders; otherwise a
+    stable stratified split is made and written to RUN_DIR/splits.csv.  A train/ + val/
+    folder without test/ reports its accuracy on val/.
+    """
+    from transferkit.config import TrainConfig, config_from_dict, load_config
+
+    ctx = click.get_current_context()
+    settings = load_config(config_path).to_dict() if config_path else {}
+    # Flags given on the command line override the config file; defaults do not.
+    for name, value in options.items():
+        if not config_path or ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            settings[name] = value
+    if image_dir:
+        settings["image_dir"] = image_dir
+    if output_dir:
+        settings["output_dir"] = output_dir
+    if not settings.get("image_dir"):
+        raise click.UsageError("Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class).")
+    if not settings.get("output_dir"):
+        raise click.UsageError("Missing option '-o' / '--output-dir' (the run folder to write).")
+    config = config_from_dict(settings, TrainConfig, source="the options")
+    _run_training(config, verbose=0 if quiet else 1 + verbose)
+
+
+def _run_training(config, verbose: int) -> None:
+    from transferkit.training import prepare_training, run_training
+
+    plan = prepare_training(config)  # every check that needs no TensorFlow, first
+    _start_tensorflow()
+    result = run_training(plan, verbose=verbose)
+    test = result.metrics["test"]
+    split = test["split"]
+    click.echo(
+        f"\n{split} accuracy: {test['accuracy']:.3f}  macro-F1: {test['macro_f1']:.3f}  "
+        f"({test['num_examples']} images, {len(test['class_names'])} classes)"
+    )
+    click.echo(f"Run folder: {result.run_dir}")
+    if config.min_accuracy is not None and test["accuracy"] < config.min_accuracy:
+        click.echo(
+            click.style("Failed: ", fg="red", bold=True)
+            + f"{split} accuracy {test['accuracy']:.3f} is below --min-accuracy {config.min_accuracy}.",
+            err=True,
+        )
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- evaluate / predict
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write metrics.json. Default: RUN_DIR/evaluations/<IMAGE_DIR name>.")
+@_batch_size_option
+@_quiet_option
+@_handle_errors
+def evaluate(run_dir, image_dir, output_dir, batch_size, quiet) -> None:
+    """Evaluate the model of RUN_DIR on every image of a labelled IMAGE_DIR."""
+    _start_tensorflow()
+    from transferkit.evaluation import evaluate_run
+
+    metrics = evaluate_run(run_dir, image_dir, output_dir, batch_size=batch_size, verbose=0 if quiet else 1)
+    for item in metrics["skipped"]:
+        log.warning("Skipped %s: %s", item["path"], item["reason"])
+    click.echo(
+        f"accuracy: {metrics['accuracy']:.3f}  macro-F1: {metrics['macro_f1']:.3f}  "
+        f"({metrics['num_examples']} images)\nMetrics: {Path(metrics['output_dir']) / 'metrics.json'}"
+    )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to show per image.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the predictions to FILE.csv or FILE.json.")
+@_batch_size_option
+@_handle_errors
+def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
+    """Classify image files and folders (searched recursively) with the model of RUN_DIR."""
+    _start_tensorflow()
+    from transferkit import runs
+
+    if output_path and Path(output_path).suffix.lower() not in (".csv", ".json"):
+        raise click.BadParameter("must end in .csv or .json", param_hint="--output")
+    run = runs.load_run(run_dir)
+    rows = runs.predict_files(run, paths, top_k=top_k, batch_size=batch_size)
+    for row in rows:
+        if row["ok"]:
+            shown = "  ".join(f"{name} {prob:.3f}" for name, prob in row["predictions"])
+        else:
+            shown = click.style(f"skipped: {row['error']}", fg="yellow")
+        click.echo(f"{row['path']}\t{shown}")
+    if output_path:
+        if output_path.lower().endswith(".json"):
+            runs.write_json(output_path, rows)
+        else:
+            runs.write_csv(
+                output_path,
+                ["path", "ok", "error"] + [c for k in range(1, top_k + 1) for c in (f"class_{k}", f"prob_{k}")],
+                [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair] for r in rows],
+            )
+        click.echo(f"Wrote {len(rows)} predictions to {output_path}")
+
+
+# ----------------------------------------------------------------------------- demo
+
+@main.command()
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="transferkit-demo", show_default=True,
+              help="Run folder; a previous demo run there is replaced.")
+@_cache_dir_option
+@_quiet_option
+@_handle_errors
+def demo(output_dir, cache_dir, quiet) -> None:
+    """Train and evaluate on the bundled sign-language digits photos, fully offline.
+
+    Uses the bundled MobileNetV2 (alpha 0.35) ImageNet weights; takes about a minute on a laptop.
+    """
+    from transferkit.config import TrainConfig
+    from transferkit.runs import CONFIG_FILE
+
+    out = Path(output_dir)
+    previous_demo = out.is_dir() and (out / CONFIG_FILE).is_file()
+    click.echo(f"Demo: {DEMO_BACKBONE} (ImageNet weights, bundled) on {DEMO_DIR.name} ({DEMO_DIR}).")
+    config = TrainConfig(image_dir=str(DEMO_DIR), output_dir=str(out), backbone=DEMO_BACKBONE,
+                         cache_dir=cache_dir, overwrite=previous_demo)
+    _run_training(config, verbose=0 if quiet else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
