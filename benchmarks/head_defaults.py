@@ -6,17 +6,18 @@ test), the floor given in ../shared/datasets/README.md, and prints both accuraci
 difference and the head's training time.  Prints measurements; asserts nothing.
 
 Usage (real ImageNet weights via a Keras home whose ``models`` is ../shared/imagenet-weights):
-    KERAS_HOME=/tmp/kh python benchmarks/head_defaults.py ../shared/datasets/hymenoptera_data mobilenet_v2 [KEY=VALUE...]
+    KERAS_HOME=/tmp/kh python benchmarks/head_defaults.py ../shared/datasets/hymenoptera_data mobilenet_v2 \
+        [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import json
 import sys
-
-import yaml
 import tempfile
 from pathlib import Path
+
+import yaml
 
 
 def main(image_dir: str, backbone: str, **overrides) -> None:

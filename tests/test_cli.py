@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from transferkit.cli import main
-from transferkit.testing import make_image_folder
 
 COMMANDS = [[], ["backbones"], ["weights"], ["weights", "import"], ["extract"], ["train"], ["evaluate"],
             ["predict"], ["demo"]]

@@ -16,9 +16,9 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class FeatureCache:
                     warnings.warn(f"Ignoring damaged cache shard {shard}: {exc}", stacklevel=2)
                     self.bad_shards.append(shard)
                     continue
-                self._index.update(zip(keys.tolist(), vectors))
+                self._index.update(zip(keys.tolist(), vectors, strict=True))
         return self._index
 
     def __len__(self) -> int:
@@ -135,7 +135,7 @@ class FeatureCache:
                 f"Cannot write to the feature cache '{self.dir}': {exc.strerror or exc}. "
                 "Free some space or choose another folder with --cache-dir."
             ) from exc
-        self._load().update(zip(hashes, vectors))
+        self._load().update(zip(hashes, vectors, strict=True))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -235,7 +235,7 @@ def extract_features(
         for images, flags in dataset:
             batch_vectors = predict(images).numpy()
             flags = flags.numpy()
-            for j, (vector, good) in enumerate(zip(batch_vectors, flags)):
+            for j, (vector, good) in enumerate(zip(batch_vectors, flags, strict=True)):
                 i = missing[done + j]
                 if good:
                     vectors[i] = vector

@@ -16,9 +16,9 @@ import csv
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from transferkit.errors import InputError
 
