@@ -169,6 +169,11 @@ class ExtractionResult:
     def images_per_second(self) -> float:
         return self.num_computed / self.seconds if self.seconds > 0 else 0.0
 
+    def summary(self) -> str:
+        """``"500 computed (78.6 images/s), 0 from cache"``; no rate when nothing was computed."""
+        rate = f" ({self.images_per_second:.1f} images/s)" if self.num_computed else ""
+        return f"{self.num_computed} computed{rate}, {self.num_cached} from cache"
+
 
 def extract_features(
     model,

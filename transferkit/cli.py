@@ -241,10 +241,10 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, qui
     skipped = list(folder.skipped) + [(folder.paths[i], r) for i, r in sorted(result.errors.items())]
     for rel, reason in skipped:
         log.warning("Skipped %s: %s", rel, reason)
+    rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
     click.echo(
         f"Images seen: {len(folder.paths) + len(folder.skipped)}; computed: {result.num_computed}; "
-        f"already cached: {result.num_cached}; skipped: {len(skipped)}; "
-        f"{result.images_per_second:.1f} images/s.\nCache: {cache.dir}"
+        f"already cached: {result.num_cached}; skipped: {len(skipped)}{rate}.\nCache: {cache.dir}"
     )
 
 

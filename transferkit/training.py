@@ -121,10 +121,7 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     extraction = extract_features(
         backbone, [folder.abs_path(p) for p in folder.paths], cache, batch_size=config.batch_size, verbose=verbose
     )
-    log.info(
-        "Features: %d images, %d computed (%.1f images/s), %d from cache.",
-        len(folder.paths), extraction.num_computed, extraction.images_per_second, extraction.num_cached,
-    )
+    log.info("Features: %d images, %s.", len(folder.paths), extraction.summary())
     skipped = list(folder.skipped) + [(folder.paths[i], reason) for i, reason in sorted(extraction.errors.items())]
     for i, reason in sorted(extraction.errors.items()):
         log.warning("Skipped %s: %s", folder.paths[i], reason)
