@@ -35,16 +35,21 @@ def test_put_then_read_back_from_a_new_instance(tmp_path):
     assert not list(again.dir.glob(".tmp-*")), "temporary files must be renamed into place"
 
 
-def test_damaged_shard_is_ignored_not_trusted(tmp_path):
+def test_damaged_shard_is_ignored_not_trusted(tmp_path, caplog):
     cache = FeatureCache(tmp_path, SPEC)
     cache.put(["a"], np.ones((1, 4)))
     shard = next(cache.dir.glob("shard-*.npz"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     fresh = FeatureCache(tmp_path, SPEC)
-    with pytest.warns(UserWarning, match="damaged cache shard"):
+    with caplog.at_level("WARNING", logger="transferkit"):
         assert fresh.get(["a"]) == [None]
+    assert "Damaged cache shard" in caplog.text
     assert fresh.bad_shards == [shard]
+    assert not shard.exists() and shard.with_suffix(".bad").exists(), "set aside, so reported once"
+    caplog.clear()
+    assert FeatureCache(tmp_path, SPEC).get(["a"]) == [None]
+    assert "Damaged" not in caplog.text
 
 
 @pytest.fixture
@@ -91,3 +96,15 @@ def test_hash_file_is_content_only(tmp_path):
     (tmp_path / "a").write_bytes(b"xyz")
     (tmp_path / "b").write_bytes(b"xyz")
     assert hash_file(tmp_path / "a") == hash_file(tmp_path / "b")
+
+
+def test_cache_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    cache = FeatureCache(tmp_path, SPEC)
+    cache.put(["a"], np.ones((1, 4)))
+    old = os.umask(0o022)
+    os.umask(old)
+    for path in cache.dir.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~old, path

@@ -178,3 +178,43 @@ def test_demo_runs_offline_and_reaches_the_expected_accuracy(tmp_path, no_downlo
     rerun = run("demo", "-o", tmp_path / "demo", "--cache-dir", tmp_path / "cache", "-q")
     assert rerun.exit_code == 0, "a previous demo run is replaced"
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["extraction"]["computed"] == 0
+
+
+def test_a_recipe_may_hold_only_some_options(tmp_path, image_folder):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("backbone: tiny_test\nweights: none\nepochs: 2\nlearning_rate: 0.01\n")
+    result = run("train", "--config", recipe, image_folder, "-o", tmp_path / "run", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] <= 2
+
+
+def test_wrong_type_in_a_recipe_names_the_option(tmp_path, image_folder):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: ten\n")
+    result = run("train", "--config", recipe, image_folder, "-o", tmp_path / "run")
+    assert result.exit_code == 2 and "Invalid --epochs" in result.output and "'ten'" in result.output
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo_run(tmp_path, image_folder):
+    assert tiny_train(image_folder, tmp_path / "real", "--epochs", "2").exit_code == 0
+    result = run("demo", "-o", tmp_path / "real")
+    assert result.exit_code == 2 and "already exists and is not empty" in result.output
+
+
+def test_predict_checks_the_output_folder_first(tmp_path, image_folder):
+    assert tiny_train(image_folder, tmp_path / "run", "--epochs", "2").exit_code == 0
+    result = run("predict", tmp_path / "run", image_folder, "--output", tmp_path / "missing" / "p.csv")
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_damaged_model_file_is_a_clear_error(tmp_path, image_folder):
+    assert tiny_train(image_folder, tmp_path / "run", "--epochs", "2").exit_code == 0
+    (tmp_path / "run" / "model.keras").write_bytes(b"not a zip")
+    result = run("predict", tmp_path / "run", image_folder)
+    assert result.exit_code == 2 and "Cannot load model" in result.output
+
+
+def test_not_a_run_folder_is_refused_before_tensorflow_work(tmp_path, image_folder):
+    result = run("evaluate", tmp_path, image_folder)
+    assert result.exit_code == 2
+    assert "is not a transferkit run folder (missing model.keras, labels.txt)" in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,22 +60,26 @@ def test_head_learns_the_synthetic_classes(trained_run):
 
 
 def test_saved_model_is_flat_takes_raw_pixels_and_matches_cached_features(trained_run):
+    """The saved model on raw files gives what the trained head gave on the cached training features."""
     import keras
 
-    from transferkit.cache import extract_features
+    from transferkit.cache import extract_features, hash_file
 
     folder, result = trained_run
     run = runs.load_run(result.run_dir)
     assert not any(isinstance(layer, keras.Model) for layer in run.model.layers), "one flat graph"
     assert run.model.input_shape == (None, 32, 32, 3)
-    paths = [folder.parent / "photos" / p for p in sorted(x.relative_to(folder).as_posix()
-                                                         for x in folder.rglob("*") if x.is_file())]
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
     probs = extract_features(run.model, paths, None, verbose=0).vectors
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    # The same images through the cached-feature head (what training evaluated) agree.
-    backbone = keras.Model(run.model.input, run.model.get_layer("head_dropout").input)
-    head_in = extract_features(backbone, paths, None, verbose=0).vectors
-    head_probs = run.model.get_layer("predictions")(head_in).numpy()
+
+    # The vectors training used, straight from the cache shards, by content hash.
+    cached = {}
+    for shard in Path(result.metrics["extraction"]["cache_dir"]).glob("shard-*.npz"):
+        with np.load(shard) as data:
+            cached.update(zip(data["keys"].tolist(), data["vectors"], strict=True))
+    features = np.stack([cached[hash_file(p)] for p in paths])
+    head_probs = run.model.get_layer("predictions")(features).numpy()
     np.testing.assert_allclose(probs, head_probs, atol=1e-5)
 
 
@@ -124,7 +129,29 @@ def test_existing_output_dir_is_refused_before_any_work(trained_run, tmp_path):
         train(tiny_config(folder, result.run_dir), verbose=0)
 
 
-def test_config_yaml_reruns_the_same_experiment(trained_run):
-    _, result = trained_run
+def test_config_yaml_reruns_the_same_experiment(trained_run, tmp_path):
+    folder, result = trained_run
     data = yaml.safe_load((result.run_dir / "config.yaml").read_text())
-    assert data["backbone"] == "tiny_test" and data["strategy"] == "freeze-all"
+    assert data["backbone"] == "tiny_test" and data["overwrite"] is False
+    again = train(load_config(result.run_dir / "config.yaml").replace(output_dir=str(tmp_path / "again")), verbose=0)
+    assert again.metrics["test"]["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
+    assert again.metrics["best_epoch"] == result.metrics["best_epoch"]
+
+
+def test_splits_csv_reads_back(trained_run):
+    from transferkit.data import read_splits_csv
+
+    folder, result = trained_run
+    back = read_splits_csv(result.run_dir / "splits.csv", root=folder)
+    assert len(back.paths) == 60 and set(back.splits) == {"train", "val", "test"}
+
+
+def test_no_refit_when_val_is_the_reported_split(tmp_path):
+    folder = make_image_folder(tmp_path / "p", num_classes=2, images_per_class=10, image_size=32)
+    result = train(tiny_config(folder, tmp_path / "run", test_fraction=0.0, epochs=5), verbose=0)
+    assert result.metrics["test"]["split"] == "val"
+    assert result.metrics["refit_epochs"] == 0, "refitting on val would test on training data"
+
+
+def test_refit_uses_train_and_val(trained_run):
+    assert trained_run[1].metrics["refit_epochs"] == trained_run[1].metrics["best_epoch"]

@@ -9,20 +9,23 @@ wrong shapes) is reported and ignored, so its images are computed again rather t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from transferkit import files
 from transferkit.errors import CacheError
+
+log = logging.getLogger("transferkit")
 
 #: Bumped whenever the meaning of a stored vector changes; old entries then stop matching.
 FORMAT_VERSION = 1
@@ -98,7 +101,12 @@ class FeatureCache:
                     if vectors.ndim != 2 or len(keys) != len(vectors):
                         raise ValueError(f"keys {keys.shape} do not match vectors {vectors.shape}")
                 except Exception as exc:  # noqa: BLE001 - any unreadable shard is recomputed
-                    warnings.warn(f"Ignoring damaged cache shard {shard}: {exc}", stacklevel=2)
+                    # Renamed aside (kept for inspection) so it is reported once, not on every run.
+                    bad = shard.with_suffix(".bad")
+                    log.warning("Damaged cache shard %s (%s): its vectors will be computed again; "
+                                "moved to %s.", shard, exc, bad.name)
+                    with contextlib.suppress(OSError):
+                        shard.rename(bad)
                     self.bad_shards.append(shard)
                     continue
                 self._index.update(zip(keys.tolist(), vectors, strict=True))
@@ -121,28 +129,17 @@ class FeatureCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             spec_path = self.dir / "spec.json"
             if not spec_path.exists():
-                _atomic_write_bytes(spec_path, json.dumps(asdict(self.spec), indent=2).encode())
+                files.write_json(spec_path, asdict(self.spec))
             # Unique shard names let two processes add to one cache without a lock.
             name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".npz")
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, keys=np.asarray(hashes, dtype="U64"), vectors=vectors)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.dir / name)
+            with files.atomic_path(self.dir / name, suffix=".npz") as tmp:
+                np.savez(tmp, keys=np.asarray(hashes, dtype="U64"), vectors=vectors)
         except OSError as exc:
             raise CacheError(
                 f"Cannot write to the feature cache '{self.dir}': {exc.strerror or exc}. "
                 "Free some space or choose another folder with --cache-dir."
             ) from exc
         self._load().update(zip(hashes, vectors, strict=True))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -168,6 +165,10 @@ class ExtractionResult:
     @property
     def images_per_second(self) -> float:
         return self.num_computed / self.seconds if self.seconds > 0 else 0.0
+
+    def skipped_files(self, names: Sequence[str]) -> list[tuple[str, str]]:
+        """``(name, reason)`` of the images that failed, given the names of all images in order."""
+        return [(names[i], reason) for i, reason in sorted(self.errors.items())]
 
     def summary(self) -> str:
         """``"500 computed (78.6 images/s), 0 from cache"``; no rate when nothing was computed."""
@@ -208,25 +209,23 @@ def extract_features(
     ok = np.ones(n, dtype=bool)
     errors: dict[int, str] = {}
 
-    hashes: list[str | None] = []
-    for i, path in enumerate(paths):
-        try:
-            hashes.append(hash_file(path))
-        except OSError as exc:
-            hashes.append(None)
-            ok[i] = False
-            errors[i] = f"cannot read file: {exc.strerror or exc}"
-    found = cache.get([h for h in hashes if h is not None]) if cache is not None else []
-    found_iter = iter(found)
-    missing: list[int] = []
-    for i, h in enumerate(hashes):
-        if h is None:
-            continue
-        vector = next(found_iter) if cache is not None else None
-        if vector is None:
-            missing.append(i)
-        else:
-            vectors[i] = vector
+    hashes: list[str | None] = [None] * n
+    missing: list[int] = list(range(n))
+    if cache is not None:  # without a cache (predict, evaluate) there is nothing to look up
+        for i, path in enumerate(paths):
+            try:
+                hashes[i] = hash_file(path)
+            except OSError as exc:
+                ok[i] = False
+                errors[i] = f"cannot read file: {exc.strerror or exc}"
+        readable = [i for i in range(n) if hashes[i] is not None]
+        found = cache.get([hashes[i] for i in readable])
+        missing = []
+        for i, vector in zip(readable, found, strict=True):
+            if vector is None:
+                missing.append(i)
+            else:
+                vectors[i] = vector
     num_cached = n - len(missing) - len(errors)
 
     start = time.perf_counter()

@@ -90,6 +90,13 @@ def _handle_errors(func):
                 raise
             click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # disk full, permissions, a folder removed mid-run
+            if debug:
+                raise
+            where = f" '{exc.filename}'" if exc.filename else ""
+            click.echo(click.style("Error: ", fg="red", bold=True) + f"cannot access{where}: "
+                       f"{exc.strerror or exc}. Check the path, free space and permissions.", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted. Finished features are kept in the cache; run again to resume.", err=True)
             ctx.exit(130)
@@ -198,11 +205,11 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 
     Use it to bring weights downloaded on another machine to an offline one.
     """
-    _start_tensorflow()
     from transferkit.backbones import get_backbone
     from transferkit.weights import import_weights
 
     spec = get_backbone(backbone)
+    _start_tensorflow()
     target = import_weights(file, spec, image_size)
     click.echo(f"Verified {file} for {spec.name}; placed at {target}.")
 
@@ -216,14 +223,16 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 @_image_size_option
 @_batch_size_option
 @_cache_dir_option
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random initialisation with --weights none (so re-runs hit the cache).")
 @_quiet_option
 @_handle_errors
-def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, quiet) -> None:
+def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
     Images already in the cache (same bytes, same settings) are not computed again.
     """
-    _start_tensorflow()
+    from transferkit import runs
     from transferkit.backbones import check_image_size, get_backbone
     from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
     from transferkit.data import scan_folder
@@ -231,14 +240,18 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, qui
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
-    resolved = resolve_weights(spec, weights, size)
     folder = scan_folder(image_dir)
+    resolved = resolve_weights(spec, weights, size)
+    cache_dir = runs.check_writable_dir(cache_dir or default_cache_dir(), "--cache-dir")
+    _start_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
     model = load_backbone(spec, resolved, size)
-    cache = FeatureCache(cache_dir or default_cache_dir(),
-                         FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing))
+    cache = FeatureCache(cache_dir, FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing))
     result = extract_features(model, [folder.abs_path(p) for p in folder.paths], cache,
                               batch_size=batch_size, verbose=0 if quiet else 1)
-    skipped = list(folder.skipped) + [(folder.paths[i], r) for i, r in sorted(result.errors.items())]
+    skipped = list(folder.skipped) + result.skipped_files(folder.paths)
     for rel, reason in skipped:
         log.warning("Skipped %s: %s", rel, reason)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
@@ -293,10 +306,10 @@ def train(image_dir, output_dir, config_path, quiet, verbose, **options) -> None
     stable stratified split is made and written to RUN_DIR/splits.csv.  A train/ + val/
     folder without test/ reports its accuracy on val/.
     """
-    from transferkit.config import TrainConfig, config_from_dict, load_config
+    from transferkit.config import TrainConfig, config_from_dict, load_settings
 
     ctx = click.get_current_context()
-    settings = load_config(config_path).to_dict() if config_path else {}
+    settings = load_settings(config_path) if config_path else {}
     # Flags given on the command line override the config file; defaults do not.
     for name, value in options.items():
         if not config_path or ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
@@ -347,8 +360,11 @@ def _run_training(config, verbose: int) -> None:
 @_handle_errors
 def evaluate(run_dir, image_dir, output_dir, batch_size, quiet) -> None:
     """Evaluate the model of RUN_DIR on every image of a labelled IMAGE_DIR."""
-    _start_tensorflow()
     from transferkit.evaluation import evaluate_run
+    from transferkit.runs import check_run_dir
+
+    check_run_dir(run_dir)
+    _start_tensorflow()
 
     metrics = evaluate_run(run_dir, image_dir, output_dir, batch_size=batch_size, verbose=0 if quiet else 1)
     for item in metrics["skipped"]:
@@ -369,11 +385,14 @@ def evaluate(run_dir, image_dir, output_dir, batch_size, quiet) -> None:
 @_handle_errors
 def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
     """Classify image files and folders (searched recursively) with the model of RUN_DIR."""
-    _start_tensorflow()
-    from transferkit import runs
+    from transferkit import files, runs
 
     if output_path and Path(output_path).suffix.lower() not in (".csv", ".json"):
         raise click.BadParameter("must end in .csv or .json", param_hint="--output")
+    if output_path and not Path(output_path).resolve().parent.is_dir():
+        raise click.BadParameter(f"folder '{Path(output_path).parent}' does not exist", param_hint="--output")
+    runs.check_run_dir(run_dir)
+    _start_tensorflow()
     run = runs.load_run(run_dir)
     rows = runs.predict_files(run, paths, top_k=top_k, batch_size=batch_size)
     for row in rows:
@@ -384,12 +403,15 @@ def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
         click.echo(f"{row['path']}\t{shown}")
     if output_path:
         if output_path.lower().endswith(".json"):
-            runs.write_json(output_path, rows)
+            files.write_json(output_path, rows)
         else:
-            runs.write_csv(
+            k = min(top_k, len(run.class_names))
+            files.write_csv(
                 output_path,
-                ["path", "ok", "error"] + [c for k in range(1, top_k + 1) for c in (f"class_{k}", f"prob_{k}")],
-                [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair] for r in rows],
+                ["path", "ok", "error"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")],
+                # Failed images get empty class/probability cells, so every row has every column.
+                [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair]
+                 + ["", ""] * (k - len(r["predictions"])) for r in rows],
             )
         click.echo(f"Wrote {len(rows)} predictions to {output_path}")
 
@@ -398,7 +420,7 @@ def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
 
 @main.command()
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="transferkit-demo", show_default=True,
-              help="Run folder; a previous demo run there is replaced.")
+              help="Run folder; a previous demo run there is replaced, anything else is refused.")
 @_cache_dir_option
 @_quiet_option
 @_handle_errors
@@ -407,11 +429,11 @@ def demo(output_dir, cache_dir, quiet) -> None:
 
     Uses the bundled MobileNetV2 (alpha 0.35) ImageNet weights; takes about a minute on a laptop.
     """
-    from transferkit.config import TrainConfig
+    from transferkit.config import TrainConfig, load_settings
     from transferkit.runs import CONFIG_FILE
 
     out = Path(output_dir)
-    previous_demo = out.is_dir() and (out / CONFIG_FILE).is_file()
+    previous_demo = (out / CONFIG_FILE).is_file() and load_settings(out / CONFIG_FILE).get("image_dir") == str(DEMO_DIR)
     click.echo(f"Demo: {DEMO_BACKBONE} (ImageNet weights, bundled) on {DEMO_DIR.name} ({DEMO_DIR}).")
     config = TrainConfig(image_dir=str(DEMO_DIR), output_dir=str(out), backbone=DEMO_BACKBONE,
                          cache_dir=cache_dir, overwrite=previous_demo)

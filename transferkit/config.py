@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,40 +92,72 @@ def _check(ok: bool, name: str, expected: str, received: Any) -> None:
         raise InputError(f"Invalid {_option(name)}: expected {expected}, received {received!r}.")
 
 
-def config_from_dict(data: Mapping[str, Any], cls: type = TrainConfig, source: str = "settings"):
-    """Build a config from a mapping; unknown keys fail with the nearest valid key.
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
-    Keys may use ``-`` or ``_`` (``batch-size`` = ``batch_size``).
+
+def check_settings(data: Mapping[str, Any], cls: type = TrainConfig, source: str = "settings") -> dict[str, Any]:
+    """Check a mapping of settings by name and type, without requiring every field.
+
+    Keys may use ``-`` or ``_`` (``batch-size`` = ``batch_size``). Unknown keys fail with the
+    nearest valid key; a value of the wrong type fails naming its option (YAML's ``ten`` for
+    ``epochs``, or ``"no"`` for a flag, never reaches Keras).
+
+    Returns:
+        The settings with normalised keys and numbers (an integer where a float is expected).
     """
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     values = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+        if key not in hints:
+            close = difflib.get_close_matches(key, sorted(hints), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise InputError(f"Unknown key '{raw_key}' in {source}.{hint} Valid keys: {', '.join(sorted(known))}.")
-        values[key] = value
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required key is missing
-        raise InputError(f"Incomplete {source}: {exc}.") from exc
+            raise InputError(f"Unknown key '{raw_key}' in {source}.{hint} Valid keys: {', '.join(sorted(hints))}.")
+        values[key] = _typed(key, value, hints[key], source)
+    return values
+
+
+def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if isinstance(value, bool) and kind is not bool:
+            continue  # YAML's true/false is never a number or a name
+        if kind is bool and isinstance(value, bool) or kind is int and isinstance(value, int):
+            return value
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)):
+            return str(value)
+    expected = " or ".join(_EXPECTED.get(kind, "nothing") for kind in allowed)
+    raise InputError(f"Invalid {_option(key)} in {source}: expected {expected}, received {value!r}.")
+
+
+def config_from_dict(data: Mapping[str, Any], cls: type = TrainConfig, source: str = "settings"):
+    """Build a config from a mapping, checked by :func:`check_settings`."""
+    values = check_settings(data, cls, source)
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in values and f.default is dataclasses.MISSING]
+    if missing:
+        raise InputError(f"Missing {', '.join(_option(m) for m in missing)} in {source}.")
+    return cls(**values)
 
 
 def save_config(config, path: str | os.PathLike) -> None:
-    """Write a config as YAML, atomically."""
+    """Write a config as YAML, atomically; ``overwrite`` is saved off, so a re-run never overwrites."""
     import yaml
 
-    path = Path(path)
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    from transferkit import files
+
+    data = config.to_dict()
+    if "overwrite" in data:
+        data["overwrite"] = False
+    files.write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def load_config(path: str | os.PathLike, cls: type = TrainConfig):
-    """Read a YAML config written by :func:`save_config` (or by hand)."""
+def load_settings(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
+    """Read a YAML recipe or saved config: checked settings, not necessarily all of them."""
     import yaml
 
     path = Path(path)
@@ -136,4 +169,9 @@ def load_config(path: str | os.PathLike, cls: type = TrainConfig):
         raise InputError(f"Config file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise InputError(f"Config file '{path}' must hold a mapping of option: value, found {type(data).__name__}.")
-    return config_from_dict(data, cls, source=f"'{path}'")
+    return check_settings(data, cls, source=f"'{path}'")
+
+
+def load_config(path: str | os.PathLike, cls: type = TrainConfig):
+    """Read a complete config written by :func:`save_config` (or by hand)."""
+    return config_from_dict(load_settings(path, cls), cls, source=f"'{path}'")

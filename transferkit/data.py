@@ -24,7 +24,6 @@ import hashlib
 import math
 import os
 import stat
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -431,22 +430,13 @@ def write_splits_csv(folder: ImageFolder, path: str | os.PathLike) -> None:
     Example:
         >>> write_splits_csv(folder, run_dir / "splits.csv")  # doctest: +SKIP
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(_CSV_COLUMNS)
-            for rel, label, split in zip(folder.paths, folder.labels.tolist(), folder.splits, strict=True):
-                writer.writerow((rel, label, folder.class_names[label], split))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from transferkit import files
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.write_csv(path, _CSV_COLUMNS, (
+        (rel, label, folder.class_names[label], split)
+        for rel, label, split in zip(folder.paths, folder.labels.tolist(), folder.splits, strict=True)
+    ))
 
 
 def read_splits_csv(

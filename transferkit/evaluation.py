@@ -77,9 +77,10 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     """
     from pathlib import Path
 
-    from transferkit import runs
+    from transferkit import files, runs
     from transferkit.cache import extract_features
     from transferkit.data import scan_folder
+    from transferkit.errors import DataError
 
     run = runs.load_run(run_dir)
     folder = scan_folder(image_dir, class_names=run.class_names)
@@ -89,15 +90,18 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
         run.model, [folder.abs_path(p) for p in folder.paths], None, batch_size=batch_size, verbose=verbose
     )
     ok = result.ok
+    skipped = list(folder.skipped) + result.skipped_files(folder.paths)
+    if not ok.any():
+        raise DataError(f"None of the {len(ok)} images in '{folder.root}' could be decoded; nothing to evaluate. "
+                        f"First failure: {skipped[0][0]}: {skipped[0][1]}.")
     metrics = classification_metrics(folder.labels[ok], result.vectors[ok], run.class_names)
-    skipped = list(folder.skipped) + [(folder.paths[i], reason) for i, reason in sorted(result.errors.items())]
     metrics.update(
         run_dir=str(run.run_dir),
         image_dir=str(folder.root),
         skipped=[{"path": p, "reason": r} for p, r in skipped],
         images_per_second=round(result.images_per_second, 2),
     )
-    runs.write_json(output_dir / runs.METRICS_FILE, metrics)
-    runs.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+    files.write_json(output_dir / runs.METRICS_FILE, metrics)
+    files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
     metrics["output_dir"] = str(output_dir)
     return metrics

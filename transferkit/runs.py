@@ -12,14 +12,13 @@ Layout of RUN_DIR::
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferkit import files
 from transferkit.errors import InputError
 
 MODEL_FILE = "model.keras"
@@ -45,60 +44,32 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option:
             f"Output folder '{path}' ({option}) already exists and is not empty. "
             "Choose a new folder, or pass --overwrite to replace the run in it."
         )
+    check_writable_dir(path, option)
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
+    """Create a folder if needed and prove a file can be written in it, before any long work."""
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
         raise InputError(
-            f"Cannot write to output folder '{path}' ({option}): {exc.strerror or exc}. "
-            "Choose a writable folder."
+            f"Cannot write to folder '{path}' ({option}): {exc.strerror or exc}. Choose a writable folder."
         ) from exc
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def write_labels(path: str | os.PathLike, class_names: Sequence[str]) -> None:
-    atomic_write_text(path, "".join(f"{name}\n" for name in class_names))
+    files.write_text(path, "".join(f"{name}\n" for name in class_names))
 
 
 def save_model(model, path: str | os.PathLike) -> None:
     """``model.save`` to a temporary ``.keras`` file, then rename into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(fd)
-    try:
+    with files.atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -115,6 +86,18 @@ class Run:
         return int(self.model.input_shape[1])
 
 
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Refuse a folder that is not a finished run, before anything slow starts."""
+    run_dir = Path(run_dir)
+    missing = [name for name in (MODEL_FILE, LABELS_FILE) if not (run_dir / name).is_file()]
+    if missing:
+        raise InputError(
+            f"'{run_dir}' is not a transferkit run folder (missing {', '.join(missing)}). "
+            "Pass the -o folder of a finished 'transferkit train' run."
+        )
+    return run_dir
+
+
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Load the model, labels and settings of a ``transferkit train`` run.
 
@@ -126,21 +109,24 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     """
     import yaml
 
-    run_dir = Path(run_dir)
-    missing = [name for name in (MODEL_FILE, LABELS_FILE) if not (run_dir / name).is_file()]
-    if missing:
-        raise InputError(
-            f"'{run_dir}' is not a transferkit run folder (missing {', '.join(missing)}). "
-            "Pass the -o folder of a finished 'transferkit train' run."
-        )
+    run_dir = check_run_dir(run_dir)
     import keras
 
     import transferkit.layers  # noqa: F401 - registers the Preprocess layer for deserialisation
 
-    model = keras.saving.load_model(run_dir / MODEL_FILE, safe_mode=True)
+    try:
+        model = keras.saving.load_model(run_dir / MODEL_FILE, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001 - zip, HDF5 and Keras errors all mean "unusable file"
+        raise InputError(
+            f"Cannot load model '{run_dir / MODEL_FILE}': {type(exc).__name__}: {str(exc)[:200]}. "
+            "The file is damaged or not a transferkit model; train the run again."
+        ) from exc
     class_names = [line for line in (run_dir / LABELS_FILE).read_text(encoding="utf-8").splitlines() if line]
     config_path = run_dir / CONFIG_FILE
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"Run settings '{config_path}' are not valid YAML: {exc}") from exc
     if model.output_shape[-1] != len(class_names):
         raise InputError(
             f"Run folder '{run_dir}' is inconsistent: the model has {model.output_shape[-1]} outputs "

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferkit import files
 from transferkit.backbones import BackboneSpec, keras_weights_file
 from transferkit.errors import InputError, WeightsError
 
@@ -214,9 +215,10 @@ def weights_fingerprint(model) -> str:
     can never be mistaken for the old one.
     """
     digest = hashlib.sha256()
+    # Values and shapes in layer order, not variable names: Keras numbers unnamed layers per
+    # session, so names would change between two builds of the same backbone in one process.
     for variable in model.weights:
         value = variable.numpy()
-        digest.update(variable.path.encode())
         digest.update(str(value.shape).encode())
         digest.update(value.tobytes())
     return digest.hexdigest()[:16]
@@ -246,9 +248,6 @@ def import_weights(file: str | os.PathLike, spec: BackboneSpec, image_size: int 
     target_dir = keras_models_dir()
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / info[0]
-    # Copy to a temporary name in the same folder, then rename: a reader never sees half a file.
-    with tempfile.NamedTemporaryFile(dir=target_dir, prefix=f".{info[0]}.", delete=False) as tmp:
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, tmp)
-    os.replace(tmp.name, target)
+    with files.atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
     return target
