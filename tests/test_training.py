@@ -155,3 +155,15 @@ def test_no_refit_when_val_is_the_reported_split(tmp_path):
 
 def test_refit_uses_train_and_val(trained_run):
     assert trained_run[1].metrics["refit_epochs"] == trained_run[1].metrics["best_epoch"]
+
+
+def test_a_class_without_training_images_fails_before_any_work(tmp_path):
+    from transferkit.errors import DataError
+
+    folder = make_image_folder(tmp_path / "split", num_classes=2, images_per_class=10, image_size=32, split_dirs=True)
+    import shutil
+
+    shutil.rmtree(folder / "train" / "class_1")
+    with pytest.raises(DataError, match="No training images for class.*class_1"):
+        train(tiny_config(folder, tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()

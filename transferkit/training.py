@@ -73,6 +73,7 @@ def prepare_training(config: TrainConfig) -> TrainingPlan:
                          test_fraction=config.test_fraction)
     # Weights may download (slow), so they come after the cheap checks and before any writing.
     weights = resolve_weights(spec, config.weights, image_size)
+    assign_roles(folder, np.ones(len(folder.paths), dtype=bool), config.seed)  # split problems fail now
     run_dir = runs.prepare_output_dir(config.output_dir, config.overwrite)
     runs.check_writable_dir(config.cache_dir or default_cache_dir(), "--cache-dir")
     return TrainingPlan(config, spec, image_size, weights, folder, run_dir)
@@ -171,6 +172,7 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     test_metrics = classification_metrics(labels[eval_idx], probabilities, folder.class_names)
     test_metrics["split"] = eval_split
 
+    run_folder = _with_roles(folder, roles)
     metrics = {
         "test": test_metrics,
         "backbone": spec.name,
@@ -181,7 +183,7 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
         "best_epoch": best_epoch,
         "refit_epochs": refit_epochs,
         "split_source": folder.split_source,
-        "counts": _role_counts(roles, labels, folder.class_names),
+        "counts": run_folder.counts(),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "num_ignored": folder.num_ignored,
         "extraction": {
@@ -196,7 +198,7 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     }
     runs.write_labels(run_dir / runs.LABELS_FILE, folder.class_names)
     save_config(config, run_dir / runs.CONFIG_FILE)
-    write_splits_csv(_with_roles(folder, roles), run_dir / runs.SPLITS_FILE)  # skipped ones: skipped.csv
+    write_splits_csv(run_folder, run_dir / runs.SPLITS_FILE)  # skipped images are in skipped.csv
     files.write_csv(run_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     return TrainResult(run_dir, metrics)
@@ -268,13 +270,6 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int) -> np.ndarray:
             "--val-fraction / --test-fraction."
         )
     return roles
-
-
-def _role_counts(roles: np.ndarray, labels: np.ndarray, class_names) -> dict:
-    return {
-        role: {name: int(((roles == role) & (labels == c)).sum()) for c, name in enumerate(class_names)}
-        for role in ("train", "val", "test")
-    }
 
 
 def _with_roles(folder: ImageFolder, roles: np.ndarray) -> ImageFolder:
