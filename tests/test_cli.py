@@ -33,6 +33,12 @@ def test_help_of_every_command_does_not_import_tensorflow():
     assert out.stdout.strip() == "[]"
 
 
+def test_tensorflow_start_up_chatter_is_hidden():
+    code = "from transferkit.runtime import start_tensorflow; start_tensorflow(); import tensorflow"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "absl::InitializeLog" not in out.stderr and "oneDNN" not in out.stderr, out.stderr
+
+
 def test_version():
     from transferkit import __version__
 

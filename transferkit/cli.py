@@ -10,13 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from transferkit import __version__
+from transferkit import __version__, runtime
 from transferkit.errors import TransferkitError
 
 log = logging.getLogger("transferkit")
@@ -33,47 +32,6 @@ class _ClickHandler(logging.Handler):
         if record.levelno >= logging.WARNING:
             message = click.style(message, fg="yellow")
         click.echo(message, err=True)
-
-
-def _quiet_tensorflow() -> None:
-    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) says nothing a user can act on.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _start_tensorflow() -> None:
-    """Import TensorFlow and probe its devices with the process's stderr set aside.
-
-    TF 2.21 writes its start-up lines through absl before absl's logging is initialised, and
-    absl then ignores TF_CPP_MIN_LOG_LEVEL (abseil-cpp PR #1957, open), so no setting hides
-    them.  Redirecting file descriptor 2 is the only way; what was written is shown if the
-    import fails, and always with --debug.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    debug = click.get_current_context().find_root().params.get("debug", False)
-    if debug:
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
-        return
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _handle_errors(func):
@@ -119,7 +77,7 @@ def main(debug: bool) -> None:
     log.handlers[:] = [_ClickHandler()]
     log.setLevel(logging.INFO)
     log.propagate = False
-    _quiet_tensorflow()
+    runtime.show_startup_logs = debug
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -209,7 +167,7 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
     from transferkit.weights import import_weights
 
     spec = get_backbone(backbone)
-    _start_tensorflow()
+    runtime.start_tensorflow()
     target = import_weights(file, spec, image_size)
     click.echo(f"Verified {file} for {spec.name}; placed at {target}.")
 
@@ -243,7 +201,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
     folder = scan_folder(image_dir)
     resolved = resolve_weights(spec, weights, size)
     cache_dir = runs.check_writable_dir(cache_dir or default_cache_dir(), "--cache-dir")
-    _start_tensorflow()
+    runtime.start_tensorflow()
     import keras
 
     keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
@@ -330,7 +288,7 @@ def _run_training(config, verbose: int) -> None:
     from transferkit.training import prepare_training, run_training
 
     plan = prepare_training(config)  # every check that needs no TensorFlow, first
-    _start_tensorflow()
+    runtime.start_tensorflow()
     result = run_training(plan, verbose=verbose)
     test = result.metrics["test"]
     split = test["split"]
@@ -364,7 +322,7 @@ def evaluate(run_dir, image_dir, output_dir, batch_size, quiet) -> None:
     from transferkit.runs import check_run_dir
 
     check_run_dir(run_dir)
-    _start_tensorflow()
+    runtime.start_tensorflow()
 
     metrics = evaluate_run(run_dir, image_dir, output_dir, batch_size=batch_size, verbose=0 if quiet else 1)
     for item in metrics["skipped"]:
@@ -392,7 +350,7 @@ def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
     if output_path and not Path(output_path).resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{Path(output_path).parent}' does not exist", param_hint="--output")
     runs.check_run_dir(run_dir)
-    _start_tensorflow()
+    runtime.start_tensorflow()
     run = runs.load_run(run_dir)
     rows = runs.predict_files(run, paths, top_k=top_k, batch_size=batch_size)
     for row in rows:

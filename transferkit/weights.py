@@ -164,6 +164,9 @@ def missing_weights_message(spec: BackboneSpec, file_name: str, origin: str, rea
 
 def _download(file_name: str, origin: str, file_hash: str | None) -> Path:
     """Download through Keras' own ``get_file`` into its cache, with a start-up timeout."""
+    from transferkit.runtime import start_tensorflow
+
+    start_tensorflow()
     import keras
 
     previous = socket.getdefaulttimeout()
