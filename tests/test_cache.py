@@ -35,10 +35,16 @@ def test_put_then_read_back_from_a_new_instance(tmp_path):
     assert not list(again.dir.glob(".tmp-*")), "temporary files must be renamed into place"
 
 
-def test_damaged_shard_is_ignored_not_trusted(tmp_path, caplog):
+def _flip_byte(path, offset_from_end=100):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_shard_is_set_aside_not_trusted(tmp_path, caplog):
     cache = FeatureCache(tmp_path, SPEC)
     cache.put(["a"], np.ones((1, 4)))
-    shard = next(cache.dir.glob("shard-*.npz"))
+    shard = next(cache.dir.glob("shard-*.h5"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     fresh = FeatureCache(tmp_path, SPEC)
@@ -50,6 +56,74 @@ def test_damaged_shard_is_ignored_not_trusted(tmp_path, caplog):
     caplog.clear()
     assert FeatureCache(tmp_path, SPEC).get(["a"]) == [None]
     assert "Damaged" not in caplog.text
+
+
+def test_a_flipped_byte_is_caught_by_verify_and_never_read_as_numbers(tmp_path):
+    cache = FeatureCache(tmp_path, SPEC)
+    vectors = np.arange(40, dtype="float32").reshape(10, 4)
+    keys = [f"k{i}" for i in range(10)]
+    cache.put(keys, vectors)
+    shard = next(cache.dir.glob("shard-*.h5"))
+    assert cache.verify() == []
+    # Flip a byte inside the vectors' data (found by value, so the test hits the numbers).
+    data = bytearray(shard.read_bytes())
+    offset = bytes(data).find(vectors[5].tobytes())
+    assert offset > 0
+    data[offset + 1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    damaged = FeatureCache(tmp_path, SPEC).verify()
+    assert [s for s, _ in damaged] == [shard] and "checksum" in damaged[0][1]
+    got = FeatureCache(tmp_path, SPEC).get(keys)
+    assert all(v is None for v in got), "Fletcher-32 refuses the damaged chunk: recomputed, not trusted"
+
+
+def test_float16_storage_halves_the_size(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(512, 256)).astype("float32")
+    keys = [f"{i:064x}" for i in range(512)]
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        cache = FeatureCache(tmp_path / dtype, dataclasses.replace(SPEC, dtype=dtype))
+        cache.put(keys, vectors)
+        sizes[dtype] = sum(p.stat().st_size for p in cache.dir.glob("shard-*.h5"))
+        got = FeatureCache(tmp_path / dtype, dataclasses.replace(SPEC, dtype=dtype)).get(keys[:3])
+        assert got[0].dtype == np.float32
+        np.testing.assert_allclose(np.stack(got), vectors[:3], atol=1e-2 if dtype == "float16" else 0)
+    assert sizes["float16"] < 0.6 * sizes["float32"]
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
+    from transferkit import cache as cache_module
+
+    files = []
+    for i in range(5):
+        (tmp_path / f"{i}.bin").write_bytes(bytes([i]) * 100)
+        files.append(tmp_path / f"{i}.bin")
+    first = cache_module.FileHashes(tmp_path / "c").hashes(files)
+    calls = []
+    monkeypatch.setattr(cache_module, "hash_file", lambda p: calls.append(p) or "x")
+    assert cache_module.FileHashes(tmp_path / "c").hashes(files) == first and calls == []
+    files[2].write_bytes(b"edited, and longer than before")
+    cache_module.FileHashes(tmp_path / "c").hashes(files)
+    assert [str(p) for p in calls] == [str(files[2].resolve())]
+
+
+def test_two_writers_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from transferkit.cache import FeatureCache, FeatureSpec\n"
+        "cache = FeatureCache(sys.argv[1], FeatureSpec('tiny_test', 'w1', 32, 'tf'))\n"
+        "for b in range(20):\n"
+        "    keys = [f'{sys.argv[2]}-{b}-{i}' for i in range(10)]\n"
+        "    cache.put(keys, np.full((10, 4), b, dtype='float32'))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), name]) for name in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    cache = FeatureCache(tmp_path, SPEC)
+    assert len(cache) == 400 and cache.verify() == []
+    assert float(cache.get(["b-7-3"])[0][0]) == 7.0
 
 
 @pytest.fixture
@@ -68,7 +142,7 @@ def test_extraction_is_incremental_and_content_addressed(tmp_path, image_folder,
     cache = FeatureCache(tmp_path / "c", SPEC)
     first = extract_features(tiny_model, paths, cache, batch_size=8, flush_every=10, verbose=0)
     assert first.num_computed == len(paths) and first.num_cached == 0 and first.ok.all()
-    assert len(list(cache.dir.glob("shard-*.npz"))) >= 2, "vectors are flushed while extracting"
+    assert len(list(cache.dir.glob("shard-*.h5"))) >= 2, "vectors are flushed while extracting"
 
     # Re-run: nothing computed. Renamed file: still a hit. Edited pixels: a miss.
     moved = paths[0].with_name("renamed" + paths[0].suffix)

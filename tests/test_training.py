@@ -74,10 +74,12 @@ def test_saved_model_is_flat_takes_raw_pixels_and_matches_cached_features(traine
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
     # The vectors training used, straight from the cache shards, by content hash.
+    import h5py
+
     cached = {}
-    for shard in Path(result.metrics["extraction"]["cache_dir"]).glob("shard-*.npz"):
-        with np.load(shard) as data:
-            cached.update(zip(data["keys"].tolist(), data["vectors"], strict=True))
+    for shard in Path(result.metrics["extraction"]["cache_dir"]).glob("shard-*.h5"):
+        with h5py.File(shard, "r") as data:
+            cached.update(zip((k.decode() for k in data["keys"][:]), data["vectors"][:], strict=True))
     features = np.stack([cached[hash_file(p)] for p in paths])
     head_probs = run.model.get_layer("predictions")(features).numpy()
     np.testing.assert_allclose(probs, head_probs, atol=1e-5)

@@ -1,10 +1,19 @@
 """Bottleneck feature cache: vectors keyed by image content and by everything that shapes them.
 
-Layout: ``CACHE_DIR/<backbone>-<spec key>/`` holds ``spec.json`` (the settings behind the key)
-and ``shard-*.npz`` files, each with the content hashes of its images and their vectors.  A shard
-is written to a temporary file and renamed into place, so an interrupted run leaves only whole
-shards and the next run computes just what is missing.  A shard that fails to read (bad zip CRC,
-wrong shapes) is reported and ignored, so its images are computed again rather than trusted.
+Layout of a cache folder::
+
+    file-hashes.sqlite             content hash of each image file, by path + size + mtime
+    <backbone>-<spec key>/         one folder per FeatureSpec (settings behind the key)
+        spec.json                  those settings, for people and ``cache info``
+        shard-<sha256>.h5          keys (image content hashes) and vectors, HDF5
+        last_run.json              images, hits and computed vectors of the last extraction
+
+A shard is written to a temporary file, named after the SHA-256 of its own bytes and renamed
+into place, so an interrupted run leaves only whole shards (the next run computes just what is
+missing), two processes can add shards to one cache at once without a lock, and ``verify`` can
+check every file against its name.  The datasets carry HDF5's Fletcher-32 checksums, so a damaged
+chunk raises on reading instead of returning numbers; such a shard is moved aside to ``*.bad``
+and its vectors are computed again.
 """
 
 from __future__ import annotations
@@ -14,8 +23,10 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
+import tempfile
 import time
-import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +38,15 @@ from transferkit.errors import CacheError
 
 log = logging.getLogger("transferkit")
 
-#: Bumped whenever the meaning of a stored vector changes; old entries then stop matching.
-FORMAT_VERSION = 1
+#: Bumped whenever the meaning or layout of a stored vector changes; old entries stop matching.
+FORMAT_VERSION = 2
 
 #: How the loader resizes (see transferkit.data.load_image); part of every key.
-RESIZE_METHOD = "pillow-bilinear-squash"
+RESIZE_METHOD = "pillow-draft-bilinear-squash"
+
+SHARD_PATTERN = "shard-*.h5"
+HASHES_FILE = "file-hashes.sqlite"
+LAST_RUN_FILE = "last_run.json"
 
 
 def default_cache_dir() -> Path:
@@ -77,6 +92,47 @@ def hash_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class FileHashes:
+    """Content hashes of image files, remembered by (absolute path, size, mtime).
+
+    An unchanged folder is then re-run without reading its images; an edited file has a new
+    size or mtime and is hashed again. SQLite (standard library) because two extractions may
+    share one cache: it handles concurrent writers, and a crash loses at most the open batch.
+
+    Example:
+        >>> FileHashes(tmp_dir).hashes([path])  # doctest: +SKIP
+        ['9f86d0...']
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.path = Path(cache_dir) / HASHES_FILE
+
+    def hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
+        """The hash of each file, or the OSError that stopped reading it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        results: list[str | OSError] = []
+        fresh = []
+        with contextlib.closing(sqlite3.connect(self.path, timeout=60)) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
+                       "mtime_ns INTEGER, sha256 TEXT)")
+            for path in paths:
+                try:
+                    real = str(Path(path).resolve())
+                    stat = os.stat(real)
+                    row = db.execute("SELECT size, mtime_ns, sha256 FROM hashes WHERE path = ?", (real,)).fetchone()
+                    if row and row[0] == stat.st_size and row[1] == stat.st_mtime_ns:
+                        results.append(row[2])
+                        continue
+                    digest = hash_file(real)
+                except OSError as exc:
+                    results.append(exc)
+                    continue
+                fresh.append((real, stat.st_size, stat.st_mtime_ns, digest))
+                results.append(digest)
+            db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", fresh)
+        return results
+
+
 class FeatureCache:
     """The vectors of one :class:`FeatureSpec`, keyed by image content hash.
 
@@ -87,38 +143,59 @@ class FeatureCache:
 
     def __init__(self, cache_dir: str | os.PathLike, spec: FeatureSpec):
         self.spec = spec
-        self.dir = Path(cache_dir) / f"{spec.backbone}-{spec.key()}"
-        self._index: dict[str, np.ndarray] | None = None
+        self.root = Path(cache_dir)
+        self.dir = self.root / f"{spec.backbone}-{spec.key()}"
+        self._index: dict[str, tuple[Path, int]] | None = None
         self.bad_shards: list[Path] = []
 
-    def _load(self) -> dict[str, np.ndarray]:
+    def _load(self) -> dict[str, tuple[Path, int]]:
+        """key -> (shard, row), from the keys of every shard (vectors stay on disk)."""
         if self._index is None:
             self._index = {}
-            for shard in sorted(self.dir.glob("shard-*.npz")):
+            for shard in sorted(self.dir.glob(SHARD_PATTERN)):
                 try:
-                    with np.load(shard, allow_pickle=False) as data:
-                        keys, vectors = data["keys"], data["vectors"]
-                    if vectors.ndim != 2 or len(keys) != len(vectors):
-                        raise ValueError(f"keys {keys.shape} do not match vectors {vectors.shape}")
+                    keys = _read_keys(shard)
                 except Exception as exc:  # noqa: BLE001 - any unreadable shard is recomputed
-                    # Renamed aside (kept for inspection) so it is reported once, not on every run.
-                    bad = shard.with_suffix(".bad")
-                    log.warning("Damaged cache shard %s (%s): its vectors will be computed again; "
-                                "moved to %s.", shard, exc, bad.name)
-                    with contextlib.suppress(OSError):
-                        shard.rename(bad)
-                    self.bad_shards.append(shard)
+                    self._set_aside(shard, exc)
                     continue
-                self._index.update(zip(keys.tolist(), vectors, strict=True))
+                for row, key in enumerate(keys):
+                    self._index.setdefault(key, (shard, row))
         return self._index
+
+    def _set_aside(self, shard: Path, exc: BaseException) -> None:
+        # Renamed aside (kept for inspection) so it is reported once, not on every run.
+        bad = shard.with_suffix(".bad")
+        log.warning("Damaged cache shard %s (%s): its vectors will be computed again; moved to %s.",
+                    shard, exc, bad.name)
+        with contextlib.suppress(OSError):
+            shard.rename(bad)
+        self.bad_shards.append(shard)
+        if self._index is not None:
+            self._index = {k: v for k, v in self._index.items() if v[0] != shard}
 
     def __len__(self) -> int:
         return len(self._load())
 
     def get(self, hashes: Sequence[str]) -> list[np.ndarray | None]:
-        """The cached vector for each hash, ``None`` where it is missing."""
+        """The cached vector (float32) for each hash, ``None`` where it is missing."""
         index = self._load()
-        return [index.get(h) for h in hashes]
+        out: list[np.ndarray | None] = [None] * len(hashes)
+        wanted: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+        for i, key in enumerate(hashes):
+            if key in index:
+                shard, row = index[key]
+                wanted[shard].append((row, i))
+        for shard, items in wanted.items():
+            rows = np.array([row for row, _ in items])
+            unique, inverse = np.unique(rows, return_inverse=True)
+            try:
+                vectors = _read_rows(shard, unique)
+            except Exception as exc:  # noqa: BLE001 - a checksum or format error: recompute
+                self._set_aside(shard, exc)
+                continue
+            for (_, i), j in zip(items, inverse, strict=True):
+                out[i] = vectors[j].astype(np.float32)
+        return out
 
     def put(self, hashes: Sequence[str], vectors: np.ndarray) -> None:
         """Store vectors as one new shard, atomically (temporary file, then rename)."""
@@ -130,16 +207,82 @@ class FeatureCache:
             spec_path = self.dir / "spec.json"
             if not spec_path.exists():
                 files.write_json(spec_path, asdict(self.spec))
-            # Unique shard names let two processes add to one cache without a lock.
-            name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
-            with files.atomic_path(self.dir / name, suffix=".npz") as tmp:
-                np.savez(tmp, keys=np.asarray(hashes, dtype="U64"), vectors=vectors)
+            shard = _write_shard(self.dir, hashes, vectors)
         except OSError as exc:
             raise CacheError(
                 f"Cannot write to the feature cache '{self.dir}': {exc.strerror or exc}. "
                 "Free some space or choose another folder with --cache-dir."
             ) from exc
-        self._load().update(zip(hashes, vectors, strict=True))
+        index = self._load()
+        for row, key in enumerate(hashes):
+            index.setdefault(key, (shard, row))
+
+    def verify(self) -> list[tuple[Path, str]]:
+        """Every damaged shard of this spec with the reason (checksums and contents re-read)."""
+        return [(shard, reason) for shard in sorted(self.dir.glob(SHARD_PATTERN))
+                if (reason := verify_shard(shard)) is not None]
+
+
+def _write_shard(folder: Path, hashes: Sequence[str], vectors: np.ndarray) -> Path:
+    import h5py
+
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".h5")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as handle:
+            handle.attrs["format_version"] = FORMAT_VERSION
+            handle.create_dataset("keys", data=np.array(hashes, dtype="S64"), fletcher32=True)
+            handle.create_dataset("vectors", data=vectors, fletcher32=True,
+                                  chunks=(min(len(vectors), 256), vectors.shape[1]))
+        # Named after its own bytes: unique across writers, and checkable by `cache verify`.
+        target = folder / f"shard-{hash_file(tmp)[:32]}.h5"
+        files.publish(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _read_keys(shard: Path) -> list[str]:
+    import h5py
+
+    with h5py.File(shard, "r") as handle:
+        keys = handle["keys"][:]
+        num_vectors = handle["vectors"].shape[0]
+    if len(keys) != num_vectors:
+        raise ValueError(f"{len(keys)} keys for {num_vectors} vectors")
+    return [k.decode() for k in keys]
+
+
+def _read_rows(shard: Path, rows: np.ndarray) -> np.ndarray:
+    import h5py
+
+    with h5py.File(shard, "r") as handle:
+        vectors = handle["vectors"]
+        # Fancy indexing row by row is slow in HDF5; read whole chunks when most rows are wanted.
+        return vectors[:][rows] if len(rows) * 4 > vectors.shape[0] else vectors[rows]
+
+
+def verify_shard(shard: Path) -> str | None:
+    """Why a shard cannot be trusted (its bytes no longer match its name, or a dataset fails its
+    checksum), or ``None`` when it is sound."""
+    try:
+        digest = hash_file(shard)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not digest.startswith(shard.stem.removeprefix("shard-")):
+        return "contents do not match the checksum in its name"
+    try:
+        _read_rows(shard, np.arange(len(_read_keys(shard))))
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError/KeyError/ValueError variously
+        return f"cannot be read: {exc}"
+    return None
+
+
+def cache_specs(cache_dir: str | os.PathLike) -> list[Path]:
+    """The spec folders of a cache root (each holds one FeatureSpec's shards)."""
+    root = Path(cache_dir)
+    return sorted(p for p in root.iterdir() if (p / "spec.json").is_file()) if root.is_dir() else []
 
 
 @dataclass
@@ -212,12 +355,12 @@ def extract_features(
     hashes: list[str | None] = [None] * n
     missing: list[int] = list(range(n))
     if cache is not None:  # without a cache (predict, evaluate) there is nothing to look up
-        for i, path in enumerate(paths):
-            try:
-                hashes[i] = hash_file(path)
-            except OSError as exc:
+        for i, digest in enumerate(FileHashes(cache.root).hashes(paths)):
+            if isinstance(digest, OSError):
                 ok[i] = False
-                errors[i] = f"cannot read file: {exc.strerror or exc}"
+                errors[i] = f"cannot read file: {digest.strerror or digest}"
+            else:
+                hashes[i] = digest
         readable = [i for i in range(n) if hashes[i] is not None]
         found = cache.get([hashes[i] for i in readable])
         missing = []
@@ -257,6 +400,10 @@ def extract_features(
             cache.put(pending_keys, np.stack(pending_vectors))
     seconds = time.perf_counter() - start
     num_computed = len(missing) - sum(1 for i in missing if not ok[i])
+    if cache is not None and cache.dir.is_dir():
+        files.write_json(cache.dir / LAST_RUN_FILE, {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images": n, "cached": num_cached,
+            "computed": num_computed, "hit_rate": round(num_cached / n, 4) if n else 0.0})
     return ExtractionResult(vectors, ok, errors, num_cached, num_computed, seconds)
 
 

@@ -41,13 +41,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make a finished temporary file durable and readable, then rename it onto ``path``."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, _default_mode())
+    os.replace(tmp, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
