@@ -224,3 +224,89 @@ def test_not_a_run_folder_is_refused_before_tensorflow_work(tmp_path, image_fold
     result = run("evaluate", tmp_path, image_folder)
     assert result.exit_code == 2
     assert "is not a transferkit run folder (missing model.keras, labels.txt)" in result.output
+
+
+def extract_args(image_folder, cache_dir, *extra):
+    return ["extract", image_folder, "--backbone", "tiny_test", "--weights", "none", "-q",
+            "--cache-dir", cache_dir, "--image-size", "32", *extra]
+
+
+def test_cache_info_verify_and_repair(tmp_path, image_folder):
+    cache_dir = tmp_path / "cache"
+    assert run(*extract_args(image_folder, cache_dir)).exit_code == 0
+    assert run(*extract_args(image_folder, cache_dir)).exit_code == 0
+    info = json.loads(run("cache", "info", "--cache-dir", cache_dir, "--json").output)
+    (spec,) = info["specs"]
+    assert spec["entries"] == 36 and spec["spec"]["backbone"] == "tiny_test"
+    assert spec["last_run"]["hit_rate"] == 1.0
+    assert "36 vectors" in run("cache", "info", "--cache-dir", cache_dir).output
+
+    assert run("cache", "verify", "--cache-dir", cache_dir).exit_code == 0
+    shard = next(cache_dir.rglob("shard-*.h5"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    damaged = run("cache", "verify", "--cache-dir", cache_dir)
+    assert damaged.exit_code == 1 and "Damaged:" in damaged.output and "1 damaged" in damaged.output
+    repaired = run(*extract_args(image_folder, cache_dir))
+    assert repaired.exit_code == 0 and "computed: 36" in repaired.output
+    assert run("cache", "verify", "--cache-dir", cache_dir).exit_code == 0
+
+
+def test_workers_extract_parts_and_their_caches_merge(tmp_path, image_folder):
+    outputs = [run(*extract_args(image_folder, tmp_path / f"w{i}", "--num-shards", "2", "--shard-index", str(i)))
+               for i in range(2)]
+    assert all(o.exit_code == 0 for o in outputs)
+    counts = [int(o.output.split("computed: ")[1].split(";")[0]) for o in outputs]
+    assert sum(counts) == 36 and min(counts) > 0, "each worker takes a part, together all images"
+    merged = run("cache", "merge", tmp_path / "w0", tmp_path / "w1", "--cache-dir", tmp_path / "all")
+    assert merged.exit_code == 0 and "2 shards copied" in merged.output
+    again = run("cache", "merge", tmp_path / "w0", "--cache-dir", tmp_path / "all")
+    assert "already present" in again.output
+    final = run(*extract_args(image_folder, tmp_path / "all"))
+    assert "computed: 0; already cached: 36" in final.output
+    bad = run(*extract_args(image_folder, tmp_path / "x", "--num-shards", "2", "--shard-index", "2"))
+    assert bad.exit_code == 2 and "--shard-index" in bad.output
+
+
+def test_prune_drops_vectors_of_deleted_images_and_compacts(tmp_path, image_folder):
+    cache_dir = tmp_path / "cache"
+    assert run(*extract_args(image_folder, cache_dir)).exit_code == 0
+    for path in sorted((image_folder / "class_0").iterdir())[:5]:
+        path.unlink()
+    result = run("cache", "prune", "--missing", "--cache-dir", cache_dir)
+    assert result.exit_code == 0 and "36 -> 31 vectors" in result.output and "-> 1 shards" in result.output
+    assert "computed: 0; already cached: 31" in run(*extract_args(image_folder, cache_dir)).output
+    assert run("cache", "verify", "--cache-dir", cache_dir).exit_code == 0
+
+
+def test_features_export_in_every_format_reads_back(tmp_path, image_folder):
+    import csv
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    cache_dir = tmp_path / "cache"
+    args = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "--cache-dir", cache_dir, "-q"]
+    assert run("features", "export", image_folder, "-o", tmp_path / "f.npz", *args).exit_code == 0
+    with np.load(tmp_path / "f.npz") as data:
+        paths, features, splits = data["paths"].tolist(), data["features"], data["splits"].tolist()
+        assert features.shape == (36, 32) and data["class_names"].tolist() == ["class_0", "class_1", "class_2"]
+    assert paths[0].startswith("class_0/") and set(splits) == {"train", "val", "test"}
+
+    result = run("features", "export", image_folder, "-o", tmp_path / "f.parquet", *args)
+    assert result.exit_code == 0 and "Wrote 36 rows x 32 features" in result.output
+    table = pq.read_table(tmp_path / "f.parquet").to_pydict()
+    assert table["path"] == paths and table["split"] == splits
+    np.testing.assert_allclose(np.array([table[f"f{j}"] for j in range(32)]).T, features, rtol=1e-6)
+
+    assert run("features", "export", image_folder, "-o", tmp_path / "f.csv", *args).exit_code == 0
+    with open(tmp_path / "f.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows] == paths and rows[0]["class_name"] == "class_0"
+    np.testing.assert_allclose([float(r["f3"]) for r in rows], features[:, 3], rtol=1e-6)
+
+    again = run("features", "export", image_folder, "-o", tmp_path / "f.csv", *args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    unknown = run("features", "export", image_folder, "-o", tmp_path / "f.txt", *args)
+    assert unknown.exit_code == 2 and "--format" in unknown.output

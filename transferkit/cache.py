@@ -93,7 +93,8 @@ def hash_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 class FileHashes:
-    """Content hashes of image files, remembered by (absolute path, size, mtime).
+    """Content hashes of files (images, and the cache's own shards), remembered by (absolute
+    path, size, mtime).
 
     An unchanged folder is then re-run without reading its images; an edited file has a new
     size or mtime and is hashed again. SQLite (standard library) because two extractions may
@@ -152,8 +153,16 @@ class FeatureCache:
         """key -> (shard, row), from the keys of every shard (vectors stay on disk)."""
         if self._index is None:
             self._index = {}
-            for shard in sorted(self.dir.glob(SHARD_PATTERN)):
+            shards = sorted(self.dir.glob(SHARD_PATTERN))
+            # Each shard's bytes against the checksum in its name. Remembered by path+size+mtime,
+            # so a shard is hashed once, and again only when something has written to it.
+            digests = FileHashes(self.root).hashes(shards)
+            for shard, digest in zip(shards, digests, strict=True):
                 try:
+                    if isinstance(digest, OSError):
+                        raise digest
+                    if not digest.startswith(shard.stem.removeprefix("shard-")):
+                        raise ValueError("contents do not match the checksum in its name")
                     keys = _read_keys(shard)
                 except Exception as exc:  # noqa: BLE001 - any unreadable shard is recomputed
                     self._set_aside(shard, exc)
@@ -425,3 +434,168 @@ def _decode_error(load_image, path: Path, image_size: int) -> str:
     except Exception as exc:  # noqa: BLE001 - the reason is reported, the file skipped
         return f"cannot decode image: {exc}"
     return "cannot decode image"
+
+
+# ------------------------------------------------------------------------------ maintenance
+
+
+def cache_summary(cache_dir: str | os.PathLike) -> list[dict]:
+    """One row per FeatureSpec in a cache: settings, entries, shards, bytes, last run."""
+    rows = []
+    for spec_dir in cache_specs(cache_dir):
+        shards = sorted(spec_dir.glob(SHARD_PATTERN))
+        entries = 0
+        for shard in shards:
+            with contextlib.suppress(Exception):  # damaged shards are `verify`'s business
+                entries += len(_read_keys(shard))
+        last_run = spec_dir / LAST_RUN_FILE
+        rows.append({
+            "folder": spec_dir.name,
+            "spec": json.loads((spec_dir / "spec.json").read_text()),
+            "entries": entries,
+            "shards": len(shards),
+            "bytes": sum(s.stat().st_size for s in shards),
+            "last_run": json.loads(last_run.read_text()) if last_run.is_file() else None,
+        })
+    return rows
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> tuple[int, list[tuple[Path, str]]]:
+    """``(shards checked, [(damaged shard, reason), ...])`` over every spec of a cache."""
+    shards = [s for spec_dir in cache_specs(cache_dir) for s in sorted(spec_dir.glob(SHARD_PATTERN))]
+    return len(shards), [(s, r) for s in shards if (r := verify_shard(s)) is not None]
+
+
+def _live_hashes(cache_dir: Path) -> set[str]:
+    """Content hashes of files still present, unchanged, at a path this cache has hashed."""
+    db_path = cache_dir / HASHES_FILE
+    if not db_path.is_file():
+        return set()
+    live = set()
+    with contextlib.closing(sqlite3.connect(db_path, timeout=60)) as db:
+        for path, size, mtime_ns, digest in db.execute("SELECT path, size, mtime_ns, sha256 FROM hashes"):
+            with contextlib.suppress(OSError):
+                stat = os.stat(path)
+                if stat.st_size == size and stat.st_mtime_ns == mtime_ns:
+                    live.add(digest)
+    return live
+
+
+def prune_cache(cache_dir: str | os.PathLike, *, missing: bool = False, older_than: float | None = None) -> dict:
+    """Drop entries whose images are gone (``missing``) or shards older than a time, and compact.
+
+    An image is "gone" when no file this cache has hashed, at its recorded path, still has those
+    bytes. Each spec's surviving vectors are rewritten into one shard before the old shards are
+    deleted, so an interruption leaves duplicates (harmless), never a hole.
+
+    Args:
+        cache_dir: the cache root.
+        missing: drop vectors of images that are gone.
+        older_than: drop shards last written before this POSIX time.
+
+    Returns:
+        ``{"entries_before", "entries_after", "shards_before", "shards_after"}``.
+    """
+    root = Path(cache_dir)
+    live = _live_hashes(root) if missing else None
+    report = dict.fromkeys(("entries_before", "entries_after", "shards_before", "shards_after"), 0)
+    for spec_dir in cache_specs(root):
+        shards = sorted(spec_dir.glob(SHARD_PATTERN))
+        keep_keys: list[str] = []
+        keep_vectors: list[np.ndarray] = []
+        seen: set[str] = set()
+        for shard in shards:
+            if verify_shard(shard) is not None:
+                continue  # damaged: dropped, its vectors will be computed again
+            keys = _read_keys(shard)
+            report["entries_before"] += len(keys)
+            if older_than is not None and shard.stat().st_mtime < older_than:
+                continue
+            vectors = _read_rows(shard, np.arange(len(keys)))
+            for key, vector in zip(keys, vectors, strict=True):
+                if key not in seen and (live is None or key in live):
+                    seen.add(key)
+                    keep_keys.append(key)
+                    keep_vectors.append(vector)
+        report["shards_before"] += len(shards)
+        new = _write_shard(spec_dir, keep_keys, np.stack(keep_vectors)) if keep_keys else None
+        for shard in shards:
+            if shard != new:
+                shard.unlink(missing_ok=True)
+        report["entries_after"] += len(keep_keys)
+        report["shards_after"] += int(new is not None)
+    return report
+
+
+def merge_caches(cache_dir: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> dict:
+    """Copy every sound shard of other caches (e.g. one per worker) into ``cache_dir``.
+
+    Shards are named by content, so a shard already present is skipped and merging twice is
+    harmless. Damaged shards are reported and not copied.
+
+    Returns:
+        ``{"copied", "already_present", "damaged": [(shard, reason), ...]}``.
+    """
+    import shutil
+
+    target_root = Path(cache_dir)
+    report: dict = {"copied": 0, "already_present": 0, "damaged": []}
+    for source in sources:
+        if not cache_specs(source):
+            raise CacheError(f"'{source}' holds no transferkit feature cache (no <backbone>-<key>/spec.json).")
+        for spec_dir in cache_specs(source):
+            target_dir = target_root / spec_dir.name
+            target_dir.mkdir(parents=True, exist_ok=True)
+            if not (target_dir / "spec.json").exists():
+                files.write_bytes(target_dir / "spec.json", (spec_dir / "spec.json").read_bytes())
+            for shard in sorted(spec_dir.glob(SHARD_PATTERN)):
+                if (target_dir / shard.name).exists():
+                    report["already_present"] += 1
+                elif (reason := verify_shard(shard)) is not None:
+                    report["damaged"].append((shard, reason))
+                else:
+                    with files.atomic_path(target_dir / shard.name, suffix=".h5") as tmp:
+                        shutil.copyfile(shard, tmp)
+                    report["copied"] += 1
+    return report
+
+
+# ------------------------------------------------------------------------------ export
+
+FEATURE_FORMATS = ("npz", "parquet", "csv")
+
+
+def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequence[str], labels: np.ndarray,
+                   class_names: Sequence[str], splits: Sequence[str], vectors: np.ndarray) -> None:
+    """Write features for another tool, atomically: one row per image.
+
+    npz holds arrays ``paths``, ``labels``, ``class_names``, ``splits``, ``features``; parquet and
+    CSV hold columns ``path, label, class_name, split, f0 .. f{d-1}`` (flat columns, which every
+    tool reads).
+
+    Example:
+        >>> write_features("f.npz", "npz", ["a/1.jpg"], np.array([0]), ["a"], ["train"], np.ones((1, 2)))
+        ... # doctest: +SKIP
+    """
+    if file_format not in FEATURE_FORMATS:
+        raise ValueError(f"Unknown format {file_format!r}; allowed: {', '.join(FEATURE_FORMATS)}.")
+    labels = np.asarray(labels)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if file_format == "npz":
+        with files.atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, paths=np.asarray(rel_paths, dtype=str), labels=labels,
+                     class_names=np.asarray(class_names, dtype=str), splits=np.asarray(splits, dtype=str),
+                     features=vectors)
+        return
+    columns = {"path": list(rel_paths), "label": labels.tolist(),
+               "class_name": [class_names[i] for i in labels], "split": list(splits)}
+    columns.update({f"f{j}": vectors[:, j] for j in range(vectors.shape[1])})
+    if file_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with files.atomic_path(path, suffix=".parquet") as tmp:
+            pq.write_table(pa.table(columns), tmp)
+    else:
+        header = list(columns)
+        files.write_csv(path, header, zip(*(columns[name] for name in header), strict=True))

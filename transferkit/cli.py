@@ -183,12 +183,43 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 @_cache_dir_option
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random initialisation with --weights none (so re-runs hit the cache).")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the images across this many workers (e.g. jobs of a cluster scheduler).")
+@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which part this worker extracts (0 .. num-shards - 1).")
 @_quiet_option
 @_handle_errors
-def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet) -> None:
+def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, num_shards, shard_index,
+            quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
-    Images already in the cache (same bytes, same settings) are not computed again.
+    Images already in the cache (same bytes, same settings) are not computed again. With
+    --num-shards N, N workers (--shard-index 0 .. N-1) each extract a fixed part, chosen by a
+    hash of each file's relative path; 'transferkit cache merge' then joins their caches.
+    """
+    from transferkit.data import stable_fraction
+
+    if shard_index >= num_shards:
+        raise click.BadParameter(f"must be below --num-shards ({num_shards}), received {shard_index}",
+                                 param_hint="--shard-index")
+    folder, paths, result, cache = _extract_folder(
+        image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet,
+        select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index)
+    skipped = list(folder.skipped) + result.skipped_files(paths)
+    rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
+    part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
+    click.echo(
+        f"Images seen: {len(folder.paths) + len(folder.skipped)}{part}; computed: {result.num_computed}; "
+        f"already cached: {result.num_cached}; skipped: {len(skipped)}{rate}.\nCache: {cache.dir}"
+    )
+
+
+def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet, select=None):
+    """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
+
+    Returns:
+        ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
+        are logged.
     """
     from transferkit import runs
     from transferkit.backbones import check_image_size, get_backbone
@@ -199,6 +230,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
     folder = scan_folder(image_dir)
+    paths = [p for p in folder.paths if select is None or select(p)]
     resolved = resolve_weights(spec, weights, size)
     cache_dir = runs.check_writable_dir(cache_dir or default_cache_dir(), "--cache-dir")
     runtime.start_tensorflow()
@@ -207,16 +239,157 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
     keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
     model = load_backbone(spec, resolved, size)
     cache = FeatureCache(cache_dir, FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing))
-    result = extract_features(model, [folder.abs_path(p) for p in folder.paths], cache,
+    result = extract_features(model, [folder.abs_path(p) for p in paths], cache,
                               batch_size=batch_size, verbose=0 if quiet else 1)
-    skipped = list(folder.skipped) + result.skipped_files(folder.paths)
-    for rel, reason in skipped:
+    for rel, reason in list(folder.skipped) + result.skipped_files(paths):
         log.warning("Skipped %s: %s", rel, reason)
-    rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
+    return folder, paths, result, cache
+
+
+# ----------------------------------------------------------------------------- features
+
+@main.group()
+def features() -> None:
+    """Bottleneck features for use in other tools."""
+
+
+@features.command("export")
+@_image_dir_argument
+@_backbone_option()
+@click.option("--format", "file_format", type=click.Choice(["npz", "parquet", "csv"]), default=None,
+              help="File format. Default: from the -o file's extension.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
+              help="File to write: one row per image (relative path, label, split, feature vector).")
+@_weights_option
+@_image_size_option
+@_batch_size_option
+@_cache_dir_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split (and of --weights none).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_quiet_option
+@_handle_errors
+def features_export(image_dir, backbone, file_format, output_path, weights, image_size, batch_size, cache_dir, seed,
+                    overwrite, quiet) -> None:
+    """Write the features of every image in IMAGE_DIR to one npz, parquet or CSV file.
+
+    Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
+    (class index), class_name, split (as train would make it with the same --seed), then the
+    vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz).
+    """
+    from transferkit.cache import FEATURE_FORMATS, write_features
+
+    output = Path(output_path)
+    file_format = file_format or output.suffix.lower().lstrip(".")
+    if file_format not in FEATURE_FORMATS:
+        raise click.BadParameter(f"cannot tell the format from '{output.name}'; add --format npz, parquet or csv",
+                                 param_hint="--format")
+    if output.exists() and not overwrite:
+        raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    if not output.resolve().parent.is_dir():
+        raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
+    folder, paths, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed,
+                                               quiet)
+    index = {p: i for i, p in enumerate(folder.paths)}
+    rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
+    write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
+                   [folder.splits[i] for i in rows], result.vectors[result.ok])
+    click.echo(f"Wrote {len(rows)} rows x {result.vectors.shape[1]} features to {output} ({file_format}).")
+
+
+# ----------------------------------------------------------------------------- cache
+
+@main.group()
+def cache() -> None:
+    """Inspect and maintain the feature cache (see --cache-dir of extract/train)."""
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from transferkit.cache import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+@cache.command("info")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def cache_info(cache_dir, as_json) -> None:
+    """Entries, size and settings of each backbone's features, and the last run's hit rate."""
+    from transferkit.cache import cache_summary
+
+    root = _cache_root(cache_dir)
+    rows = cache_summary(root)
+    if as_json:
+        click.echo(json.dumps({"cache_dir": str(root), "specs": rows}, indent=2))
+        return
+    click.echo(f"Cache: {root}")
+    if not rows:
+        click.echo("  (empty)")
+    for row in rows:
+        spec, last = row["spec"], row["last_run"]
+        hit = (f"; last run {last['date']}: {last['images']} images, hit rate {last['hit_rate']:.0%}"
+               if last else "")
+        click.echo(
+            f"  {spec['backbone']} {spec['image_size']}px {spec['dtype']}: {row['entries']} vectors in "
+            f"{row['shards']} shards, {row['bytes'] / 1e6:.1f} MB{hit}  [{row['folder']}]"
+        )
+    click.echo(f"Total: {sum(r['entries'] for r in rows)} vectors, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB")
+
+
+@cache.command("verify")
+@_cache_dir_option
+@_handle_errors
+def cache_verify(cache_dir) -> None:
+    """Re-read every shard against its checksums; exit 1 if any is damaged.
+
+    Damaged shards are never read as numbers: the next extraction sets them aside and
+    computes their vectors again (or run 'transferkit cache prune' to drop them now).
+    """
+    from transferkit.cache import verify_cache
+
+    root = _cache_root(cache_dir)
+    checked, damaged = verify_cache(root)
+    for shard, reason in damaged:
+        click.echo(click.style("Damaged: ", fg="red") + f"{shard}: {reason}")
+    click.echo(f"Checked {checked} shards in {root}: {len(damaged)} damaged.")
+    if damaged:
+        sys.exit(1)
+
+
+@cache.command("prune")
+@_cache_dir_option
+@click.option("--missing", is_flag=True, help="Drop vectors of images that are gone (or changed) from their paths.")
+@click.option("--older-than", type=click.DateTime(), default=None,
+              help="Drop vectors written before this date (e.g. 2026-01-31).")
+@_handle_errors
+def cache_prune(cache_dir, missing, older_than) -> None:
+    """Drop entries, drop damaged shards, and compact each backbone's vectors into one shard."""
+    from transferkit.cache import prune_cache
+
+    root = _cache_root(cache_dir)
+    report = prune_cache(root, missing=missing, older_than=older_than.timestamp() if older_than else None)
     click.echo(
-        f"Images seen: {len(folder.paths) + len(folder.skipped)}; computed: {result.num_computed}; "
-        f"already cached: {result.num_cached}; skipped: {len(skipped)}{rate}.\nCache: {cache.dir}"
+        f"{root}: {report['entries_before']} -> {report['entries_after']} vectors, "
+        f"{report['shards_before']} -> {report['shards_after']} shards."
     )
+
+
+@cache.command("merge")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@_cache_dir_option
+@_handle_errors
+def cache_merge(sources, cache_dir) -> None:
+    """Copy the shards of other caches (e.g. one per worker of --num-shards) into this one."""
+    from transferkit.cache import merge_caches
+
+    root = _cache_root(cache_dir)
+    report = merge_caches(root, sources)
+    for shard, reason in report["damaged"]:
+        log.warning("Not copied, damaged: %s: %s", shard, reason)
+    click.echo(f"Merged into {root}: {report['copied']} shards copied, {report['already_present']} already "
+               f"present, {len(report['damaged'])} damaged.")
+    if report["damaged"]:
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- train
