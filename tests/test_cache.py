@@ -224,3 +224,13 @@ def test_sigkill_mid_extraction_then_resume_gives_the_complete_correct_result(tm
     fresh = extract_features(tiny_model, paths, None, verbose=0)
     np.testing.assert_allclose(resumed.vectors, fresh.vectors, rtol=1e-5, atol=1e-6)
     assert FeatureCache(tmp_path / "cache", spec).verify() == []
+
+
+def test_fill_only_extraction_keeps_no_vectors_and_fills_the_cache(tmp_path, image_folder, tiny_model):
+    paths = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    result = extract_features(tiny_model, paths, FeatureCache(tmp_path, SPEC), keep_vectors=False, verbose=0)
+    assert result.vectors is None and result.num_computed == len(paths)
+    again = extract_features(tiny_model, paths, FeatureCache(tmp_path, SPEC), keep_vectors=False, verbose=0)
+    assert again.num_computed == 0 and again.num_cached == len(paths)
+    full = extract_features(tiny_model, paths, FeatureCache(tmp_path, SPEC), verbose=0)
+    assert full.num_computed == 0 and full.vectors.shape == (len(paths), 32) and full.vectors.any()

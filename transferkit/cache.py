@@ -185,6 +185,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._load())
 
+    def contains(self, hashes: Sequence[str]) -> list[bool]:
+        """Whether each hash has a vector, without reading any vector."""
+        index = self._load()
+        return [h in index for h in hashes]
+
     def get(self, hashes: Sequence[str]) -> list[np.ndarray | None]:
         """The cached vector (float32) for each hash, ``None`` where it is missing."""
         index = self._load()
@@ -299,7 +304,8 @@ class ExtractionResult:
     """Features for a list of images, in their order.
 
     Attributes:
-        vectors: ``(n, feature_dim)`` float32; rows of failed images are zeros.
+        vectors: ``(n, feature_dim)`` float32, rows of failed images zeros; ``None`` when the
+            caller asked only to fill the cache.
         ok: ``(n,)`` bool, False where the image could not be decoded.
         errors: ``{index: reason}`` for the failed images.
         num_cached: vectors found in the cache.
@@ -307,7 +313,7 @@ class ExtractionResult:
         seconds: wall time of the backbone pass.
     """
 
-    vectors: np.ndarray
+    vectors: np.ndarray | None
     ok: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
     num_cached: int = 0
@@ -336,6 +342,7 @@ def extract_features(
     batch_size: int = 32,
     flush_every: int = 512,
     verbose: int = 1,
+    keep_vectors: bool = True,
 ) -> ExtractionResult:
     """Pooled features for every image: from the cache where present, one backbone pass for the rest.
 
@@ -349,6 +356,8 @@ def extract_features(
         batch_size: images per backbone call.
         flush_every: images between cache writes.
         verbose: 1 shows a Keras progress bar.
+        keep_vectors: False only fills the cache (``vectors`` is then ``None``): memory stays flat
+            however large the folder, since no vector is held beyond the batch being written.
     """
     import keras
 
@@ -357,7 +366,7 @@ def extract_features(
     image_size = int(model.input_shape[1])
     feature_dim = int(model.output_shape[-1])
     n = len(paths)
-    vectors = np.zeros((n, feature_dim), dtype=np.float32)
+    vectors = np.zeros((n, feature_dim), dtype=np.float32) if keep_vectors else None
     ok = np.ones(n, dtype=bool)
     errors: dict[int, str] = {}
 
@@ -371,13 +380,15 @@ def extract_features(
             else:
                 hashes[i] = digest
         readable = [i for i in range(n) if hashes[i] is not None]
-        found = cache.get([hashes[i] for i in readable])
-        missing = []
-        for i, vector in zip(readable, found, strict=True):
-            if vector is None:
-                missing.append(i)
-            else:
-                vectors[i] = vector
+        if keep_vectors:
+            found = cache.get([hashes[i] for i in readable])
+            missing = [i for i, vector in zip(readable, found, strict=True) if vector is None]
+            for i, vector in zip(readable, found, strict=True):
+                if vector is not None:
+                    vectors[i] = vector
+        else:
+            present = cache.contains([hashes[i] for i in readable])
+            missing = [i for i, found in zip(readable, present, strict=True) if not found]
     num_cached = n - len(missing) - len(errors)
 
     start = time.perf_counter()
@@ -394,7 +405,8 @@ def extract_features(
             for j, (vector, good) in enumerate(zip(batch_vectors, flags, strict=True)):
                 i = missing[done + j]
                 if good:
-                    vectors[i] = vector
+                    if keep_vectors:
+                        vectors[i] = vector
                     pending_keys.append(hashes[i])
                     pending_vectors.append(vector)
                 else:

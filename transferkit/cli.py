@@ -204,7 +204,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
                                  param_hint="--shard-index")
     folder, paths, result, cache = _extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet,
-        select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index)
+        select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False)
     skipped = list(folder.skipped) + result.skipped_files(paths)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
     part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
@@ -214,7 +214,8 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
     )
 
 
-def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet, select=None):
+def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet, select=None,
+                    keep_vectors=True):
     """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
 
     Returns:
@@ -239,8 +240,8 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
     keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
     model = load_backbone(spec, resolved, size)
     cache = FeatureCache(cache_dir, FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing))
-    result = extract_features(model, [folder.abs_path(p) for p in paths], cache,
-                              batch_size=batch_size, verbose=0 if quiet else 1)
+    result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
+                              verbose=0 if quiet else 1, keep_vectors=keep_vectors)
     for rel, reason in list(folder.skipped) + result.skipped_files(paths):
         log.warning("Skipped %s: %s", rel, reason)
     return folder, paths, result, cache

@@ -1,0 +1,83 @@
+"""Feature extraction speed, measured as ratios in one run (prints; asserts nothing).
+
+1. End-to-end extraction (read, decode, resize, forward pass, cache write) against the
+   backbone's own forward pass on the same images already decoded into a tensor.
+2. A re-run on the unchanged folder against the first run.
+3. A freeze-all training run (extraction + softmax head) against one extraction pass.
+
+Usage (real weights via a Keras home whose ``models`` is ../shared/imagenet-weights):
+    KERAS_HOME=/tmp/kh python benchmarks/extraction.py ../shared/datasets/sign_language_digits mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(image_dir: str, backbone: str, batch_size: int = 32) -> None:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from transferkit.backbones import get_backbone
+    from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+    from transferkit.config import TrainConfig
+    from transferkit.data import load_image, scan_folder
+    from transferkit.training import train
+    from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+
+    spec = get_backbone(backbone)
+    folder = scan_folder(image_dir)
+    paths = [folder.abs_path(p) for p in folder.paths]
+    model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size)
+    feature_spec = FeatureSpec(spec.name, weights_fingerprint(model), spec.input_size, spec.preprocessing)
+
+    # 1. Forward pass alone, on a sample decoded beforehand (batches as extraction feeds them).
+    sample = np.stack([load_image(p, spec.input_size) for p in paths[:256]]).astype("float32")
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    forward(sample[:batch_size])  # trace once
+    start = time.perf_counter()
+    for i in range(0, len(sample), batch_size):
+        forward(sample[i:i + batch_size]).numpy()
+    forward_rate = len(sample) / (time.perf_counter() - start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = FeatureCache(Path(tmp) / "cache", feature_spec)
+        start = time.perf_counter()
+        first = extract_features(model, paths, cache, batch_size=batch_size, verbose=0)
+        first_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        extract_features(model, paths, FeatureCache(Path(tmp) / "cache", feature_spec), batch_size=batch_size,
+                         verbose=0)
+        rerun_seconds = time.perf_counter() - start
+
+        # 3. freeze-all from an empty cache: extraction + the head (at most 20 epochs, as the issue states).
+        config = TrainConfig(image_dir, str(Path(tmp) / "run"), backbone=backbone, epochs=20,
+                             cache_dir=str(Path(tmp) / "cache-train"))
+        keras.backend.clear_session()
+        start = time.perf_counter()
+        train(config, verbose=0)
+        train_seconds = time.perf_counter() - start
+
+    end_to_end_rate = len(paths) / first_seconds
+    print(json.dumps({
+        "machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, Keras {keras.__version__}",
+        "image_dir": image_dir, "backbone": backbone, "images": len(paths),
+        "forward_pass_images_per_second": round(forward_rate, 1),
+        "extraction_images_per_second": round(end_to_end_rate, 1),
+        "extraction_over_forward_pass": round(end_to_end_rate / forward_rate, 3),
+        "first_run_seconds": round(first_seconds, 2), "rerun_seconds": round(rerun_seconds, 3),
+        "rerun_over_first_run": round(rerun_seconds / first_seconds, 4),
+        "freeze_all_train_seconds": round(train_seconds, 2),
+        "freeze_all_over_extraction": round(train_seconds / first_seconds, 3),
+        "computed_first_run": first.num_computed,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
