@@ -310,3 +310,13 @@ def test_features_export_in_every_format_reads_back(tmp_path, image_folder):
     assert again.exit_code == 2 and "--overwrite" in again.output
     unknown = run("features", "export", image_folder, "-o", tmp_path / "f.txt", *args)
     assert unknown.exit_code == 2 and "--format" in unknown.output
+
+
+def test_float16_cache_is_a_separate_smaller_cache(tmp_path, image_folder):
+    cache_dir = tmp_path / "cache"
+    assert run(*extract_args(image_folder, cache_dir)).exit_code == 0
+    half = run(*extract_args(image_folder, cache_dir, "--cache-dtype", "float16"))
+    assert half.exit_code == 0 and "computed: 36" in half.output, "another dtype is another key"
+    sizes = {row["spec"]["dtype"]: row["bytes"] for row in
+             json.loads(run("cache", "info", "--cache-dir", cache_dir, "--json").output)["specs"]}
+    assert set(sizes) == {"float32", "float16"} and sizes["float16"] < sizes["float32"]

@@ -104,6 +104,10 @@ _cache_dir_option = click.option(
     help="Feature cache folder. Default: $TRANSFERKIT_CACHE_DIR or the user cache folder.",
 )
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+_cache_dtype_option = click.option(
+    "--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+    help="How cached vectors are stored; float16 halves the cache (vectors are used as float32).",
+)
 
 
 _image_dir_argument = click.argument("image_dir", type=click.Path(exists=True, file_okay=False), metavar="IMAGE_DIR")
@@ -181,6 +185,7 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 @_image_size_option
 @_batch_size_option
 @_cache_dir_option
+@_cache_dtype_option
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random initialisation with --weights none (so re-runs hit the cache).")
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
@@ -189,8 +194,8 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
               help="Which part this worker extracts (0 .. num-shards - 1).")
 @_quiet_option
 @_handle_errors
-def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, num_shards, shard_index,
-            quiet) -> None:
+def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, num_shards,
+            shard_index, quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
     Images already in the cache (same bytes, same settings) are not computed again. With
@@ -203,7 +208,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
         raise click.BadParameter(f"must be below --num-shards ({num_shards}), received {shard_index}",
                                  param_hint="--shard-index")
     folder, paths, result, cache = _extract_folder(
-        image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet,
+        image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
         select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False)
     skipped = list(folder.skipped) + result.skipped_files(paths)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
@@ -214,8 +219,8 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, see
     )
 
 
-def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed, quiet, select=None,
-                    keep_vectors=True):
+def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
+                    select=None, keep_vectors=True):
     """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
 
     Returns:
@@ -239,7 +244,8 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
 
     keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
     model = load_backbone(spec, resolved, size)
-    cache = FeatureCache(cache_dir, FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing))
+    cache = FeatureCache(cache_dir, FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing,
+                                                dtype=cache_dtype))
     result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
                               verbose=0 if quiet else 1, keep_vectors=keep_vectors)
     for rel, reason in list(folder.skipped) + result.skipped_files(paths):
@@ -265,12 +271,13 @@ def features() -> None:
 @_image_size_option
 @_batch_size_option
 @_cache_dir_option
+@_cache_dtype_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split (and of --weights none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_quiet_option
 @_handle_errors
-def features_export(image_dir, backbone, file_format, output_path, weights, image_size, batch_size, cache_dir, seed,
-                    overwrite, quiet) -> None:
+def features_export(image_dir, backbone, file_format, output_path, weights, image_size, batch_size, cache_dir,
+                    cache_dtype, seed, overwrite, quiet) -> None:
     """Write the features of every image in IMAGE_DIR to one npz, parquet or CSV file.
 
     Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
@@ -288,8 +295,8 @@ def features_export(image_dir, backbone, file_format, output_path, weights, imag
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
     if not output.resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
-    folder, paths, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, seed,
-                                               quiet)
+    folder, paths, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
+                                               cache_dtype, seed, quiet)
     index = {p: i for i, p in enumerate(folder.paths)}
     rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
     write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
@@ -424,6 +431,7 @@ def cache_merge(sources, cache_dir) -> None:
 @click.option("--test-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for the test when IMAGE_DIR is not split into folders.")
 @_cache_dir_option
+@_cache_dtype_option
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), default=None,
               help="Exit with code 1 (after writing everything) if test accuracy is below this.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")

@@ -49,6 +49,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     cache_dir: str | None = None
+    cache_dtype: str = "float32"
     min_accuracy: float | None = None
     overwrite: bool = False
 
@@ -61,6 +62,7 @@ class TrainConfig:
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
         _check(0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
         _check(self.regularization >= 0, "regularization", "a number >= 0", self.regularization)
+        _check(self.cache_dtype in ("float32", "float16"), "cache_dtype", "float32 or float16", self.cache_dtype)
         _check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)", self.val_fraction)
         _check(0 <= self.test_fraction < 1, "test_fraction", "a number in [0, 1)", self.test_fraction)
         _check(

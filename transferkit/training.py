@@ -119,7 +119,8 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     backbone = load_backbone(spec, weights, image_size)
     cache = FeatureCache(
         config.cache_dir or default_cache_dir(),
-        FeatureSpec(spec.name, weights_fingerprint(backbone), image_size, spec.preprocessing),
+        FeatureSpec(spec.name, weights_fingerprint(backbone), image_size, spec.preprocessing,
+                    dtype=config.cache_dtype),
     )
     extraction = extract_features(
         backbone, [folder.abs_path(p) for p in folder.paths], cache, batch_size=config.batch_size, verbose=verbose
