@@ -1,0 +1,581 @@
+"""scikit-learn heads on bottleneck features: registry, fitting, folding into Keras, safe saving.
+
+A *head* is a scikit-learn classifier trained on the pooled features of a frozen backbone. Each
+registry entry is a ``Pipeline`` (with a ``StandardScaler`` where the estimator is sensitive to
+feature scale) plus a small hyper-parameter grid, searched by stratified cross-validation on the
+training features only. Linear heads (``linear-svm``, ``logreg``, ``ridge``) fold, scaler
+included, into one Keras ``Dense`` layer, so they export and serve exactly like the softmax head.
+Fitted heads are saved with skops (no pickle), with the backbone identity in a JSON sidecar.
+
+Nothing here imports TensorFlow at module level.
+
+Example:
+    >>> from sklearn.datasets import make_classification
+    >>> X, y = make_classification(90, 16, n_informative=6, n_classes=3, random_state=0)
+    >>> head = fit_head("logreg", X, y, search=False)
+    >>> scores, kind = head_scores(head.estimator_, X)
+    >>> scores.shape, kind
+    ((90, 3), 'proba')
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.validation import check_is_fitted
+
+from transferkit import files
+from transferkit.errors import DataError, InputError
+
+#: Most cross-validation folds a search uses; fewer when the smallest class has fewer images.
+MAX_FOLDS = 5
+
+#: Keys the backbone identity saved beside a head must have, so predict recomputes the same features.
+BACKBONE_KEYS = ("backbone", "image_size", "weights_id", "class_names")
+
+#: Version of the saved-head layout (the JSON sidecar); bumped when its meaning changes.
+HEAD_FORMAT_VERSION = 1
+
+# Internal scikit-learn types that skops does not trust by default but that the registry's own
+# heads contain (kNN's tree and metric, a forest's trees, MLP's optimiser, calibration). A saved
+# head holding anything else is refused unless the caller says they trust the file.
+_REGISTRY_TYPES = frozenset({
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.tree._tree.Tree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.model_selection._split.StratifiedKFold",
+})
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One registry entry.
+
+    Attributes:
+        name: the kebab-case name users type (``linear-svm``).
+        description: one line for listings.
+        build: ``seed -> unfitted Pipeline`` whose last step is named ``"clf"``.
+        grid: the default search grid, in ``Pipeline`` parameter names (``clf__C``).
+        linear: whether :func:`fold_linear_head` can turn it into a Dense layer.
+    """
+
+    name: str
+    description: str
+    build: Callable[[int], Pipeline]
+    grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    linear: bool = False
+
+
+def _scaled(estimator) -> Pipeline:
+    return Pipeline([("scale", StandardScaler()), ("clf", estimator)])
+
+
+HEADS: dict[str, HeadSpec] = {
+    spec.name: spec
+    for spec in (
+        HeadSpec("linear-svm", "linear support vector machine (LinearSVC)",
+                 # dual=True: on a few thousand ~1000-d features liblinear's dual solver is ~10x faster
+                 # than the primal one "auto" picks when rows outnumber features.
+                 lambda seed: _scaled(LinearSVC(C=0.01, dual=True, max_iter=2000, random_state=seed)),
+                 {"clf__C": [0.001, 0.01, 0.1]}, linear=True),
+        HeadSpec("rbf-svm", "RBF-kernel support vector machine (SVC)",
+                 lambda seed: _scaled(SVC(C=10.0, gamma="scale", random_state=seed)),
+                 {"clf__C": [1.0, 10.0]}),
+        HeadSpec("logreg", "multinomial logistic regression",
+                 lambda seed: _scaled(LogisticRegression(C=0.1, max_iter=2000, random_state=seed)),
+                 {"clf__C": [0.01, 0.1, 1.0, 10.0]}, linear=True),
+        # Scaled because Euclidean distance on raw features is dominated by a few large channels.
+        HeadSpec("knn", "k nearest neighbours (Euclidean, distance-weighted)",
+                 lambda seed: _scaled(KNeighborsClassifier(n_neighbors=5, weights="distance")),
+                 {"clf__n_neighbors": [1, 3, 5, 9]}),
+        HeadSpec("ridge", "ridge-regression classifier (one-vs-rest least squares)",
+                 lambda seed: _scaled(RidgeClassifier(alpha=10.0)),
+                 {"clf__alpha": [1.0, 10.0, 100.0]}, linear=True),
+        # Trees are scale-invariant: no scaler. One job: the machine's cores are shared.
+        HeadSpec("random-forest", "random forest of 200 trees",
+                 lambda seed: Pipeline([("clf", RandomForestClassifier(n_estimators=200, n_jobs=1,
+                                                                       random_state=seed))]),
+                 {"clf__max_features": ["sqrt", "log2"]}),
+        HeadSpec("mlp", "one-hidden-layer perceptron (256 units)",
+                 lambda seed: _scaled(MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=300,
+                                                    random_state=seed)),
+                 {"clf__alpha": [1e-4, 1e-2]}),
+    )
+}
+
+
+def get_head(name: str) -> HeadSpec:
+    """The registry entry for a name (case-insensitive, ``_`` accepted for ``-``).
+
+    Raises:
+        InputError: unknown name; the message suggests the closest names and lists them all.
+
+    Example:
+        >>> get_head("Linear_SVM").name
+        'linear-svm'
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    if key in HEADS:
+        return HEADS[key]
+    close = difflib.get_close_matches(key, HEADS, n=2, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise InputError(f"Unknown head '{name}'.{hint} Allowed: {', '.join(HEADS)}.")
+
+
+def make_head(name: str, search: bool = True, seed: int = 0, num_folds: int = MAX_FOLDS):
+    """An unfitted head: the registry ``Pipeline``, wrapped in ``GridSearchCV`` when ``search``.
+
+    Args:
+        name: a key of :data:`HEADS`.
+        search: wrap in a stratified grid search over the entry's default grid.
+        seed: random state of the estimator and of the fold shuffling.
+        num_folds: cross-validation folds (:func:`fit_head` lowers it to fit the smallest class).
+
+    Example:
+        >>> make_head("ridge", search=False).steps[-1][1]
+        RidgeClassifier(alpha=10.0)
+    """
+    spec = get_head(name)
+    pipeline = spec.build(seed)
+    if not search or not spec.grid:
+        return pipeline
+    cv = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    # error_score="raise": a grid point that cannot fit is a bug to see, not a silent NaN.
+    return GridSearchCV(pipeline, dict(spec.grid), cv=cv, scoring="accuracy", n_jobs=1, error_score="raise")
+
+
+@dataclass
+class FittedHead:
+    """A head fitted by :func:`fit_head`.
+
+    Attributes:
+        name: registry name.
+        estimator_: what to score with: the fitted pipeline, or a ``CalibratedClassifierCV``
+            around it when calibration was asked for.
+        best_params_: the chosen grid point (the defaults' values when there was no search).
+        fit_seconds_: wall time of search, refit and calibration.
+        num_folds_: cross-validation folds of the search (0 = no search).
+        cv_score_: mean cross-validated accuracy of the best grid point (None without search).
+    """
+
+    name: str
+    estimator_: Any
+    best_params_: dict[str, Any]
+    fit_seconds_: float
+    num_folds_: int = 0
+    cv_score_: float | None = None
+
+    @property
+    def pipeline_(self) -> Pipeline:
+        """The uncalibrated fitted pipeline: its decision rule is what :meth:`predict` and folding use."""
+        return base_pipeline(self.estimator_)
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.pipeline_.classes_
+
+    def predict(self, X) -> np.ndarray:
+        """Class labels by the pipeline's own rule (calibration changes scores, not decisions)."""
+        return self.pipeline_.predict(X)
+
+    def scores(self, X) -> tuple[np.ndarray, str]:
+        """See :func:`head_scores`."""
+        return head_scores(self.estimator_, X)
+
+
+def base_pipeline(estimator) -> Pipeline:
+    """The fitted pipeline inside a calibrated head (or the estimator itself)."""
+    if isinstance(estimator, CalibratedClassifierCV):
+        # ensemble=False: one calibrated classifier whose estimator was refitted on all the data.
+        return estimator.calibrated_classifiers_[0].estimator
+    return estimator
+
+
+def fit_head(name: str, X, y, search: bool = True, seed: int = 0, calibrate: bool = False) -> FittedHead:
+    """Fit a head on training features, with its grid search and optional calibration.
+
+    The search uses ``min(MAX_FOLDS, smallest class count)`` stratified folds and is skipped
+    (defaults used) when a class has fewer than 2 images. ``calibrate`` gives heads without
+    probabilities (SVMs, ridge) sigmoid-calibrated ones from out-of-fold decision scores; the
+    decision rule itself is the pipeline refitted on all of ``X``.
+
+    Args:
+        name: a key of :data:`HEADS`.
+        X: ``(n, feature_dim)`` training features.
+        y: ``(n,)`` labels.
+        search: search the default grid.
+        seed: random state.
+        calibrate: add calibrated probabilities where the head has none.
+
+    Example:
+        >>> from sklearn.datasets import make_classification
+        >>> X, y = make_classification(60, 8, random_state=0)
+        >>> fit_head("linear-svm", X, y, calibrate=True).scores(X)[1]
+        'proba'
+    """
+    spec = get_head(name)
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2 or len(X) != len(y):
+        raise InputError(f"Expected features of shape (n, feature_dim) and n labels, got {X.shape} and {y.shape}.")
+    _, counts = np.unique(y, return_counts=True)
+    if len(counts) < 2:
+        raise DataError(f"A head needs at least 2 classes in the training features, got {len(counts)}.")
+    num_folds = int(min(MAX_FOLDS, counts.min())) if counts.min() >= 2 else 0
+    start = time.perf_counter()
+    searching = search and num_folds >= 2
+    model = make_head(spec.name, search=searching, seed=seed, num_folds=max(num_folds, 2))
+    # A search fold trains on about (k-1)/k of the rows; the refit and calibration on all of them.
+    _fit_to_size(model, len(y) - -(-len(y) // num_folds) if searching else len(y))
+    model.fit(X, y)
+    if isinstance(model, GridSearchCV):
+        pipeline, best, cv_score, used_folds = model.best_estimator_, dict(model.best_params_), \
+            float(model.best_score_), num_folds
+    else:
+        pipeline, cv_score, used_folds = model, None, 0
+        best = {key: pipeline.get_params()[key] for key in spec.grid}
+    estimator = pipeline
+    if calibrate and not hasattr(pipeline, "predict_proba"):
+        if num_folds < 2:
+            raise DataError("Cannot calibrate: every class needs at least 2 training images "
+                            f"(smallest has {counts.min()}). Train without calibration.")
+        cv = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+        estimator = CalibratedClassifierCV(clone(pipeline), method="sigmoid", cv=cv, ensemble=False).fit(X, y)
+    return FittedHead(spec.name, estimator, best, time.perf_counter() - start, used_folds, cv_score)
+
+
+def _fit_to_size(model, num_train: int) -> None:
+    """Keep k of kNN below the number of training rows (of a fold), where larger k cannot fit."""
+    if isinstance(model, GridSearchCV):
+        grid = model.param_grid
+        if "clf__n_neighbors" in grid:
+            allowed = [k for k in grid["clf__n_neighbors"] if k <= num_train] or [1]
+            model.set_params(param_grid={**grid, "clf__n_neighbors": allowed})
+        model = model.estimator
+    if "clf__n_neighbors" in model.get_params():
+        model.set_params(clf__n_neighbors=min(model.get_params()["clf__n_neighbors"], max(num_train, 1)))
+
+
+def head_scores(estimator, X) -> tuple[np.ndarray, str]:
+    """Per-class scores for top-k accuracy and reports: probabilities where the head has them.
+
+    Returns:
+        ``(scores, kind)``: ``(n, num_classes)`` scores in ``estimator.classes_`` order, and
+        ``"proba"`` or ``"decision"``. A binary decision function ``d`` becomes the columns
+        ``[-d/2, d/2]``, exactly the logits of the folded Keras layer (whose argmax is sklearn's
+        ``predict`` and whose softmax is logistic regression's ``predict_proba``).
+
+    Example:
+        >>> from sklearn.datasets import make_classification
+        >>> X, y = make_classification(40, 5, random_state=0)
+        >>> head_scores(fit_head("ridge", X, y, search=False).estimator_, X)[0].shape
+        (40, 2)
+    """
+    if hasattr(estimator, "predict_proba"):
+        return np.asarray(estimator.predict_proba(X)), "proba"
+    scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
+    if scores.ndim == 1:
+        scores = np.column_stack([-scores / 2, scores / 2])
+    return scores, "decision"
+
+
+# ----------------------------------------------------------------------------- folding into Keras
+
+
+def fold_linear_head(pipeline) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(kernel, bias)`` of a Dense layer equal to a fitted linear pipeline's decision function.
+
+    The scaler folds in: ``((x - mean) / scale) @ W.T + b == x @ (W / scale).T + (b - (mean / scale) @ W.T)``.
+    Columns follow ``classes_``. A binary head (one decision column ``d``) becomes two columns
+    ``[-d/2, d/2]``: the argmax is sklearn's ``predict`` and the softmax is ``sigmoid(d)``,
+    logistic regression's probability.
+
+    Args:
+        pipeline: a fitted ``linear-svm``, ``logreg`` or ``ridge`` head (a ``FittedHead``, its
+            calibrated estimator or the pipeline itself).
+
+    Returns:
+        ``kernel`` ``(feature_dim, num_classes)`` and ``bias`` ``(num_classes,)``, float64.
+
+    Raises:
+        InputError: the head is not linear or contains a step other than StandardScaler.
+
+    Example:
+        >>> from sklearn.datasets import make_classification
+        >>> X, y = make_classification(60, 8, n_informative=4, n_classes=3, random_state=0)
+        >>> head = fit_head("ridge", X, y, search=False)
+        >>> kernel, bias = fold_linear_head(head)
+        >>> bool(np.allclose(X @ kernel + bias, head.pipeline_.decision_function(X)))
+        True
+    """
+    pipeline = base_pipeline(pipeline.estimator_ if isinstance(pipeline, FittedHead) else pipeline)
+    steps = pipeline.steps if isinstance(pipeline, Pipeline) else [("clf", pipeline)]
+    clf = steps[-1][1]
+    if not isinstance(clf, LinearSVC | LogisticRegression | RidgeClassifier):
+        linear = ", ".join(name for name, spec in HEADS.items() if spec.linear)
+        raise InputError(f"Only linear heads fold into a Dense layer (allowed: {linear}); got {type(clf).__name__}.")
+    check_is_fitted(clf)
+    # (num_outputs, dim); a binary RidgeClassifier stores its one row as a 1-D coef_.
+    weight = np.atleast_2d(np.asarray(clf.coef_, dtype=np.float64))
+    bias = np.broadcast_to(np.asarray(clf.intercept_, dtype=np.float64), (weight.shape[0],)).copy()
+    for name, step in reversed(steps[:-1]):
+        if step is None or step == "passthrough":
+            continue
+        if not isinstance(step, StandardScaler):
+            raise InputError(f"Cannot fold pipeline step '{name}' ({type(step).__name__}); only StandardScaler folds.")
+        scale = np.ones(weight.shape[1]) if step.scale_ is None else np.asarray(step.scale_, dtype=np.float64)
+        mean = np.zeros(weight.shape[1]) if step.mean_ is None else np.asarray(step.mean_, dtype=np.float64)
+        weight = weight / scale
+        bias = bias - weight @ mean
+    if weight.shape[0] == 1:
+        weight = np.vstack([-weight / 2, weight / 2])
+        bias = np.array([-bias[0] / 2, bias[0] / 2])
+    return weight.T.copy(), bias
+
+
+def keras_head_layer(pipeline, name: str = "predictions"):
+    """A built Keras Dense layer computing a linear head: softmax for ``logreg``, linear otherwise.
+
+    ``logreg`` gives ``predict_proba`` (multinomial, or binary via ``[-d/2, d/2]``); SVM and ridge
+    give their decision scores, whose argmax is sklearn's ``predict``.
+
+    Example:
+        >>> layer = keras_head_layer(fit_head("logreg", X, y, search=False))  # doctest: +SKIP
+        >>> layer(X.astype("float32")).shape  # doctest: +SKIP
+        (60, 3)
+    """
+    import keras
+
+    kernel, bias = fold_linear_head(pipeline)
+    clf = base_pipeline(pipeline.estimator_ if isinstance(pipeline, FittedHead) else pipeline)
+    clf = clf.steps[-1][1] if isinstance(clf, Pipeline) else clf
+    activation = "softmax" if isinstance(clf, LogisticRegression) else "linear"
+    layer = keras.layers.Dense(kernel.shape[1], activation=activation, name=name, dtype="float32")
+    layer.build((None, kernel.shape[0]))
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return layer
+
+
+def attach_head(backbone, pipeline, name: str = "predictions"):
+    """One flat Keras model: the backbone (raw pixels in) with a folded linear head on its output.
+
+    Example:
+        >>> model = attach_head(backbone, head)  # doctest: +SKIP
+        >>> model.predict(images).argmax(1)  # == head.predict(features)  # doctest: +SKIP
+    """
+    import keras
+
+    layer = keras_head_layer(pipeline, name=name)
+    return keras.Model(backbone.inputs, layer(backbone.output), name=f"{backbone.name}_{name}")
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+
+def save_head(head: FittedHead, path: str | os.PathLike, backbone: Mapping[str, Any]) -> Path:
+    """Write a fitted head with skops (``path``) and its identity to a JSON sidecar (``.json``).
+
+    Args:
+        head: from :func:`fit_head`.
+        path: the ``.skops`` file to write (atomically).
+        backbone: identity of the features the head was trained on: ``backbone``, ``image_size``,
+            ``weights_id``, ``class_names`` (more keys are kept).
+
+    Returns:
+        The sidecar path.
+
+    Example:
+        >>> save_head(head, run_dir / "head.skops", {"backbone": "mobilenet_v2", "image_size": 224,
+        ...           "weights_id": "3f2a...", "class_names": ["ants", "bees"]})  # doctest: +SKIP
+    """
+    import sklearn
+    import skops
+    import skops.io as sio
+
+    missing = [key for key in BACKBONE_KEYS if key not in backbone]
+    if missing:
+        raise InputError(f"The backbone identity saved with a head needs {', '.join(BACKBONE_KEYS)}; "
+                         f"missing: {', '.join(missing)}.")
+    classes = head.classes_
+    names = list(backbone["class_names"])
+    if np.issubdtype(classes.dtype, np.integer) and (classes.min() < 0 or classes.max() >= len(names)):
+        raise InputError(f"Head labels {classes.tolist()} do not index the {len(names)} class names given.")
+    path = Path(path)
+    with files.atomic_path(path, suffix=".skops") as tmp:
+        sio.dump(head.estimator_, tmp)
+    sidecar = path.with_suffix(".json")
+    files.write_json(sidecar, {
+        "format": HEAD_FORMAT_VERSION,
+        "head": head.name,
+        "best_params": {key: _jsonable(value) for key, value in head.best_params_.items()},
+        "fit_seconds": head.fit_seconds_,
+        "num_folds": head.num_folds_,
+        "cv_score": head.cv_score_,
+        "classes": [_jsonable(c) for c in classes.tolist()],
+        "backbone": {key: _jsonable(value) for key, value in backbone.items()},
+        "sklearn_version": sklearn.__version__,
+        "skops_version": skops.__version__,
+    })
+    return sidecar
+
+
+def load_head(path: str | os.PathLike, trust: bool = False) -> tuple[FittedHead, dict[str, Any]]:
+    """Load a head written by :func:`save_head`, refusing unknown types unless ``trust``.
+
+    skops loads only types it trusts; the few scikit-learn internals the registry's heads contain
+    are trusted here too. Anything else could run code on load, so it is refused unless the user
+    says they trust the file.
+
+    Returns:
+        ``(head, backbone)``: the head and the backbone identity it needs.
+
+    Raises:
+        InputError: the file or its sidecar is missing, or it holds untrusted types.
+
+    Example:
+        >>> head, backbone = load_head(run_dir / "head.skops")  # doctest: +SKIP
+    """
+    import skops.io as sio
+
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    for needed in (path, sidecar):
+        if not needed.is_file():
+            raise InputError(f"Saved head file '{needed}' does not exist (save_head writes {path.name} and "
+                             f"{sidecar.name} together).")
+    data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+    untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in _REGISTRY_TYPES]
+    if untrusted and not trust:
+        raise InputError(f"Saved head '{path}' contains types that could run code when loaded: "
+                         f"{', '.join(untrusted)}. Load it only if you trust its source, with trust=True (--trust).")
+    estimator = sio.loads(data, trusted=sorted(set(sio.get_untrusted_types(data=data))))
+    info = json.loads(sidecar.read_text(encoding="utf-8"))
+    head = FittedHead(info["head"], estimator, dict(info.get("best_params", {})), float(info.get("fit_seconds", 0.0)),
+                      int(info.get("num_folds", 0)), info.get("cv_score"))
+    return head, dict(info["backbone"])
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- scikit-learn transformer
+
+
+class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Image paths in, pooled backbone features out: transferkit's features in your own scikit-learn code.
+
+    Args:
+        backbone: a registry name (``transferkit backbones`` lists them).
+        weights: ``"imagenet"``, ``"none"`` (random; seeded by ``seed``) or a weights file.
+        image_size: input size; None = the backbone's native size.
+        batch_size: images per backbone call.
+        cache_dir: a feature-cache folder to reuse and fill (None = compute every time).
+        seed: Keras' global seed, set before building a randomly initialised backbone so
+            its features (and cache entries) repeat.
+
+    Attributes:
+        backbone_spec_: the registry entry.
+        resolved_weights_: where the weights came from.
+        image_size_: the input size used.
+        model_: the Keras backbone (raw RGB 0-255 in, pooled features out).
+        weights_id_: fingerprint of the loaded weights (part of the cache key and of a saved head's identity).
+
+    Example:
+        >>> from sklearn.pipeline import make_pipeline
+        >>> model = make_pipeline(BottleneckFeatures("mobilenet_v2_035"), LogisticRegression())  # doctest: +SKIP
+        >>> model.fit(paths, labels).predict(new_paths)  # doctest: +SKIP
+    """
+
+    def __init__(self, backbone: str = "mobilenet_v2_035", weights: str = "imagenet", image_size: int | None = None,
+                 batch_size: int = 32, cache_dir: str | os.PathLike | None = None, seed: int = 0):
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.seed = seed
+
+    def fit(self, X=None, y=None):
+        """Build the backbone with its weights (the images are not needed, only the settings)."""
+        from transferkit.backbones import check_image_size, get_backbone
+        from transferkit.runtime import start_tensorflow
+        from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+
+        spec = get_backbone(self.backbone)
+        size = check_image_size(spec, self.image_size)
+        resolved = resolve_weights(spec, self.weights, size)
+        start_tensorflow()
+        if resolved.path is None:
+            import keras
+
+            keras.utils.set_random_seed(self.seed)
+        self.backbone_spec_ = spec
+        self.resolved_weights_ = resolved
+        self.image_size_ = size
+        self.model_ = load_backbone(spec, resolved, size)
+        self.weights_id_ = weights_fingerprint(self.model_)
+        self._n_features_out = int(self.model_.output_shape[-1])
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """``(n, feature_dim)`` float32 features of the image files ``X`` (a sequence of paths).
+
+        Raises:
+            DataError: an image could not be read or decoded (all failures are listed).
+        """
+        from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+
+        check_is_fitted(self, "model_")
+        paths = [Path(str(p)) for p in np.asarray(X, dtype=object).ravel()]
+        cache = None
+        if self.cache_dir is not None:
+            spec = FeatureSpec(self.backbone_spec_.name, self.weights_id_, self.image_size_,
+                               self.backbone_spec_.preprocessing)
+            cache = FeatureCache(self.cache_dir, spec)
+        result = extract_features(self.model_, paths, cache, batch_size=self.batch_size, verbose=0)
+        if not result.ok.all():
+            failed = "; ".join(f"{name}: {reason}" for name, reason in result.skipped_files([str(p) for p in paths]))
+            raise DataError(f"{len(result.errors)} of {len(paths)} images could not be used: {failed}.")
+        return result.vectors
+
+    def identity(self, class_names: Sequence[str]) -> dict[str, Any]:
+        """The backbone identity :func:`save_head` stores, for features from this transformer."""
+        check_is_fitted(self, "model_")
+        return {"backbone": self.backbone_spec_.name, "image_size": self.image_size_,
+                "weights_id": self.weights_id_, "class_names": list(class_names)}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.one_d_array = True
+        tags.input_tags.string = True
+        tags.target_tags.required = False
+        return tags
