@@ -29,13 +29,13 @@ def main(image_dir: str, backbone: str, batch_size: int = 32) -> None:
     from transferkit.config import TrainConfig
     from transferkit.data import load_image, scan_folder
     from transferkit.training import train
-    from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+    from transferkit.weights import load_backbone, resolve_weights
 
     spec = get_backbone(backbone)
     folder = scan_folder(image_dir)
     paths = [folder.abs_path(p) for p in folder.paths]
     model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size)
-    feature_spec = FeatureSpec(spec.name, weights_fingerprint(model), spec.input_size, spec.preprocessing)
+    feature_spec = FeatureSpec.for_model(spec, model)
 
     # 1. The forward pass alone on images decoded beforehand, against end-to-end extraction of the
     # same images into an empty cache. Interleaved rounds, median ratio: these VMs' speed drifts
@@ -75,7 +75,7 @@ def main(image_dir: str, backbone: str, batch_size: int = 32) -> None:
         start = time.perf_counter()
         pass_folder = scan_folder(image_dir)
         pass_model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size)
-        pass_spec = FeatureSpec(spec.name, weights_fingerprint(pass_model), spec.input_size, spec.preprocessing)
+        pass_spec = FeatureSpec.for_model(spec, pass_model)
         extract_features(pass_model, [pass_folder.abs_path(p) for p in pass_folder.paths],
                          FeatureCache(Path(tmp) / "cache-pass", pass_spec), batch_size=batch_size, verbose=0,
                          keep_vectors=False)

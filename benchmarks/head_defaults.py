@@ -28,7 +28,7 @@ def main(image_dir: str, backbone: str, **overrides) -> None:
     from transferkit.config import TrainConfig
     from transferkit.data import scan_folder
     from transferkit.training import assign_roles, train
-    from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+    from transferkit.weights import load_backbone, resolve_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(image_dir, str(Path(tmp) / "run"), backbone=backbone).replace(**overrides)
@@ -37,8 +37,7 @@ def main(image_dir: str, backbone: str, **overrides) -> None:
         spec = get_backbone(backbone)
         folder = scan_folder(image_dir)
         model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size)
-        cache = FeatureCache(Path(metrics["extraction"]["cache_dir"]).parent,
-                             FeatureSpec(spec.name, weights_fingerprint(model), spec.input_size, spec.preprocessing))
+        cache = FeatureCache(Path(metrics["extraction"]["cache_dir"]).parent, FeatureSpec.for_model(spec, model))
         features = extract_features(model, [folder.abs_path(p) for p in folder.paths], cache, verbose=0)
     roles = assign_roles(folder, features.ok, seed=0)
     x, y = features.vectors, folder.labels

@@ -78,6 +78,17 @@ class FeatureSpec:
     dtype: str = "float32"
     version: int = FORMAT_VERSION
 
+    @classmethod
+    def for_model(cls, backbone, model, dtype: str = "float32") -> FeatureSpec:
+        """The key of features computed by ``model`` (built by ``load_backbone`` for ``backbone``).
+
+        The one place a key is assembled, so no caller can leave a setting out of it.
+        """
+        from transferkit.weights import weights_fingerprint
+
+        return cls(backbone.name, weights_fingerprint(model), int(model.input_shape[1]), backbone.preprocessing,
+                   dtype=dtype)
+
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -231,7 +231,7 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
     from transferkit.backbones import check_image_size, get_backbone
     from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
     from transferkit.data import scan_folder
-    from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+    from transferkit.weights import load_backbone, resolve_weights
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
@@ -244,8 +244,7 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
 
     keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
     model = load_backbone(spec, resolved, size)
-    cache = FeatureCache(cache_dir, FeatureSpec(spec.name, weights_fingerprint(model), size, spec.preprocessing,
-                                                dtype=cache_dtype))
+    cache = FeatureCache(cache_dir, FeatureSpec.for_model(spec, model, cache_dtype))
     result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
                               verbose=0 if quiet else 1, keep_vectors=keep_vectors)
     for rel, reason in list(folder.skipped) + result.skipped_files(paths):

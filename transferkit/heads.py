@@ -526,8 +526,9 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def fit(self, X=None, y=None):
         """Build the backbone with its weights (the images are not needed, only the settings)."""
         from transferkit.backbones import check_image_size, get_backbone
+        from transferkit.cache import FeatureSpec
         from transferkit.runtime import start_tensorflow
-        from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint
+        from transferkit.weights import load_backbone, resolve_weights
 
         spec = get_backbone(self.backbone)
         size = check_image_size(spec, self.image_size)
@@ -541,7 +542,8 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.resolved_weights_ = resolved
         self.image_size_ = size
         self.model_ = load_backbone(spec, resolved, size)
-        self.weights_id_ = weights_fingerprint(self.model_)
+        self.feature_spec_ = FeatureSpec.for_model(self.backbone_spec_, self.model_)
+        self.weights_id_ = self.feature_spec_.weights_id
         self._n_features_out = int(self.model_.output_shape[-1])
         return self
 
@@ -551,15 +553,13 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         Raises:
             DataError: an image could not be read or decoded (all failures are listed).
         """
-        from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+        from transferkit.cache import FeatureCache, extract_features
 
         check_is_fitted(self, "model_")
         paths = [Path(str(p)) for p in np.asarray(X, dtype=object).ravel()]
         cache = None
         if self.cache_dir is not None:
-            spec = FeatureSpec(self.backbone_spec_.name, self.weights_id_, self.image_size_,
-                               self.backbone_spec_.preprocessing)
-            cache = FeatureCache(self.cache_dir, spec)
+            cache = FeatureCache(self.cache_dir, self.feature_spec_)
         result = extract_features(self.model_, paths, cache, batch_size=self.batch_size, verbose=0)
         if not result.ok.all():
             failed = "; ".join(f"{name}: {reason}" for name, reason in result.skipped_files([str(p) for p in paths]))

@@ -21,7 +21,7 @@ from transferkit.config import TrainConfig, save_config
 from transferkit.data import ImageFolder, scan_folder, stable_fraction, write_splits_csv
 from transferkit.errors import DataError, InputError
 from transferkit.evaluation import classification_metrics
-from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights, weights_fingerprint
+from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
 
 log = logging.getLogger("transferkit")
 
@@ -117,11 +117,8 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
     log.info("Backbone %s at %d px, weights: %s", spec.name, image_size, weights.source)
     backbone = load_backbone(spec, weights, image_size)
-    cache = FeatureCache(
-        config.cache_dir or default_cache_dir(),
-        FeatureSpec(spec.name, weights_fingerprint(backbone), image_size, spec.preprocessing,
-                    dtype=config.cache_dtype),
-    )
+    cache = FeatureCache(config.cache_dir or default_cache_dir(),
+                         FeatureSpec.for_model(spec, backbone, config.cache_dtype))
     extraction = extract_features(
         backbone, [folder.abs_path(p) for p in folder.paths], cache, batch_size=config.batch_size, verbose=verbose
     )
