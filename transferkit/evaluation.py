@@ -61,6 +61,23 @@ def classification_metrics(
     return result
 
 
+def write_predictions(path, rel_paths: Sequence[str], y_true: np.ndarray, probabilities: np.ndarray,
+                      class_names: Sequence[str]) -> None:
+    """Write ``predictions.csv``: one row per evaluated image with its true and predicted class.
+
+    Columns: ``path, label, predicted, confidence, correct`` (confidence is the predicted class's
+    probability or score); the report's gallery of worst mistakes reads it.
+    """
+    from transferkit import files
+
+    predicted = np.asarray(probabilities).argmax(axis=1)
+    confidence = np.asarray(probabilities)[np.arange(len(predicted)), predicted]
+    files.write_csv(path, ["path", "label", "predicted", "confidence", "correct"], [
+        [rel, class_names[t], class_names[p], f"{c:.6f}", int(t == p)]
+        for rel, t, p, c in zip(rel_paths, np.asarray(y_true), predicted, confidence, strict=True)
+    ])
+
+
 def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, overwrite: bool = True,
                  verbose: int = 1) -> dict:
     """Evaluate a trained run on every image of a labelled folder and write ``metrics.json``.
@@ -102,6 +119,8 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
         images_per_second=round(result.images_per_second, 2),
     )
     files.write_json(output_dir / runs.METRICS_FILE, metrics)
+    used = [str(folder.abs_path(p)) for p, k in zip(folder.paths, ok, strict=True) if k]
+    write_predictions(output_dir / runs.PREDICTIONS_FILE, used, folder.labels[ok], result.vectors[ok], run.class_names)
     files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
     metrics["output_dir"] = str(output_dir)
     return metrics

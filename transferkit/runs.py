@@ -8,6 +8,8 @@ Layout of RUN_DIR::
     splits.csv      every image with its label and split
     history.csv     per-epoch loss and accuracy (Keras CSVLogger)
     metrics.json    test metrics, counts, skipped files, timings
+    predictions.csv each test image: true class, predicted class, confidence
+    skipped.csv     images that could not be used, with the reason
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SPLITS_FILE = "splits.csv"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SKIPPED_FILE = "skipped.csv"
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir") -> Path:

@@ -20,7 +20,7 @@ from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extr
 from transferkit.config import TrainConfig, save_config
 from transferkit.data import ImageFolder, scan_folder, stable_fraction, write_splits_csv
 from transferkit.errors import DataError, InputError
-from transferkit.evaluation import classification_metrics
+from transferkit.evaluation import classification_metrics, write_predictions
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
 
 log = logging.getLogger("transferkit")
@@ -199,6 +199,8 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     save_config(config, run_dir / runs.CONFIG_FILE)
     write_splits_csv(run_folder, run_dir / runs.SPLITS_FILE)  # skipped images are in skipped.csv
     files.write_csv(run_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+    write_predictions(run_dir / runs.PREDICTIONS_FILE, [folder.paths[i] for i in eval_idx], labels[eval_idx],
+                      probabilities, folder.class_names)
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     return TrainResult(run_dir, metrics)
 
