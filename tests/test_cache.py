@@ -184,46 +184,7 @@ def test_cache_files_are_readable_by_others(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~old, path
 
 
-def test_sigkill_mid_extraction_then_resume_gives_the_complete_correct_result(tmp_path, tiny_model):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from transferkit.testing import make_image_folder
-    from transferkit.weights import weights_fingerprint
-
-    folder = make_image_folder(tmp_path / "photos", num_classes=4, images_per_class=150, image_size=32)
-    paths = sorted(folder.rglob("*.png"))
-    script = (
-        "import sys, keras\n"
-        "from pathlib import Path\n"
-        "from transferkit.backbones import get_backbone\n"
-        "from transferkit.cache import FeatureCache, FeatureSpec, extract_features\n"
-        "from transferkit.weights import load_backbone, resolve_weights, weights_fingerprint\n"
-        "keras.utils.set_random_seed(0)\n"
-        "spec = get_backbone('tiny_test')\n"
-        "model = load_backbone(spec, resolve_weights(spec, 'none'), 32)\n"
-        "cache = FeatureCache(sys.argv[1], FeatureSpec('tiny_test', weights_fingerprint(model), 32, 'tf'))\n"
-        "paths = sorted(Path(sys.argv[2]).rglob('*.png'))\n"
-        "extract_features(model, paths, cache, batch_size=4, flush_every=8, verbose=0)\n"
-    )
-    spec = FeatureSpec("tiny_test", weights_fingerprint(tiny_model), 32, "tf")
-    shard_dir = FeatureCache(tmp_path / "cache", spec).dir
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), str(folder)])
-    deadline = time.monotonic() + 120
-    while len(list(shard_dir.glob("shard-*.h5"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the extraction was killed, not finished"
-
-    resumed = extract_features(tiny_model, paths, FeatureCache(tmp_path / "cache", spec), verbose=0)
-    assert 0 < resumed.num_cached < len(paths), "some vectors survived the kill, the rest were computed"
-    assert resumed.num_cached + resumed.num_computed == len(paths)
-    fresh = extract_features(tiny_model, paths, None, verbose=0)
-    np.testing.assert_allclose(resumed.vectors, fresh.vectors, rtol=1e-5, atol=1e-6)
-    assert FeatureCache(tmp_path / "cache", spec).verify() == []
+# SIGKILL at several moments, Ctrl-C, a full disk: tests/test_robustness_faults.py.
 
 
 def test_fill_only_extraction_keeps_no_vectors_and_fills_the_cache(tmp_path, image_folder, tiny_model):

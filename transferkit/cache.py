@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -45,6 +44,8 @@ FORMAT_VERSION = 2
 RESIZE_METHOD = "pillow-draft-bilinear-squash"
 
 SHARD_PATTERN = "shard-*.h5"
+#: Most vectors in one shard written by ``prune`` (a shard is built in memory before it is written).
+PRUNE_SHARD_ROWS = 65536
 HASHES_FILE = "file-hashes.sqlite"
 LAST_RUN_FILE = "last_run.json"
 
@@ -121,6 +122,17 @@ class FileHashes:
 
     def hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
         """The hash of each file, or the OSError that stopped reading it."""
+        try:
+            return self._hashes(paths)
+        except sqlite3.DatabaseError as exc:
+            # Disk full, a read-only folder, or a damaged file: name it. It only remembers hashes.
+            raise CacheError(
+                f"Cannot use the file-hash index '{self.path}': {exc}. Free some space or fix the folder's "
+                "permissions; if the file is damaged, delete it (it only remembers file hashes, which are "
+                "computed again)."
+            ) from exc
+
+    def _hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         results: list[str | OSError] = []
         fresh = []
@@ -141,7 +153,8 @@ class FileHashes:
                     continue
                 fresh.append((real, stat.st_size, stat.st_mtime_ns, digest))
                 results.append(digest)
-            db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", fresh)
+            if fresh:  # no write (no journal file) when nothing changed: works on a full disk
+                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", fresh)
         return results
 
 
@@ -234,10 +247,7 @@ class FeatureCache:
                 files.write_json(spec_path, asdict(self.spec))
             shard = _write_shard(self.dir, hashes, vectors)
         except OSError as exc:
-            raise CacheError(
-                f"Cannot write to the feature cache '{self.dir}': {exc.strerror or exc}. "
-                "Free some space or choose another folder with --cache-dir."
-            ) from exc
+            raise _write_error(self.dir, exc) from exc
         index = self._load()
         for row, key in enumerate(hashes):
             index.setdefault(key, (shard, row))
@@ -248,23 +258,35 @@ class FeatureCache:
                 if (reason := verify_shard(shard)) is not None]
 
 
+def _write_error(path: Path, exc: BaseException) -> CacheError:
+    """A cache write failed (disk full, read-only, permissions): say where, why and what to do."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return CacheError(
+        f"Cannot write to the feature cache '{path}': {reason}. The vectors already stored are intact; free "
+        "some space (or fix the permissions) and run again to resume, or choose another folder with --cache-dir.")
+
+
 def _write_shard(folder: Path, hashes: Sequence[str], vectors: np.ndarray) -> Path:
+    """Write one shard atomically, named after the SHA-256 of its bytes; returns its path.
+
+    The HDF5 file is built in memory and written with plain file I/O: a full disk or a read-only
+    folder then raises an ordinary OSError naming the file. (Written to disk by HDF5 itself, a write
+    failing when the file closes surfaced only as an ignored error, and the process then crashed.)
+    """
+    import io
+
     import h5py
 
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".h5")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as handle:
-            handle.attrs["format_version"] = FORMAT_VERSION
-            handle.create_dataset("keys", data=np.array(hashes, dtype="S64"), fletcher32=True)
-            handle.create_dataset("vectors", data=vectors, fletcher32=True,
-                                  chunks=(min(len(vectors), 256), vectors.shape[1]))
-        # Named after its own bytes: unique across writers, and checkable by `cache verify`.
-        target = folder / f"shard-{hash_file(tmp)[:32]}.h5"
-        files.publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.create_dataset("keys", data=np.array(hashes, dtype="S64"), fletcher32=True)
+        handle.create_dataset("vectors", data=vectors, fletcher32=True,
+                              chunks=(min(len(vectors), 256), vectors.shape[1]))
+    data = buffer.getbuffer()  # a view: no second copy of the vectors
+    # Named after its own bytes: unique across writers, and checkable by `cache verify`.
+    target = folder / f"shard-{hashlib.sha256(data).hexdigest()[:32]}.h5"
+    files.write_bytes(target, data)
     return target
 
 
@@ -410,32 +432,42 @@ def extract_features(
         pending_keys: list[str] = []
         pending_vectors: list[np.ndarray] = []
         done = 0
-        for images, flags in dataset:
-            batch_vectors = predict(images).numpy()
-            flags = flags.numpy()
-            for j, (vector, good) in enumerate(zip(batch_vectors, flags, strict=True)):
-                i = missing[done + j]
-                if good:
-                    if keep_vectors:
-                        vectors[i] = vector
-                    pending_keys.append(hashes[i])
-                    pending_vectors.append(vector)
-                else:
-                    ok[i] = False
-                    errors[i] = _decode_error(load_image, paths[i], image_size)
-            done += len(flags)
-            progress.update(done)
-            if cache is not None and len(pending_keys) >= flush_every:
-                cache.put(pending_keys, np.stack(pending_vectors))
-                pending_keys, pending_vectors = [], []
+        try:
+            for images, flags in dataset:
+                batch_vectors = predict(images).numpy()
+                flags = flags.numpy()
+                for j, (vector, good) in enumerate(zip(batch_vectors, flags, strict=True)):
+                    i = missing[done + j]
+                    if good:
+                        if keep_vectors:
+                            vectors[i] = vector
+                        pending_keys.append(hashes[i])
+                        pending_vectors.append(vector)
+                    else:
+                        ok[i] = False
+                        errors[i] = _decode_error(load_image, paths[i], image_size)
+                done += len(flags)
+                progress.update(done)
+                if cache is not None and len(pending_keys) >= flush_every:
+                    cache.put(pending_keys, np.stack(pending_vectors))
+                    pending_keys, pending_vectors = [], []
+        except (KeyboardInterrupt, Exception):
+            # Ctrl-C or a failure mid-way: keep every finished vector, so the next run resumes from here.
+            if cache is not None and pending_keys:
+                with contextlib.suppress(Exception):  # e.g. the disk is full: the original error matters
+                    cache.put(pending_keys, np.stack(pending_vectors))
+            raise
         if cache is not None and pending_keys:
             cache.put(pending_keys, np.stack(pending_vectors))
     seconds = time.perf_counter() - start
     num_computed = len(missing) - sum(1 for i in missing if not ok[i])
     if cache is not None and cache.dir.is_dir():
-        files.write_json(cache.dir / LAST_RUN_FILE, {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images": n, "cached": num_cached,
-            "computed": num_computed, "hit_rate": round(num_cached / n, 4) if n else 0.0})
+        try:
+            files.write_json(cache.dir / LAST_RUN_FILE, {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images": n, "cached": num_cached,
+                "computed": num_computed, "hit_rate": round(num_cached / n, 4) if n else 0.0})
+        except OSError as exc:
+            raise _write_error(cache.dir / LAST_RUN_FILE, exc) from exc
     return ExtractionResult(vectors, ok, errors, num_cached, num_computed, seconds)
 
 
@@ -455,7 +487,9 @@ def _decode_error(load_image, path: Path, image_size: int) -> str:
     try:
         load_image(path, image_size)
     except Exception as exc:  # noqa: BLE001 - the reason is reported, the file skipped
-        return f"cannot decode image: {exc}"
+        # load_image's message repeats the path, which the skipped list shows already: give the cause.
+        cause = exc.__cause__ or exc
+        return f"cannot decode image: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
     return "cannot decode image"
 
 
@@ -508,8 +542,9 @@ def prune_cache(cache_dir: str | os.PathLike, *, missing: bool = False, older_th
     """Drop entries whose images are gone (``missing``) or shards older than a time, and compact.
 
     An image is "gone" when no file this cache has hashed, at its recorded path, still has those
-    bytes. Each spec's surviving vectors are rewritten into one shard before the old shards are
-    deleted, so an interruption leaves duplicates (harmless), never a hole.
+    bytes. Each spec's surviving vectors are rewritten into one shard (of up to ``PRUNE_SHARD_ROWS``
+    vectors) before the old shards are deleted, so an interruption leaves duplicates (harmless), never
+    a hole. Temporary files more than an hour old (left by killed runs) are deleted too.
 
     Args:
         cache_dir: the cache root.
@@ -541,12 +576,19 @@ def prune_cache(cache_dir: str | os.PathLike, *, missing: bool = False, older_th
                     keep_keys.append(key)
                     keep_vectors.append(vector)
         report["shards_before"] += len(shards)
-        new = _write_shard(spec_dir, keep_keys, np.stack(keep_vectors)) if keep_keys else None
+        # Shards of at most PRUNE_SHARD_ROWS vectors: a shard is built in memory before it is written.
+        new = {_write_shard(spec_dir, keep_keys[i:i + PRUNE_SHARD_ROWS],
+                            np.stack(keep_vectors[i:i + PRUNE_SHARD_ROWS]))
+               for i in range(0, len(keep_keys), PRUNE_SHARD_ROWS)}
         for shard in shards:
-            if shard != new:
+            if shard not in new:
                 shard.unlink(missing_ok=True)
+        for tmp in spec_dir.glob(".*.tmp"):  # left by a killed writer; an hour is far beyond any write
+            with contextlib.suppress(OSError):  # another process may finish or remove it meanwhile
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
         report["entries_after"] += len(keep_keys)
-        report["shards_after"] += int(new is not None)
+        report["shards_after"] += len(new)
     return report
 
 

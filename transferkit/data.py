@@ -25,6 +25,7 @@ import math
 import os
 import stat
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,13 +243,30 @@ def _show(root: Path, rel: str) -> str:
 def _list_subdirs(folder: Path, ignored: _Counter) -> list[str]:
     """Sorted names of the visible sub-folders of ``folder``; hidden/system entries are counted."""
     names = []
+    real = os.path.realpath(folder)
     with os.scandir(folder) as entries:
         for entry in entries:
-            if _is_ignored_name(entry.name):
+            if _is_ignored_name(entry.name) or _is_loop(entry, real):
                 ignored.add()
             elif entry.is_dir():  # follows a symlinked class folder, on purpose
                 names.append(entry.name)
     return sorted(names)
+
+
+def _is_loop(entry: os.DirEntry, *folders: str) -> bool:
+    """Whether ``entry`` is a link to a folder that contains (or is) one of ``folders`` (real paths).
+
+    Following it would walk those folders again, e.g. another class's images under this class.
+    """
+    if not entry.is_symlink() or not entry.is_dir():
+        return False
+    try:
+        target = os.path.realpath(entry.path)
+        return any(os.path.commonpath([target, folder]) == target for folder in folders)
+    except OSError:
+        return True
+    except ValueError:  # paths on different drives (Windows): cannot contain each other
+        return False
 
 
 def _count_loose_files(folder: Path, ignored: _Counter) -> None:
@@ -305,11 +323,14 @@ def _walk_images(root: Path, rel_dir: str, ignored: _Counter,
                  skipped: list[tuple[str, str]]) -> list[str]:
     """POSIX paths (relative to root) of the image-named files under ``root/rel_dir``, recursively.
 
-    Symlinked folders are followed, but each real folder is visited once, so link loops end.
+    Symlinked folders are followed (datasets are often assembled from links), except links to a folder
+    that contains the class folder or the image folder: those are loops, and following them would give
+    this class the images of others. They are counted as ignored. Each real folder is visited once.
     A folder that cannot be listed goes to ``skipped``.
     """
     out: list[str] = []
     visited: set[str] = set()
+    real_root, real_start = os.path.realpath(root), os.path.realpath(root / rel_dir)
     stack = [rel_dir]
     while stack:
         rel = stack.pop()
@@ -332,7 +353,7 @@ def _walk_images(root: Path, rel_dir: str, ignored: _Counter,
             continue
         for entry in entries:
             child = f"{rel}/{entry.name}"
-            if _is_ignored_name(entry.name):
+            if _is_ignored_name(entry.name) or _is_loop(entry, real_start, real_root):
                 ignored.add()
             elif entry.is_dir():
                 stack.append(child)
@@ -362,17 +383,42 @@ def _unreadable_reason(path: Path) -> str | None:
             return "not a regular file"
         if st.st_size == 0:
             return "empty file"
-        with Image.open(path) as img:
-            img.size  # noqa: B018 - the header is parsed by open(); keep the handle short-lived
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; the check below refuses those too.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                size = img.size  # the header is parsed by open(); no pixel is decoded
+        return _bomb_reason(size)
     except PermissionError:
         return "permission denied"
     except FileNotFoundError:
         return "file not found (broken link?)"
     except Image.DecompressionBombError as exc:
-        return f"too large for Pillow's decompression-bomb limit: {exc}"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"{BOMB_REASON}: {_short(exc)}"
+    except UnidentifiedImageError:
+        return "not an image Pillow can read: unknown format (a text or HTML file, or another file renamed?)"
+    except (OSError, ValueError, SyntaxError) as exc:
         # SyntaxError: some Pillow plugins raise it for malformed headers.
         return f"not an image Pillow can read: {_short(exc)}"
+    except Exception as exc:  # noqa: BLE001 - a malformed file may make a Pillow plugin raise anything
+        return f"not an image Pillow can read: {type(exc).__name__}: {_short(exc)}"
+
+
+#: The start of the reason a file over Pillow's pixel limit is refused with.
+BOMB_REASON = "over Pillow's decompression-bomb limit"
+
+
+def _bomb_reason(size: tuple[int, int]) -> str | None:
+    """Why an image of this size is refused without decoding it, or ``None``.
+
+    Pillow raises only above twice ``Image.MAX_IMAGE_PIXELS`` and merely warns above it; a file of a
+    few kilobytes can declare 100 million pixels, so anything above the limit itself is refused.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit is not None and width * height > limit:
+        return (f"{BOMB_REASON}: {width}x{height} = {width * height:,} pixels, more than {limit:,} "
+                f"(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
     return None
 
 
@@ -488,6 +534,9 @@ def read_splits_csv(
             if split not in SPLITS:
                 raise DataError(f"Splits file '{path}' line {line}: split {split!r} is not one of "
                                 f"{', '.join(SPLITS)}.")
+            if not _is_inside(rel):
+                raise DataError(f"Splits file '{path}' line {line}: path {rel!r} leaves the image folder "
+                                f"(absolute, empty or with '..'); paths must be relative to it, e.g. cat/001.jpg.")
             rows.append((rel, label, name, split))
 
     mapping: dict[int, str] = {}
@@ -523,6 +572,18 @@ def read_splits_csv(
                        splits=tuple(r[3] for r in rows), split_source="csv")
 
 
+def _is_inside(rel: str) -> bool:
+    """Whether a relative path from a file stays inside the folder it is relative to.
+
+    Paths read from files (``splits.csv``) may come from someone else; ``root / "/etc/passwd"`` is
+    ``/etc/passwd`` in pathlib, so absolute paths, drive letters and ``..`` parts are refused.
+    """
+    if not rel or "\0" in rel:
+        return False
+    parts = rel.replace("\\", "/").split("/")
+    return not (rel.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts)
+
+
 # --------------------------------------------------------------------------------------------- decode
 
 
@@ -534,7 +595,8 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     8-bit RGB, and transparency is composited onto white.
 
     Raises:
-        ValueError: The file cannot be decoded (truncated, corrupt, missing...); the message says why.
+        ValueError: The file cannot be decoded (truncated, corrupt, missing, or over Pillow's
+            decompression-bomb limit, refused before decoding); the message says why.
 
     Example:
         >>> load_image("photos/cat/001.jpg", 224).shape  # doctest: +SKIP
@@ -545,6 +607,8 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     size = int(size)
     try:
         with Image.open(path) as img:
+            if (reason := _bomb_reason(img.size)) is not None:
+                raise ValueError(reason)
             if img.format == "JPEG":
                 # Decode at 1/2, 1/4 or 1/8 scale while still >= size on both sides: much faster for
                 # big photos. The pixels differ slightly from a full decode (cache keys must say so).
@@ -557,9 +621,13 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
             # filter antialiases when shrinking, so values are close to but not identical with tf.image.
             img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-            UnidentifiedImageError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"Cannot decode image '{path}': {BOMB_REASON}: {_short(exc)}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError) as exc:
         raise ValueError(f"Cannot decode image '{path}': {_short(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - malformed data can make Pillow raise anything; one bad file
+        # must not stop a tf.data pipeline of thousands
+        raise ValueError(f"Cannot decode image '{path}': {type(exc).__name__}: {_short(exc)}") from exc
     if arr.shape != (size, size, 3):  # pragma: no cover - defensive
         raise ValueError(f"Cannot decode image '{path}': got shape {arr.shape}.")
     return arr

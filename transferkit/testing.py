@@ -8,6 +8,7 @@ from __future__ import annotations
 import colorsys
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,184 @@ def _class_image(rng: np.random.Generator, k: int, num_classes: int, image_size:
     pixels = np.where(mask, stripe, base) * rng.uniform(0.85, 1.15)
     pixels = pixels + rng.normal(0.0, 18.0, size=(h, w, 3))
     return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ awkward image folder
+
+#: Why each refused file of :func:`make_awkward_folder` is skipped (the start of the reason).
+REASON_EMPTY = "empty file"
+REASON_NOT_IMAGE = "not an image Pillow can read"
+REASON_BOMB = "over Pillow's decompression-bomb limit"
+REASON_PERMISSION = "permission denied"
+REASON_UNDECODABLE = "cannot decode image"
+
+
+@dataclass(frozen=True)
+class AwkwardFolder:
+    """What :func:`make_awkward_folder` wrote and what transferkit must make of it.
+
+    Attributes:
+        root: The folder (classes ``cat`` and ``dog``).
+        used: Relative paths of every file that must be read, sorted.
+        skipped_at_scan: ``{relative path: reason prefix}`` of files refused when scanning.
+        skipped_at_decode: ``{relative path: reason prefix}`` of files whose header reads but whose pixels
+            do not (found by extraction).
+        num_ignored: Hidden, system and non-image entries and symlink loops to be ignored silently.
+        permissions_enforced: False when the OS let us read a mode-000 file (running as root, or an OS
+            without POSIX permissions): ``locked.jpg`` is then in ``used``.
+    """
+
+    root: Path
+    used: tuple[str, ...]
+    skipped_at_scan: dict[str, str]
+    skipped_at_decode: dict[str, str]
+    num_ignored: int
+    permissions_enforced: bool
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Every refused file with its reason prefix."""
+        return {**self.skipped_at_scan, **self.skipped_at_decode}
+
+
+def make_awkward_folder(root: str | os.PathLike, *, images_per_class: int = 10, image_size: int = 32,
+                        seed: int = 0) -> AwkwardFolder:
+    """Write a two-class folder holding every kind of file real photo folders contain.
+
+    Besides ``images_per_class`` learnable images per class (as :func:`make_image_folder`), it holds:
+
+    * readable: an EXIF-rotated JPEG (48x24 stored, left half red and right half blue, orientation 6, so
+      it displays 24x48 with red on top), a CMYK JPEG, grayscale, palette and 16-bit PNGs, an animated
+      GIF (first frame red, second blue), a PNG with alpha (left opaque red, right transparent), WebP, BMP,
+      TIFF, upper-case extensions, names with spaces and non-ASCII characters, a 1x1 image, a 4000x10
+      image, a nested folder, and a 4800x3200 JPEG photo;
+    * refused: an empty file, a truncated JPEG (its header reads, its pixels do not), an HTML page and a
+      text file with image extensions, two decompression bombs (PNGs of a few kB declaring 100 million
+      and 10 billion pixels) and an unreadable (mode 000) file;
+    * ignored: ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, a dot-file, a macOS ``._`` file, text files
+      and two symlink loops (a folder linked to itself and to the image folder).
+
+    Returns:
+        An :class:`AwkwardFolder` saying which files must be used, skipped (with why) and ignored.
+
+    Example:
+        >>> awkward = make_awkward_folder(tmp_path / "awkward")  # doctest: +SKIP
+        >>> sorted(awkward.skipped)[:2]  # doctest: +SKIP
+        ['cat/bomb.png', 'cat/empty.jpg']
+    """
+    from PIL import Image
+
+    root = Path(root)
+    used: list[str] = []
+    ignored = 0
+
+    def save(rel: str, img, fmt: str, **options) -> Path:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, fmt, **options)
+        used.append(rel)
+        return path
+
+    for k, name in enumerate(("cat", "dog")):
+        for i in range(images_per_class):
+            pixels = _class_image(np.random.default_rng([seed, k, i]), k, 2, image_size)
+            save(f"{name}/regular_{i:02d}.png", Image.fromarray(pixels), "PNG")
+
+    halves = np.zeros((24, 48, 3), np.uint8)
+    halves[:, :24] = (255, 0, 0)
+    halves[:, 24:] = (0, 0, 255)
+    rotated = Image.fromarray(halves)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    save("cat/exif_rotated.jpg", rotated, "JPEG", exif=exif, quality=95)
+    save("cat/cmyk.jpg", Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG")
+    save("cat/grayscale.png", Image.new("L", (30, 40), 90), "PNG")
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([0, 128, 255] + [0, 0, 0] * 255)
+    save("cat/palette.png", palette, "PNG")
+    frames = [Image.new("RGB", (32, 32), color).convert("P") for color in ((255, 0, 0), (0, 0, 255))]
+    save("cat/animated.gif", frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    alpha = np.zeros((32, 32, 4), np.uint8)
+    alpha[:, :16] = (255, 0, 0, 255)
+    save("cat/alpha.png", Image.fromarray(alpha, "RGBA"), "PNG")
+    save("cat/deep_16bit.png", Image.fromarray(np.full((32, 32), 40000, np.uint16)), "PNG")
+    save("cat/photo.webp", Image.new("RGB", (36, 28), (200, 120, 40)), "WEBP", quality=90)
+
+    save("dog/bitmap.bmp", Image.new("RGB", (30, 30), (20, 160, 90)), "BMP")
+    save("dog/scan.tif", Image.new("RGB", (30, 30), (90, 20, 160)), "TIFF", compression="tiff_lzw")
+    save("dog/SHOUT.JPEG", Image.new("RGB", (30, 30), (120, 120, 20)), "JPEG")
+    save("dog/IMG_0001.PNG", Image.new("RGB", (30, 30), (20, 120, 120)), "PNG")
+    save("dog/name with spaces.png", Image.new("RGB", (30, 30), (60, 60, 200)), "PNG")
+    save("dog/café 猫 ñandú.png", Image.new("RGB", (30, 30), (200, 60, 60)), "PNG")
+    save("dog/one_pixel.png", Image.new("RGB", (1, 1), (10, 200, 10)), "PNG")
+    save("dog/very_wide.png", Image.new("RGB", (4000, 10), (10, 10, 200)), "PNG")
+    save("dog/nested/deeper/nested.jpg", Image.new("RGB", (30, 30), (150, 150, 150)), "JPEG")
+    gradient = Image.linear_gradient("L").resize((4800, 3200)).convert("RGB")
+    save("dog/large_photo.jpg", gradient, "JPEG", quality=85)
+
+    scan_refused: dict[str, str] = {}
+    decode_refused: dict[str, str] = {}
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    scan_refused["cat/empty.jpg"] = REASON_EMPTY
+    noise = np.random.default_rng([seed, 99]).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "cat" / "truncated.jpg", "JPEG", quality=90)
+    whole = (root / "cat" / "truncated.jpg").read_bytes()
+    (root / "cat" / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # header intact, pixels cut
+    decode_refused["cat/truncated.jpg"] = REASON_UNDECODABLE
+    (root / "dog" / "page.png").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>\n")
+    scan_refused["dog/page.png"] = REASON_NOT_IMAGE
+    (root / "dog" / "notes.jpg").write_text("not a photo, just notes\n")
+    scan_refused["dog/notes.jpg"] = REASON_NOT_IMAGE
+    # Between Pillow's limit and twice it, Pillow only warns and would decode 100 million pixels.
+    _write_png_bomb(root / "cat" / "bomb.png", 10_000, 10_000)
+    scan_refused["cat/bomb.png"] = REASON_BOMB
+    _write_png_bomb(root / "dog" / "huge_bomb.png", 100_000, 100_000, rows=16)
+    scan_refused["dog/huge_bomb.png"] = REASON_BOMB
+    locked = root / "cat" / "locked.jpg"
+    Image.new("RGB", (30, 30), (255, 255, 0)).save(locked, "JPEG")
+    locked.chmod(0)
+    enforced = not _can_read(locked)
+    if enforced:
+        scan_refused["cat/locked.jpg"] = REASON_PERMISSION
+    else:
+        used.append("cat/locked.jpg")
+
+    for rel, data in ((".DS_Store", b"\0\0\0\1Bud1"), ("README.txt", b"loose file beside the classes\n"),
+                      ("cat/Thumbs.db", b"\xd0\xcf\x11\xe0"), ("cat/notes.txt", b"a note\n"),
+                      ("cat/._exif_rotated.jpg", b"\0\5\26\7 macOS resource fork"),
+                      ("dog/desktop.ini", b"[.ShellClassInfo]\n"), ("dog/.hidden.png", whole),
+                      ("dog/labels.csv", b"file,label\n")):
+        (root / rel).write_bytes(data)
+        ignored += 1
+    (root / "cat" / "loop").symlink_to(".", target_is_directory=True)  # a folder inside itself
+    (root / "dog" / "nested" / "up").symlink_to("../..", target_is_directory=True)  # back to the root
+    ignored += 2
+    return AwkwardFolder(root, tuple(sorted(used)), scan_refused, decode_refused, ignored, enforced)
+
+
+def _can_read(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except PermissionError:
+        return False
+    return True
+
+
+def _write_png_bomb(path: Path, width: int, height: int, rows: int | None = None) -> None:
+    """A 1-bit PNG declaring ``width`` x ``height`` pixels, a few kB on disk (``rows``: write only so many)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    scanline = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(scanline) for _ in range(height if rows is None else rows))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body + compressor.flush())
+                     + chunk(b"IEND", b""))
 
 
 # ------------------------------------------------------------------------------ tiny test backbone
