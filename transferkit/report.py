@@ -1,0 +1,425 @@
+"""The run report: ``report.html`` (one self-contained file) and ``report.md`` with PNG plots in ``plots/``.
+
+Made from the files of a run folder only (``metrics.json``, ``config.yaml``, ``history.csv``,
+``predictions.csv``, ``skipped.csv``, ``labels.txt``), so ``transferkit report RUN_DIR`` redraws
+it at any time and works on ``train`` and ``evaluate`` folders alike. Sections: summary,
+configuration and versions, dataset, training curves, metrics, per-class metrics, confusion
+matrix (counts and shares), most-confused pairs, the worst mistakes (highest-confidence wrong
+test images, as thumbnails), the feature map and Grad-CAM when given.
+
+Nothing here imports TensorFlow.
+
+Example:
+    >>> html_path, md_path = write_report("runs/first")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from transferkit import files, plots, runs
+from transferkit.report_data import RunFolder, collect_versions, to_float
+from transferkit.report_format import (
+    Cards,
+    Gallery,
+    Image,
+    Paragraph,
+    Row,
+    Section,
+    Table,
+    render_html,
+    render_markdown,
+)
+
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+PLOTS_DIR = "plots"
+#: The feature map's 2-D points and labels, so a report redrawn without features keeps its map.
+FEATURE_MAP_FILE = "feature_map.json"
+
+#: Thumbnails in the gallery of worst mistakes, and how many of them get a Grad-CAM overlay.
+NUM_WORST_ERRORS = 12
+NUM_GRADCAM = 4
+_THUMBNAIL_PX = 200
+_MAX_LISTED_SKIPPED = 50
+
+#: Called with an image path, returns a PNG of the Grad-CAM overlay (see :func:`write_report`).
+Explainer = Callable[[Path], bytes]
+
+
+def write_report(run_dir: str | os.PathLike, *, features: np.ndarray | None = None,
+                 feature_labels: np.ndarray | None = None, explainer: Explainer | None = None,
+                 seed: int = 0) -> tuple[Path, Path]:
+    """Write ``report.html``, ``report.md`` and ``plots/*.png`` into a train or evaluate folder.
+
+    Args:
+        run_dir: a folder written by ``transferkit train`` or ``transferkit evaluate``.
+        features: optional ``(n, d)`` bottleneck features (e.g. the cached ones of the run's
+            images) for the feature map; with ``feature_labels`` (class indices). Their 2-D
+            projections are saved to ``feature_map.csv``, so a later redraw without features keeps
+            the map.
+        explainer: optional function image path -> PNG bytes of a Grad-CAM overlay; applied to
+            the :data:`NUM_GRADCAM` worst mistakes (:func:`gradcam_explainer` makes one).
+        seed: for the feature map's sample and t-SNE.
+
+    Returns:
+        ``(html path, markdown path)``.
+
+    Raises:
+        InputError: the folder holds no ``metrics.json`` or it is not a report-able run.
+    """
+    run = RunFolder(Path(run_dir))
+    plot_dir = run.dir / PLOTS_DIR
+    plot_dir.mkdir(exist_ok=True)
+    builder = _Builder(run, plot_dir)
+    if features is not None and feature_labels is not None:
+        builder.compute_feature_map(np.asarray(features), np.asarray(feature_labels), seed)
+    sections = builder.sections(explainer)
+    title = f"transferkit report: {run.dir.resolve().name}"
+    subtitle = (f"{'Training run' if run.kind == 'train' else 'Evaluation'} in {run.dir.resolve()}; "
+                f"report made {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    html_path, md_path = run.dir / REPORT_HTML, run.dir / REPORT_MD
+    files.write_text(html_path, render_html(title, sections, run.dir, subtitle))
+    files.write_text(md_path, render_markdown(title, sections, subtitle))
+    return html_path, md_path
+
+
+def gradcam_explainer(run) -> Explainer | None:
+    """A Grad-CAM explainer for the worst mistakes, from :mod:`transferkit.explain`; None without it.
+
+    The hook between the report and Grad-CAM: it needs the model and TensorFlow, so the caller
+    (training, ``evaluate``, ``report --gradcam``) decides whether to pay for it.
+
+    Args:
+        run: a loaded run (:func:`transferkit.runs.load_run`), or a train or evaluate folder
+            (an evaluate folder's ``metrics.json`` names the run it evaluated).
+
+    Returns:
+        A function image path -> PNG bytes (the photo with the heat map of the predicted class
+        over it), or None if this installation has no ``transferkit.explain``.
+    """
+    try:
+        from transferkit import explain
+    except ImportError:
+        return None
+    from PIL import Image as PILImage
+
+    from transferkit.data import load_image
+
+    if not hasattr(run, "model"):
+        folder = RunFolder(Path(run))
+        own_model = (folder.dir / runs.MODEL_FILE).is_file()
+        run = runs.load_run(folder.dir if own_model else folder.metrics.get("run_dir", ""))
+    if getattr(run, "head", None) is not None:
+        return None  # a scikit-learn head has no gradient to follow
+
+    def explain_image(path: Path) -> bytes:
+        pixels = load_image(path, run.image_size)[None].astype(np.float32)
+        heatmap = explain.gradcam(run.model, pixels)[0]
+        blended = explain.overlay(explain.display_image(path, _THUMBNAIL_PX * 2), heatmap)
+        buffer = io.BytesIO()
+        PILImage.fromarray(blended).save(buffer, format="PNG", optimize=True)
+        return buffer.getvalue()
+
+    return explain_image
+
+
+class _Builder:
+    def __init__(self, run: RunFolder, plot_dir: Path):
+        self.run, self.plot_dir = run, plot_dir
+        self.rel = lambda name: f"{PLOTS_DIR}/{name}"
+
+    def _save(self, name: str, png: bytes) -> str:
+        files.write_bytes(self.plot_dir / name, png)
+        return self.rel(name)
+
+    def sections(self, explainer: Explainer | None) -> list[Section]:
+        errors = self._worst_errors()
+        return [self.summary(), self.configuration(), self.dataset(), self.training(), self.metrics_section(),
+                self.per_class(), self.confusion(), self.confused_pairs(), self.gallery(errors),
+                self.feature_map(), self.gradcam(errors, explainer)]
+
+    def summary(self) -> Section:
+        t, m = self.run.test, self.run.metrics
+        split = t.get("split", "evaluated")
+        cards = [(f"{split} accuracy", f"{t.get('accuracy', math.nan):.3f}"),
+                 ("macro-F1", f"{t.get('macro_f1', math.nan):.3f}"),
+                 ("balanced accuracy", f"{t.get('balanced_accuracy', math.nan):.3f}"),
+                 (f"{split} images", str(t.get("num_examples", ""))),
+                 ("classes", str(len(self.run.class_names)))]
+        backbone = m.get("backbone") or self.run.config.get("backbone")
+        lines = []
+        if backbone:
+            lines.append(f"Backbone {backbone}"
+                         + (f" at {m['image_size']} px" if m.get("image_size") else "")
+                         + (f", strategy {m.get('strategy') or self.run.config.get('strategy')}"
+                            if m.get("strategy") or self.run.config.get("strategy") else "") + ".")
+        if self.run.kind == "evaluate":
+            lines.append(f"Model of run {m.get('run_dir', '?')} evaluated on every image of {m.get('image_dir', '?')}.")
+        return Section("summary", "Summary", [Cards(cards)] + [Paragraph(x) for x in lines])
+
+    def configuration(self) -> Section:
+        columns: list = []
+        config = self.run.config
+        if config:
+            columns.append([Paragraph(f"Settings ({self.run.config_source}):"),
+                            Table(["setting", "value"], [[k, _plain(v)] for k, v in config.items()])])
+        skip = {"test", "counts", "skipped", "per_class", "confusion_matrix", "class_names", "versions", "tta",
+                "top_k_accuracy", "accuracy", "balanced_accuracy", "macro_f1", "num_examples", "split"}
+        facts = [[k, _plain(v)] for k, v in _flatten(self.run.metrics).items() if k.split(".")[0] not in skip]
+        if facts:
+            columns.append([Paragraph(f"Run facts ({runs.METRICS_FILE}):"), Table(["item", "value"], facts)])
+        versions = self.run.metrics.get("versions")
+        if versions:
+            columns.append([Paragraph("Versions the run was made with:"),
+                            Table(["package", "version"], versions.items())])
+        else:
+            columns.append([Paragraph("Versions installed when this report was made:"),
+                            Table(["package", "version"], collect_versions().items()),
+                            Paragraph(f"{runs.METRICS_FILE} does not record the versions of the run itself.",
+                                      muted=True)])
+        blocks: list = [Row(columns)]
+        if config and self.run.kind == "train":
+            blocks.append(Paragraph(f"Repeat the run: transferkit train --config {self.run.dir / runs.CONFIG_FILE} "
+                                    "-o NEW_DIR", muted=True))
+        return Section("config", "Configuration and versions", blocks)
+
+    def dataset(self) -> Section:
+        names, m = self.run.class_names, self.run.metrics
+        counts = m.get("counts")
+        if not counts:  # evaluate folders: what was evaluated, from predictions.csv
+            evaluated = dict.fromkeys(names, 0)
+            for row in self.run.predictions:
+                evaluated[row["label"]] = evaluated.get(row["label"], 0) + 1
+            counts = {"evaluated": evaluated}
+        splits = [s for s in counts if any(counts[s].values())] or list(counts)
+        rows = [[name] + [counts[s].get(name, 0) for s in splits] + [sum(counts[s].get(name, 0) for s in splits)]
+                for name in names]
+        rows.append(["total"] + [sum(counts[s].values()) for s in splits] + [sum(r[-1] for r in rows)])
+        blocks = [Paragraph(f"{len(names)} classes; images per class and split"
+                            + (f" (split from {m['split_source']})" if m.get("split_source") else "") + "."),
+                  Table(["class"] + splits + ["all"], rows, numeric=range(1, len(splits) + 2), scroll=len(rows) > 16)]
+        skipped = self.run.skipped
+        ignored = m.get("num_ignored")
+        blocks.append(Paragraph(f"Skipped (unreadable) files: {len(skipped)}."
+                                + (f" Ignored entries (hidden, system or non-image files): {ignored}."
+                                   if ignored is not None else "")))
+        if skipped:
+            shown = skipped[:_MAX_LISTED_SKIPPED]
+            blocks.append(Table(["file", "reason"], [[s.get("path", ""), s.get("reason", "")] for s in shown],
+                                scroll=len(shown) > 12))
+            if len(skipped) > len(shown):
+                blocks.append(Paragraph(f"... and {len(skipped) - len(shown)} more in {runs.SKIPPED_FILE}.",
+                                        muted=True))
+        return Section("dataset", "Dataset", blocks)
+
+    def training(self) -> Section:
+        history, phases = self.run.history, self.run.phases
+        if not history:
+            why = "an evaluation has no training" if self.run.kind == "evaluate" else f"no {runs.HISTORY_FILE}"
+            return Section("training", "Training curves", [Paragraph(f"No training history ({why}).", muted=True)])
+        best = self.run.metrics.get("best_epoch")
+        path = self._save("training_curves.png", plots.training_curves_png(history, phases, best))
+        notes = [f"{len(next(iter(history.values())))} epochs"]
+        if phases:
+            notes.append("phases: " + ", ".join(dict.fromkeys(phases)))
+        if best:
+            notes.append(f"early stopping kept epoch {best}")
+        if self.run.metrics.get("refit_epochs"):
+            notes.append(f"then the head was retrained on train + val for {self.run.metrics['refit_epochs']} epochs "
+                         "(not plotted)")
+        return Section("training", "Training curves", [
+            Image(path, "Loss and accuracy per epoch", "; ".join(notes) + ". Solid: training; dashed: validation.")])
+
+    def metrics_section(self) -> Section:
+        t = self.run.test
+        rows = [["accuracy", t.get("accuracy")], ["balanced accuracy", t.get("balanced_accuracy")],
+                ["macro-F1", t.get("macro_f1")]]
+        rows += [[f"top-{k} accuracy", v] for k, v in (t.get("top_k_accuracy") or {}).items()]
+        rows.append(["images", t.get("num_examples")])
+        tta = self.run.metrics.get("tta")
+        if isinstance(tta, dict) and "accuracy_without" in tta:
+            rows += [["accuracy without test-time augmentation", tta["accuracy_without"]],
+                     ["gain from test-time augmentation", f"{tta.get('accuracy_gain', math.nan):+.3f}"]]
+        split = t.get("split", "evaluated")
+        return Section("metrics", "Metrics", [Paragraph(f"On the {split} images:"),
+                                              Table(["metric", "value"], rows, numeric=[1])])
+
+    def per_class(self) -> Section:
+        per = self.run.test.get("per_class") or {}
+        rows = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in per.items()]
+        note = "Precision, recall and F1 of each class."
+        if len(rows) > 20:
+            rows.sort(key=lambda r: (r[3], r[0]))
+            note += " Sorted by F1, worst first."
+        return Section("per-class", "Per-class metrics", [
+            Paragraph(note), Table(["class", "precision", "recall", "F1", "images"], rows, numeric=[1, 2, 3, 4],
+                                   scroll=len(rows) > 16)])
+
+    def confusion(self) -> Section:
+        matrix = self.run.test.get("confusion_matrix")
+        if not matrix:
+            return Section("confusion", "Confusion matrix", [Paragraph("No confusion matrix recorded.", muted=True)])
+        names = self.run.class_names
+        counts = self._save("confusion_counts.png", plots.confusion_matrix_png(matrix, names))
+        shares = self._save("confusion_normalized.png", plots.confusion_matrix_png(matrix, names, normalize=True))
+        note = ("Rows: true class; columns: predicted class." + (
+            " Too many classes to print numbers in cells; the tables hold them." if len(names) > plots.
+            MAX_ANNOTATED_CLASSES else "") + (" Long class names are shortened with '…'." if any(
+                len(n) > 18 for n in names) else ""))
+        big = len(names) > 40
+        images = [Image(counts, "Confusion matrix, counts", full_size=big),
+                  Image(shares, "Confusion matrix, share of each true class", "Each row divided by its total: the "
+                        "diagonal is each class's recall.", full_size=big)]
+        # Small matrices fit side by side; big ones need the page's whole width each.
+        return Section("confusion", "Confusion matrix",
+                       [Paragraph(note)] + ([Row(images, equal=True)] if len(names) <= 12 else images))
+
+    def confused_pairs(self, limit: int = 10) -> Section:
+        matrix = np.asarray(self.run.test.get("confusion_matrix") or [[0]])
+        names = self.run.class_names
+        off = matrix.copy()
+        np.fill_diagonal(off, 0)
+        order = [tuple(ix) for ix in np.argwhere(off > 0)]
+        order.sort(key=lambda ij: (-off[ij], ij))
+        rows = [[names[i], names[j], int(off[i, j]), f"{off[i, j] / max(matrix[i].sum(), 1):.0%}"]
+                for i, j in order[:limit]]
+        if not rows:
+            return Section("confused-pairs", "Most-confused classes",
+                           [Paragraph("No test image was misclassified.", muted=True)])
+        return Section("confused-pairs", "Most-confused classes", [
+            Paragraph("True class predicted as another, most frequent first (share: of that true class's images)."),
+            Table(["true class", "predicted as", "images", "share"], rows, numeric=[2, 3])])
+
+    def _worst_errors(self) -> list[dict]:
+        wrong = [r for r in self.run.predictions if str(r.get("correct")) in ("0", "False", "false")]
+        wrong.sort(key=lambda r: -to_float(r.get("confidence")))
+        return wrong[:NUM_WORST_ERRORS]
+
+    def gallery(self, errors: list[dict]) -> Section:
+        title = "Worst mistakes"
+        if not self.run.predictions:
+            return Section("errors", title, [Paragraph(f"No {runs.PREDICTIONS_FILE} in this folder.", muted=True)])
+        if not errors:
+            return Section("errors", title, [Paragraph("No test image was misclassified.", muted=True)])
+        error_dir = self.plot_dir / "errors"
+        error_dir.mkdir(exist_ok=True)
+        items, written = [], set()
+        for rank, row in enumerate(errors, start=1):
+            caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
+                       _short_path(row["path"])]
+            try:
+                png = _thumbnail_png(self.run.image_path(row["path"]))
+            except (OSError, ValueError) as exc:
+                items.append((None, caption + [f"image not available: {exc}"]))
+                continue
+            name = f"error_{rank:02d}.png"
+            files.write_bytes(error_dir / name, png)
+            written.add(name)
+            items.append((self.rel(f"errors/{name}"), caption))
+        for old in error_dir.glob("error_*.png"):  # thumbnails of an earlier, longer report
+            if old.name not in written:
+                old.unlink()
+        wrong = sum(1 for r in self.run.predictions if str(r.get("correct")) in ("0", "False", "false"))
+        return Section("errors", title, [
+            Paragraph(f"The {len(errors)} misclassified images with the highest confidence in the wrong class "
+                      f"({wrong} of {len(self.run.predictions)} images were misclassified)."), Gallery(items)])
+
+    def compute_feature_map(self, features: np.ndarray, labels: np.ndarray, seed: int) -> None:
+        projections = []
+        for method in ("pca", "tsne"):
+            points, y, info = plots.project_features(features, labels, method, seed=seed)
+            projections.append({"info": info, "labels": y.tolist(),
+                                "points": np.round(points, 4).tolist()})
+        files.write_json(self.run.dir / FEATURE_MAP_FILE, {"projections": projections})
+
+    def feature_map(self) -> Section:
+        title = "Feature map"
+        try:
+            stored = json.loads((self.run.dir / FEATURE_MAP_FILE).read_text(encoding="utf-8"))["projections"]
+            projections = [(np.asarray(p["points"], dtype=float).reshape(-1, 2), np.asarray(p["labels"], dtype=int),
+                            p["info"]) for p in stored]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: draw without it
+            projections = []
+        if not projections:
+            return Section("feature-map", title, [Paragraph(
+                "No feature map: it needs the run's bottleneck features. Draw one with "
+                "'transferkit features plot IMAGE_DIR --backbone NAME -o map.png', or redraw this report with "
+                "'transferkit report RUN_DIR --feature-map' (features come from the cache).", muted=True)])
+        path = self._save("feature_map.png", plots.feature_map_png(projections, self.run.class_names))
+        return Section("feature-map", title, [
+            Paragraph("The pretrained backbone's features of the images (as cached, before any fine-tuning), "
+                      "projected to 2-D and coloured by class: well separated clusters mean a head on the frozen "
+                      "backbone can tell the classes apart."),
+            Image(path, "Feature map (PCA and t-SNE)", "PCA keeps the directions of largest variance (linear); "
+                  "t-SNE keeps neighbourhoods (distances between far clusters mean little).")])
+
+    def gradcam(self, errors: list[dict], explainer: Explainer | None) -> Section:
+        title = "Grad-CAM of mistakes"
+        if explainer is None:
+            return Section("gradcam", title, [Paragraph(
+                "No Grad-CAM overlays in this report (they need the model; the report was drawn from the run's "
+                "files only).", muted=True)])
+        gradcam_dir = self.plot_dir / "gradcam"
+        gradcam_dir.mkdir(exist_ok=True)
+        items = []
+        for rank, row in enumerate(errors[:NUM_GRADCAM], start=1):
+            caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
+                       _short_path(row["path"])]
+            try:
+                png = explainer(self.run.image_path(row["path"]))
+            except (OSError, ValueError) as exc:
+                items.append((None, caption + [f"no overlay: {exc}"]))
+                continue
+            files.write_bytes(gradcam_dir / f"gradcam_{rank:02d}.png", png)
+            items.append((self.rel(f"gradcam/gradcam_{rank:02d}.png"), caption))
+        if not items:
+            return Section("gradcam", title, [Paragraph("No test image was misclassified.", muted=True)])
+        return Section("gradcam", title, [
+            Paragraph("Where the model looked for its (wrong) prediction: Grad-CAM on the last convolutional block, "
+                      "warm colours weigh most."), Gallery(items)])
+
+
+def _thumbnail_png(path: Path) -> bytes:
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    with PILImage.open(path) as img:
+        img.draft("RGB", (_THUMBNAIL_PX * 2, _THUMBNAIL_PX * 2))
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        img.thumbnail((_THUMBNAIL_PX, _THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _short_path(path: str, keep: int = 2) -> str:
+    parts = Path(path).parts
+    return ("…/" if len(parts) > keep else "") + "/".join(parts[-keep:])
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _plain(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) if len(value) <= 12 else f"{len(value)} items"
+    return "" if value is None else str(value)
+
