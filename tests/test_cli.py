@@ -163,7 +163,7 @@ def test_extract_reports_seen_computed_cached(tmp_path, image_folder):
     assert "Images seen: 36; computed: 36; already cached: 0" in first.output
     assert "images/s" in first.output
     second = run(*args)
-    assert "computed: 0; already cached: 36; skipped: 0." in second.output
+    assert "computed: 0; already cached: 36; skipped: 0; ignored: 0 " in second.output
     assert "images/s" not in second.output, "no rate when nothing was computed"
 
 

@@ -16,7 +16,8 @@ from transferkit.evaluation import evaluate_run
 from transferkit.testing import make_image_folder
 from transferkit.training import train
 
-RUN_FILES = {"model.keras", "labels.txt", "config.yaml", "splits.csv", "history.csv", "metrics.json", "skipped.csv"}
+RUN_FILES = {"model.keras", "labels.txt", "config.yaml", "splits.csv", "history.csv", "metrics.json", "skipped.csv",
+             "predictions.csv", "status.json", "report.html", "report.md"}
 
 
 def tiny_config(image_dir, output_dir, **changes) -> TrainConfig:
@@ -48,7 +49,7 @@ def test_run_folder_holds_everything(trained_run):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 60 and {r["split"] for r in rows} == {"train", "val", "test"}
     history = (result.run_dir / "history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch") and len(history) - 1 == metrics["epochs_run"]
+    assert history[0].startswith("phase,epoch") and len(history) - 1 == metrics["epochs_run"]
     assert load_config(result.run_dir / "config.yaml") == tiny_config(folder, result.run_dir,
                                                                          cache_dir=metrics["extraction"]["cache_dir"]
                                                                          .rsplit("/", 1)[0])

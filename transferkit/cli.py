@@ -16,12 +16,19 @@ from pathlib import Path
 import click
 
 from transferkit import __version__, runtime
+from transferkit.config import DISTRIBUTE, SCHEDULES, TrainConfig
 from transferkit.errors import TransferkitError
+from transferkit.strategies import STRATEGIES
 
 log = logging.getLogger("transferkit")
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo" / "sign_digits"
 DEMO_BACKBONE = "mobilenet_v2_035"
+
+
+def _default(name: str):
+    """A TrainConfig field's default, so an option's default cannot drift from the library's."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 class _ClickHandler(logging.Handler):
@@ -104,11 +111,21 @@ _cache_dir_option = click.option(
     help="Feature cache folder. Default: $TRANSFERKIT_CACHE_DIR or the user cache folder.",
 )
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+_strict_option = click.option(
+    "--strict", is_flag=True,
+    help="Fail (exit 2, listing them) if any image file is skipped, instead of going on without it.",
+)
 _cache_dtype_option = click.option(
     "--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
     help="How cached vectors are stored; float16 halves the cache (vectors are used as float32).",
 )
 
+
+_tta_option = click.option(
+    "--tta", is_flag=True,
+    help="Test-time augmentation: average the predictions of 10 views per image (centre and 4 corner crops "
+         "of 0.875 x the side, each also mirrored); about 10x slower.",
+)
 
 _image_dir_argument = click.argument("image_dir", type=click.Path(exists=True, file_okay=False), metavar="IMAGE_DIR")
 
@@ -192,10 +209,11 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
               help="Split the images across this many workers (e.g. jobs of a cluster scheduler).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which part this worker extracts (0 .. num-shards - 1).")
+@_strict_option
 @_quiet_option
 @_handle_errors
 def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, num_shards,
-            shard_index, quiet) -> None:
+            shard_index, strict, quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
     Images already in the cache (same bytes, same settings) are not computed again. With
@@ -209,33 +227,38 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
                                  param_hint="--shard-index")
     folder, paths, result, cache = _extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
-        select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False)
+        select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False,
+        strict=strict)
     skipped = list(folder.skipped) + result.skipped_files(paths)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
     part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
     click.echo(
         f"Images seen: {len(folder.paths) + len(folder.skipped)}{part}; computed: {result.num_computed}; "
-        f"already cached: {result.num_cached}; skipped: {len(skipped)}{rate}.\nCache: {cache.dir}"
+        f"already cached: {result.num_cached}; skipped: {len(skipped)}; ignored: {folder.num_ignored} "
+        f"(hidden, system and non-image files){rate}.\nCache: {cache.dir}"
     )
 
 
 def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
-                    select=None, keep_vectors=True):
+                    select=None, keep_vectors=True, strict=False):
     """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
 
     Returns:
         ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
-        are logged.
+        are logged (with ``strict``, any skipped file raises instead).
     """
     from transferkit import runs
     from transferkit.backbones import check_image_size, get_backbone
     from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
+    from transferkit.checks import check_strict
     from transferkit.data import scan_folder
     from transferkit.weights import load_backbone, resolve_weights
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
     folder = scan_folder(image_dir)
+    if strict:
+        check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]
     resolved = resolve_weights(spec, weights, size)
     cache_dir = runs.check_writable_dir(cache_dir or default_cache_dir(), "--cache-dir")
@@ -247,7 +270,10 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
     cache = FeatureCache(cache_dir, FeatureSpec.for_model(spec, model, cache_dtype))
     result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
                               verbose=0 if quiet else 1, keep_vectors=keep_vectors)
-    for rel, reason in list(folder.skipped) + result.skipped_files(paths):
+    skipped = list(folder.skipped) + result.skipped_files(paths)
+    if strict:
+        check_strict(skipped)  # the vectors computed so far stay in the cache
+    for rel, reason in skipped:
         log.warning("Skipped %s: %s", rel, reason)
     return folder, paths, result, cache
 
@@ -273,10 +299,11 @@ def features() -> None:
 @_cache_dtype_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split (and of --weights none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_strict_option
 @_quiet_option
 @_handle_errors
 def features_export(image_dir, backbone, file_format, output_path, weights, image_size, batch_size, cache_dir,
-                    cache_dtype, seed, overwrite, quiet) -> None:
+                    cache_dtype, seed, overwrite, strict, quiet) -> None:
     """Write the features of every image in IMAGE_DIR to one npz, parquet or CSV file.
 
     Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
@@ -294,13 +321,116 @@ def features_export(image_dir, backbone, file_format, output_path, weights, imag
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
     if not output.resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
-    folder, paths, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
-                                               cache_dtype, seed, quiet)
+    from transferkit.runs import check_writable_dir
+
+    check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
+    folder, paths, result, cache = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
+                                                   cache_dtype, seed, quiet, strict=strict)
+    from transferkit.cache import FileHashes
+    from transferkit.checks import dataset_warnings
+
+    # The rows carry each image's split: say so when a copy of one image sits in two splits.
+    hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read
+    for message in dataset_warnings(folder, hashes):
+        log.warning(message)
     index = {p: i for i, p in enumerate(folder.paths)}
     rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
     write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
                    [folder.splits[i] for i in rows], result.vectors[result.ok])
     click.echo(f"Wrote {len(rows)} rows x {result.vectors.shape[1]} features to {output} ({file_format}).")
+
+
+@features.command("plot")
+@_image_dir_argument
+@_backbone_option()
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
+              help="PNG file to write.")
+@click.option("--method", type=click.Choice(["pca", "tsne", "both"]), default="pca", show_default=True,
+              help="pca: linear, fast; tsne: keeps neighbourhoods (slower, sampled); both: side by side.")
+@click.option("--max-points", type=click.IntRange(min=3), default=None,
+              help="Images drawn (a stratified sample). Default: 2,000 for t-SNE, 10,000 for PCA.")
+@_weights_option
+@_image_size_option
+@_batch_size_option
+@_cache_dir_option
+@_cache_dtype_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_quiet_option
+@_handle_errors
+def features_plot(image_dir, backbone, output_path, method, max_points, weights, image_size, batch_size, cache_dir,
+                  cache_dtype, seed, overwrite, quiet) -> None:
+    """Draw the features of IMAGE_DIR in 2-D, coloured by class: how separable are the classes?
+
+    Features come from the cache (computed where missing). Well separated clusters mean a
+    head on the frozen backbone (freeze-all) can tell the classes apart; overlapping ones
+    suggest fine-tuning, a bigger backbone or cleaner labels.
+    """
+    from transferkit import files, plots
+
+    output = Path(output_path)
+    if output.suffix.lower() != ".png":
+        raise click.BadParameter(f"must end in .png, received '{output.name}'", param_hint="-o/--output")
+    if output.exists() and not overwrite:
+        raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    if not output.resolve().parent.is_dir():
+        raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
+    folder, _, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
+                                           cache_dtype, seed, quiet)
+    vectors, labels = result.vectors[result.ok], folder.labels[result.ok]
+    methods = ["pca", "tsne"] if method == "both" else [method]
+    projections = [plots.project_features(vectors, labels, m, max_points=max_points, seed=seed) for m in methods]
+    title = f"{Path(image_dir).resolve().name}: {backbone} features"
+    files.write_bytes(output, plots.feature_map_png(projections, folder.class_names, title))
+    drawn = ", ".join(f"{info['method']}: {info['num_points']} of {info['num_total']} images"
+                      for _, _, info in projections)
+    click.echo(f"Wrote {output} ({drawn}; {len(folder.class_names)} classes).")
+
+
+@main.command("lr-find")
+@_image_dir_argument
+@_backbone_option()
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
+              help="PNG file for the loss-against-rate plot.")
+@_weights_option
+@_image_size_option
+@_batch_size_option
+@_cache_dir_option
+@_cache_dtype_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sweep.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_quiet_option
+@_handle_errors
+def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, cache_dir, cache_dtype, seed, overwrite,
+            quiet) -> None:
+    """Sweep the head's learning rate on IMAGE_DIR's training split and suggest one.
+
+    The sweep trains a softmax head on the cached features with the rate growing each batch
+    (the range test of Smith 2015, as fastai's lr_find); the plot shows the loss against the
+    rate. The suggestion (steepest fall of the loss) is a starting point, not a guarantee:
+    check the plot, then pass it to train --learning-rate.
+    """
+    import numpy as np
+
+    from transferkit import files
+    from transferkit.config import TrainConfig
+    from transferkit.lr_find import find_learning_rate, plot_sweep
+
+    output = Path(output_path)
+    if output.suffix.lower() != ".png":
+        raise click.BadParameter(f"must end in .png, received '{output.name}'", param_hint="-o/--output")
+    if output.exists() and not overwrite:
+        raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    folder, paths, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
+                                               cache_dtype, seed, quiet)
+    train = result.ok & (np.array(folder.splits) == "train")
+    sweep = find_learning_rate(result.vectors[train], folder.labels[train],
+                               TrainConfig(str(image_dir), "", batch_size=batch_size, seed=seed))
+    files.write_bytes(output, plot_sweep(sweep, f"{Path(image_dir).resolve().name}: {backbone} head"))
+    click.echo(f"Swept {len(sweep.rates)} rates on {int(train.sum())} training images; lowest loss at "
+               f"{sweep.min_loss_rate:.1e}.")
+    click.echo(f"Suggested learning rate: {sweep.suggestion:.1e} (steepest fall of the loss; a suggestion, "
+               f"check the plot: {output}).")
 
 
 # ----------------------------------------------------------------------------- cache
@@ -408,8 +538,14 @@ def cache_merge(sources, cache_dir) -> None:
               help="YAML file of options (e.g. a previous RUN_DIR/config.yaml); flags override it.")
 @_backbone_option()
 @_weights_option
-@click.option("--strategy", type=click.Choice(["freeze-all"]), default="freeze-all", show_default=True,
-              help="freeze-all: train a softmax head on the frozen backbone's cached features.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="freeze-all", show_default=True,
+              help="freeze-all: a head on the frozen backbone's cached features. fine-tune-top: then train the top "
+                   "blocks too. full-retrain: then train every layer. auto: pick from the images per class.")
+@click.option("--head", default="softmax", show_default=True,
+              help="softmax, or a scikit-learn head on the cached features (freeze-all only): "
+                   "linear-svm, rbf-svm, logreg, knn, ridge, random-forest, mlp.")
+@click.option("--search/--no-search", default=True, show_default=True,
+              help="scikit-learn heads: search their small hyper-parameter grid by cross-validation.")
 @_image_size_option
 @click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True,
               help="Maximum epochs; early stopping usually ends sooner.")
@@ -424,6 +560,32 @@ def cache_merge(sources, cache_dir) -> None:
               help="L2 penalty on the head, as 1/C of scikit-learn's LogisticRegression (0 = none).")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="After early stopping, retrain the head on train + val for the best epoch count.")
+@click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=None,
+              help="fine-tune-top: how many top blocks of the backbone train. [default: about 20% of the blocks]")
+@click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=_default("fine_tune_epochs"),
+              show_default=True, help="Epochs of the fine-tune phase (best epoch kept, early stopping on val).")
+@click.option("--fine-tune-learning-rate", type=click.FloatRange(min=0, min_open=True),
+              default=_default("fine_tune_learning_rate"), show_default=True,
+              help="Peak rate of the head in the fine-tune phase; the top block gets 1/10, deeper blocks 1/100.")
+@click.option("--fine-tune-patience", type=click.IntRange(min=0), default=_default("fine_tune_patience"),
+              show_default=True, help="Stop fine-tuning after this many epochs without improvement (0 = never).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_default("schedule"), show_default=True,
+              help="Fine-tune learning-rate schedule: warm-up then cosine decay, one-cycle, or constant.")
+@click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers train while fine-tuning "
+                                               "(default: frozen, in inference mode).")
+@click.option("--augment", is_flag=True, help="Augment training images while fine-tuning (flip, random crop, "
+                                              "rotation, brightness, contrast, PCA colour; tune in a recipe).")
+@click.option("--class-weight", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+              help="auto: weight classes inversely to their training counts (imbalanced data).")
+@click.option("--sampling", type=click.Choice(["natural", "balanced"]), default="natural", show_default=True,
+              help="Fine-tune phase: balanced draws every class equally often.")
+@click.option("--deterministic", is_flag=True, help="TensorFlow op determinism: identical reruns, slower.")
+@click.option("--mixed-precision", is_flag=True,
+              help="float16 on a GPU, bfloat16 on CPUs that have it (output layer stays float32).")
+@click.option("--xla", is_flag=True, help="Compile the fine-tune step with XLA (jit_compile).")
+@click.option("--distribute", type=click.Choice([*DISTRIBUTE, "multi-worker"]), default="none", show_default=True,
+              help="mirrored: every GPU of this machine. multi-worker: not available yet (Keras 3 issue 20585).")
+@click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN_DIR/checkpoints/logs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the training.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for validation when IMAGE_DIR is not split into folders.")
@@ -434,10 +596,13 @@ def cache_merge(sources, cache_dir) -> None:
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), default=None,
               help="Exit with code 1 (after writing everything) if test accuracy is below this.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
-@click.option("-v", "--verbose", count=True, help="-v: one line per training epoch.")
+@_strict_option
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue an interrupted run from its checkpoints (its config.yaml; other flags are ignored).")
+@click.option("-v", "--verbose", count=True, help="-v: one line per head epoch, progress bars when fine-tuning.")
 @_quiet_option
 @_handle_errors
-def train(image_dir, output_dir, config_path, quiet, verbose, **options) -> None:
+def train(image_dir, output_dir, config_path, resume_dir, quiet, verbose, **options) -> None:
     """Train a classifier on IMAGE_DIR (one sub-folder per class) and write RUN_DIR.
 
     \b
@@ -445,8 +610,14 @@ def train(image_dir, output_dir, config_path, quiet, verbose, **options) -> None
     stable stratified split is made and written to RUN_DIR/splits.csv.  A train/ + val/
     folder without test/ reports its accuracy on val/.
     """
-    from transferkit.config import TrainConfig, config_from_dict, load_settings
+    from transferkit.config import TrainConfig, config_from_dict, load_config, load_settings
 
+    if resume_dir:
+        from transferkit import runs
+
+        config = load_config(runs.resumable_config(resume_dir)).replace(output_dir=resume_dir)
+        _run_training(config, verbose=0 if quiet else 1 + verbose, resume=True)
+        return
     ctx = click.get_current_context()
     settings = load_settings(config_path) if config_path else {}
     # Flags given on the command line override the config file; defaults do not.
@@ -465,12 +636,12 @@ def train(image_dir, output_dir, config_path, quiet, verbose, **options) -> None
     _run_training(config, verbose=0 if quiet else 1 + verbose)
 
 
-def _run_training(config, verbose: int) -> None:
+def _run_training(config, verbose: int, resume: bool = False) -> None:
     from transferkit.training import prepare_training, run_training
 
-    plan = prepare_training(config)  # every check that needs no TensorFlow, first
+    plan = prepare_training(config, resume=resume)  # every check that needs no TensorFlow, first
     runtime.start_tensorflow()
-    result = run_training(plan, verbose=verbose)
+    result = run_training(plan, verbose=verbose, resume=resume)
     test = result.metrics["test"]
     split = test["split"]
     click.echo(
@@ -487,6 +658,63 @@ def _run_training(config, verbose: int) -> None:
         sys.exit(1)
 
 
+# ----------------------------------------------------------------------------- compare
+
+@main.command()
+@_image_dir_argument
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for the table (comparison.md/.csv/.json), the plots and the split.")
+@_backbone_option(default=None)
+@click.option("--heads", default="softmax,linear-svm,logreg,ridge,knn", show_default=True,
+              help="Comma-separated heads: softmax and any of linear-svm, rbf-svm, logreg, knn, ridge, "
+                   "random-forest, mlp; or 'all'.")
+@click.option("--search/--no-search", default=True, show_default=True,
+              help="scikit-learn heads: search their small hyper-parameter grid by cross-validation.")
+@click.option("--calibrate", is_flag=True,
+              help="Give SVMs and ridge calibrated probabilities (for log-loss and ECE); slower.")
+@click.option("--seeds", "num_seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train every head with N seeds (the split stays fixed); report mean ± std.")
+@click.option("--with-fine-tune", is_flag=True,
+              help="Add a fine-tune-top model (transferkit train --strategy fine-tune-top) as one more arm.")
+@_weights_option
+@_image_size_option
+@_batch_size_option
+@_cache_dir_option
+@_cache_dtype_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and of the first run.")
+@click.option("--val-fraction", type=float, default=0.15, show_default=True,
+              help="Share of images for validation when IMAGE_DIR is not split into folders.")
+@click.option("--test-fraction", type=float, default=0.15, show_default=True,
+              help="Share of images for the test when IMAGE_DIR is not split into folders.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
+@_quiet_option
+@_handle_errors
+def compare(image_dir, quiet, **options) -> None:
+    """Compare heads on IMAGE_DIR: softmax versus scikit-learn heads (and fine-tuning), honestly.
+
+    \b
+    The backbone runs once (features are cached); every head trains on the same images and
+    seed and is scored on the same test images, with bootstrap 95% intervals and McNemar's
+    test against softmax. A winner is named only when the difference is significant.
+    """
+    from transferkit.compare import CompareConfig, prepare_comparison, run_comparison
+
+    options["heads"] = options["heads"].split(",")
+    config = CompareConfig(image_dir=image_dir, **options)
+    plan = prepare_comparison(config)  # every check that needs no TensorFlow, first
+    runtime.start_tensorflow()
+    result = run_comparison(plan, verbose=0 if quiet else 1)
+    counts = result.summary["num_images"]
+    click.echo(f"\n{counts['test']} test images, {len(result.summary['class_names'])} classes, "
+               f"backbone {result.summary['backbone']}:\n")
+    click.echo(result.table)
+    if config.num_seeds > 1:
+        click.echo(f"Means over {config.num_seeds} seeds on one split; 95% CI of seed {config.seed}; "
+                   "McNemar p: the largest over seeds.")
+    click.echo("\n" + click.style("Verdict: ", bold=True) + result.verdict.text)
+    click.echo(f"\nWritten to {result.output_dir}: comparison.md/.csv/.json, accuracy.png, confusion-*.png")
+
+
 # ----------------------------------------------------------------------------- evaluate / predict
 
 @main.command()
@@ -495,9 +723,10 @@ def _run_training(config, verbose: int) -> None:
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write metrics.json. Default: RUN_DIR/evaluations/<IMAGE_DIR name>.")
 @_batch_size_option
+@_tta_option
 @_quiet_option
 @_handle_errors
-def evaluate(run_dir, image_dir, output_dir, batch_size, quiet) -> None:
+def evaluate(run_dir, image_dir, output_dir, batch_size, tta, quiet) -> None:
     """Evaluate the model of RUN_DIR on every image of a labelled IMAGE_DIR."""
     from transferkit.evaluation import evaluate_run
     from transferkit.runs import check_run_dir
@@ -505,35 +734,47 @@ def evaluate(run_dir, image_dir, output_dir, batch_size, quiet) -> None:
     check_run_dir(run_dir)
     runtime.start_tensorflow()
 
-    metrics = evaluate_run(run_dir, image_dir, output_dir, batch_size=batch_size, verbose=0 if quiet else 1)
+    metrics = evaluate_run(run_dir, image_dir, output_dir, batch_size=batch_size, verbose=0 if quiet else 1,
+                           tta=tta)
     for item in metrics["skipped"]:
         log.warning("Skipped %s: %s", item["path"], item["reason"])
+    gain = metrics.get("tta")
     click.echo(
-        f"accuracy: {metrics['accuracy']:.3f}  macro-F1: {metrics['macro_f1']:.3f}  "
-        f"({metrics['num_examples']} images)\nMetrics: {Path(metrics['output_dir']) / 'metrics.json'}"
+        f"accuracy: {metrics['accuracy']:.3f}  macro-F1: {metrics['macro_f1']:.3f}  ({metrics['num_examples']} images)"
+        + (f"\nwith TTA; without: accuracy {gain['accuracy_without']:.3f}, gain {gain['accuracy_gain']:+.3f}"
+           if gain else "")
+        + f"\nMetrics: {Path(metrics['output_dir']) / 'metrics.json'}"
+        + f"\nReport: {Path(metrics['output_dir']) / 'report.html'}"
     )
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=click.Path(exists=True), metavar="RUN_DIR|MODEL")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to show per image.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the predictions to FILE.csv or FILE.json.")
 @_batch_size_option
+@_tta_option
 @_handle_errors
-def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
-    """Classify image files and folders (searched recursively) with the model of RUN_DIR."""
-    from transferkit import files, runs
+def predict(run_dir, paths, top_k, output_path, batch_size, tta) -> None:
+    """Classify image files and folders (searched recursively) with a run's model or an exported one.
+
+    RUN_DIR|MODEL is a run folder, a 'transferkit export' folder, or a .keras file, .tflite
+    file or SavedModel folder with its labels.txt beside it. Keras files load in Keras' safe
+    mode, which refuses code inside a model file: keep it that way for files you did not make.
+    """
+    from transferkit import files, predictors, runs
 
     if output_path and Path(output_path).suffix.lower() not in (".csv", ".json"):
         raise click.BadParameter("must end in .csv or .json", param_hint="--output")
     if output_path and not Path(output_path).resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{Path(output_path).parent}' does not exist", param_hint="--output")
-    runs.check_run_dir(run_dir)
+    if not predictors.is_artifact(run_dir):
+        runs.check_run_dir(run_dir)
     runtime.start_tensorflow()
-    run = runs.load_run(run_dir)
-    rows = runs.predict_files(run, paths, top_k=top_k, batch_size=batch_size)
+    run = predictors.load_predictor(run_dir, batch_size=batch_size)
+    rows = runs.predict_files(run, paths, top_k=top_k, batch_size=batch_size, tta=tta)
     for row in rows:
         if row["ok"]:
             shown = "  ".join(f"{name} {prob:.3f}" for name, prob in row["predictions"])
@@ -553,6 +794,171 @@ def predict(run_dir, paths, top_k, output_path, batch_size) -> None:
                  + ["", ""] * (k - len(r["predictions"])) for r in rows],
             )
         click.echo(f"Wrote {len(rows)} predictions to {output_path}")
+
+
+# ----------------------------------------------------------------------------- report
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--feature-map", is_flag=True,
+              help="Add the feature map: the backbone's features of the run's images, from the cache (computed "
+                   "where missing; needs the image folder).")
+@click.option("--gradcam", is_flag=True, help="Add Grad-CAM overlays of the worst mistakes (loads the model).")
+@_batch_size_option
+@_quiet_option
+@_handle_errors
+def report(run_dir, feature_map, gradcam, batch_size, quiet) -> None:
+    """Draw RUN_DIR/report.html, report.md and plots/ again from a train or evaluate folder.
+
+    Reads only the folder's files (metrics, predictions, history, settings), so it takes
+    seconds and needs neither the images (except for the thumbnails of mistakes) nor TensorFlow,
+    unless --feature-map or --gradcam ask for the backbone or the model.
+    """
+    from transferkit.report import gradcam_explainer, write_report
+    from transferkit.report_data import feature_settings
+
+    features = labels = None
+    settings = feature_settings(run_dir) if feature_map else None  # fails before any TensorFlow work
+    if settings:
+        import numpy as np
+
+        folder, _, result, _ = _extract_folder(
+            settings["image_dir"], settings["backbone"], settings["weights"], settings["image_size"], batch_size,
+            settings["cache_dir"], settings["cache_dtype"], settings["seed"], quiet)
+        index = {name: i for i, name in enumerate(settings["class_names"])}
+        unknown = [name for name in folder.class_names if name not in index]
+        if unknown:
+            raise click.UsageError(f"class folder(s) {', '.join(unknown)} of '{settings['image_dir']}' are not "
+                                   f"classes of the run ({', '.join(settings['class_names'][:10])}...).")
+        features = result.vectors[result.ok]
+        labels = np.array([index[folder.class_names[c]] for c in folder.labels[result.ok]], dtype=np.int64)
+    explainer = None
+    if gradcam:
+        runtime.start_tensorflow()
+        explainer = gradcam_explainer(run_dir)
+    html_path, md_path = write_report(run_dir, features=features, feature_labels=labels, explainer=explainer,
+                                      seed=settings["seed"] if settings else 0)
+    click.echo(f"Report: {html_path}\nMarkdown and plots: {md_path}, {md_path.parent / 'plots'}")
+
+
+# ----------------------------------------------------------------------------- export / explain / ensemble
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["keras", "saved-model", "tflite"]), default="keras",
+              show_default=True, help="keras: a .keras file; saved-model: TensorFlow Serving; tflite: phones, edge.")
+@click.option("--quantize", type=click.Choice(["none", "fp16", "int8"]), default="none", show_default=True,
+              help="TFLite only: fp16 halves the file; int8 (full-integer, calibrated on training images) "
+                   "quarters it and runs on integer-only accelerators.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
+              help="Export folder to create: the model, labels.txt and model_card.json.")
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Images for the parity check and int8 calibration, when the run's photos are not on this machine.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+@_handle_errors
+def export_command(run_dir, fmt, quantize, output_dir, image_dir, overwrite) -> None:
+    """Export the model of RUN_DIR for serving, and check it predicts like the trained model.
+
+    \b
+    Input: raw RGB pixels at the model's size, preprocessing inside, so serving code only
+    decodes and resizes (squash, bilinear, no crop):
+      keras        float32 (n, size, size, 3) in 0-255
+      saved-model  'serving_default': uint8 'image' (n, size, size, 3); 'serving_float': float32 0-255
+      tflite       uint8 'image' (1, size, size, 3), every --quantize; float32 probabilities out
+    The artifact's predictions on the run's held-out images are compared with the Keras
+    model's: float exports must agree on every top-1 class and within 1e-4, or nothing is
+    written; quantised ones report their drop in model_card.json.
+    """
+    from transferkit.export import export_run
+    from transferkit.runs import check_run_dir
+
+    check_run_dir(run_dir)
+    runtime.start_tensorflow()
+    card = export_run(run_dir, output_dir, fmt, quantize, image_dir=image_dir, overwrite=overwrite)
+    parity = card["parity"]
+    drop = f", accuracy {parity['keras_accuracy']:.3f} -> {parity['export_accuracy']:.3f}" \
+        if "export_accuracy" in parity else ""
+    click.echo(f"Parity on {parity['images']} images ({parity['source']}): top-1 agreement "
+               f"{parity['top1_agreement']:.1%}, max probability difference {parity['max_abs_diff']:.2e}{drop}")
+    if "int8_kernels" in card:
+        click.echo(f"int8 kernels: {card['int8_kernels']['int8']} of {card['int8_kernels']['ops']} conv/dense ops")
+    out = Path(card["output_dir"])
+    size = sum(p.stat().st_size for p in (out / card["artifact"]).rglob("*") if p.is_file()) \
+        if (out / card["artifact"]).is_dir() else (out / card["artifact"]).stat().st_size
+    click.echo(f"Exported {fmt}{'' if quantize == 'none' else ' (' + quantize + ')'} to {out / card['artifact']} "
+               f"({size / 1e6:.1f} MB); labels.txt and model_card.json beside it.")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True), metavar="IMAGE...")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for the overlay PNGs (one per image, named after it).")
+@click.option("--class", "class_name", default=None,
+              help="Explain this class instead of the predicted one.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
+@_handle_errors
+def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
+    """Grad-CAM: show which part of each image made the model of RUN_DIR choose its class.
+
+    IMAGE may be files or folders (searched recursively). Each PNG shows the photo and the heat
+    map of the last convolutional block over it, titled with the predicted class and score.
+    """
+    from transferkit import runs
+    from transferkit.data import find_images
+    from transferkit.explain import explain_files
+
+    runs.check_run_dir(run_dir)
+    paths = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
+    if not paths:
+        raise click.BadParameter("no image files found", param_hint="IMAGE")
+    output = runs.prepare_output_dir(output_dir, overwrite)
+    runtime.start_tensorflow()
+    run = runs.load_run(run_dir)
+    run.require_keras_head("explain (Grad-CAM)")
+    rows = explain_files(run, paths, output, class_name=class_name)
+    for row in rows:
+        if row["ok"]:
+            click.echo(f"{row['path']}\t{row['predicted']} {row['score']:.3f}\t-> {row['overlay']}")
+        else:
+            log.warning("Skipped %s: %s", row["path"], row["error"])
+    click.echo(f"Wrote {sum(r['ok'] for r in rows)} Grad-CAM overlays to {output}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False),
+                metavar="RUN_DIR...")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for metrics.json, predictions.csv and skipped.csv.")
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Labelled folder to score on. Default: the runs' common test split (same photos, same split).")
+@_batch_size_option
+@_tta_option
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
+@_quiet_option
+@_handle_errors
+def ensemble(run_dirs, output_dir, image_dir, batch_size, tta, overwrite, quiet) -> None:
+    """Average the class probabilities of several runs and score each run and the ensemble.
+
+    The runs must predict the same classes; backbones and strategies may differ.
+    """
+    from transferkit.ensemble import ensemble_runs
+    from transferkit.runs import check_run_dir
+
+    if len(run_dirs) < 2:
+        raise click.BadParameter(f"give at least two run folders (received {len(run_dirs)})", param_hint="RUN_DIR")
+    for run_dir in run_dirs:
+        check_run_dir(run_dir)
+    runtime.start_tensorflow()
+    metrics = ensemble_runs(run_dirs, output_dir, image_dir, batch_size=batch_size, overwrite=overwrite, tta=tta,
+                            verbose=0 if quiet else 1)
+    for item in metrics["skipped"]:
+        log.warning("Skipped %s: %s", item["path"], item["reason"])
+    for member in metrics["members"]:
+        click.echo(f"  {member['accuracy']:.3f}  {member['run_dir']} ({member['backbone']})")
+    click.echo(f"ensemble accuracy: {metrics['accuracy']:.3f} ({metrics['gain_over_best_member']:+.3f} over the best "
+               f"run)  macro-F1: {metrics['macro_f1']:.3f}  ({metrics['num_examples']} images, {metrics['image_dir']})"
+               f"\nMetrics: {Path(metrics['output_dir']) / 'metrics.json'}")
 
 
 # ----------------------------------------------------------------------------- demo

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import InputError
+from transferkit.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, STRATEGIES
 
-STRATEGIES = ("freeze-all",)
+SCHEDULES = ("cosine", "one-cycle", "constant")
+DISTRIBUTE = ("none", "mirrored")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class TrainConfig:
     backbone: str = "mobilenet_v2_035"
     weights: str = "imagenet"
     strategy: str = "freeze-all"
+    head: str = "softmax"
     image_size: int | None = None
     batch_size: int = 32
     epochs: int = 500
@@ -45,6 +49,33 @@ class TrainConfig:
     dropout: float = 0.0
     regularization: float = 1.0
     refit: bool = True
+    search: bool = True
+    unfreeze_blocks: int | None = None
+    fine_tune_epochs: int = 10
+    fine_tune_learning_rate: float = 1e-3
+    fine_tune_patience: int = 5
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    train_bn: bool = False
+    auto_fine_tune_from: int = AUTO_FINE_TUNE_FROM
+    auto_full_retrain_from: int = AUTO_FULL_RETRAIN_FROM
+    augment: bool = False
+    augment_flip: bool = True
+    augment_crop: float = 0.35
+    augment_rotation: float = 0.05
+    augment_zoom: float = 0.0
+    augment_translation: float = 0.0
+    augment_brightness: float = 0.2
+    augment_contrast: float = 0.2
+    augment_saturation: float = 0.0
+    augment_pca: float = 0.1
+    class_weight: str = "none"
+    sampling: str = "natural"
+    deterministic: bool = False
+    mixed_precision: bool = False
+    xla: bool = False
+    distribute: str = "none"
+    tensorboard: bool = False
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -52,9 +83,37 @@ class TrainConfig:
     cache_dtype: str = "float32"
     min_accuracy: float | None = None
     overwrite: bool = False
+    strict: bool = False
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
+        _check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "unfreeze_blocks", "an integer >= 1",
+               self.unfreeze_blocks)
+        _check(self.fine_tune_epochs >= 1, "fine_tune_epochs", "an integer >= 1", self.fine_tune_epochs)
+        _check(0 < self.fine_tune_learning_rate < 10, "fine_tune_learning_rate", "a number between 0 and 10",
+               self.fine_tune_learning_rate)
+        _check(self.fine_tune_patience >= 0, "fine_tune_patience", "an integer >= 0", self.fine_tune_patience)
+        _check(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        _check(self.warmup_epochs >= 0, "warmup_epochs", "a number >= 0", self.warmup_epochs)
+        _check(1 <= self.auto_fine_tune_from <= self.auto_full_retrain_from, "auto_fine_tune_from",
+               "an integer >= 1 and <= --auto-full-retrain-from", self.auto_fine_tune_from)
+        _check(0 < self.augment_crop <= 1, "augment_crop", "the smallest crop's share of the image, in (0, 1]",
+               self.augment_crop)
+        for name in ("augment_rotation", "augment_zoom", "augment_translation", "augment_brightness",
+                     "augment_contrast", "augment_saturation", "augment_pca"):
+            _check(0 <= getattr(self, name) <= 1, name, "a number in [0, 1] (0 turns it off)", getattr(self, name))
+        _check(self.class_weight in ("none", "auto"), "class_weight", "none or auto", self.class_weight)
+        _check(self.sampling in ("natural", "balanced"), "sampling", "natural or balanced", self.sampling)
+        if self.distribute == "multi-worker":
+            # Keras 3's fit does not run under MultiWorkerMirroredStrategy on TensorFlow 2.16-2.21
+            # (keras-team/keras#20585): it fails before the first step. Refuse it plainly.
+            raise InputError("--distribute multi-worker is not available: Keras 3's fit does not support "
+                             "TensorFlow's MultiWorkerMirroredStrategy yet (keras-team/keras issue 20585). "
+                             "Use --distribute mirrored for the GPUs of one machine.")
+        _check(self.distribute in DISTRIBUTE, "distribute", f"one of {', '.join(DISTRIBUTE)}", self.distribute)
+        _check(self.head == "softmax" or self.strategy == "freeze-all", "head",
+               "softmax with --strategy fine-tune-top/full-retrain/auto (scikit-learn heads train on frozen "
+               "features: use --strategy freeze-all)", self.head)
         _check(self.image_size is None or self.image_size >= 8, "image_size", "an integer >= 8", self.image_size)
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
@@ -77,6 +136,7 @@ class TrainConfig:
             "a number in [0, 1]",
             self.min_accuracy,
         )
+        _check(isinstance(self.strict, bool), "strict", "true or false", self.strict)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -129,7 +189,13 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
         if kind is bool and isinstance(value, bool) or kind is int and isinstance(value, int):
             return value
         if kind is float and isinstance(value, (int, float)):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                break
+            if math.isfinite(number):  # nan and inf would pass range checks written as "not <" or ">="
+                return number
+            break
         if kind is str and isinstance(value, (str, int, float)):
             return str(value)
     expected = " or ".join(_EXPECTED.get(kind, "nothing") for kind in allowed)
@@ -167,6 +233,9 @@ def load_settings(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str,
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise InputError(f"Cannot read config file '{path}': {exc.strerror or exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"Config file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "save it as UTF-8.") from exc
     except yaml.YAMLError as exc:
         raise InputError(f"Config file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -32,3 +32,7 @@ class DataError(InputError):
 
 class CacheError(TransferkitError):
     """The feature cache cannot be read or written."""
+
+
+class ExportError(TransferkitError):
+    """An exported model does not predict like the trained one, or cannot be built."""

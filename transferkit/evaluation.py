@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,7 +80,7 @@ def write_predictions(path, rel_paths: Sequence[str], y_true: np.ndarray, probab
 
 
 def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, overwrite: bool = True,
-                 verbose: int = 1) -> dict:
+                 verbose: int = 1, tta: bool = False) -> dict:
     """Evaluate a trained run on every image of a labelled folder and write ``metrics.json``.
 
     The folder's class sub-folders must be among the run's classes (a folder may lack some).
@@ -88,6 +89,9 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
         run_dir: the folder of a ``transferkit train`` run.
         image_dir: a folder with one sub-folder per class (split folders are pooled).
         output_dir: where to write; default ``RUN_DIR/evaluations/<folder name>``.
+        tta: evaluate with 10-crop test-time augmentation (:mod:`transferkit.tta`); the metrics are
+            then those of the averaged predictions, and ``metrics["tta"]`` holds the accuracy and
+            macro-F1 with and without it.
 
     Returns:
         The metrics written.
@@ -95,32 +99,50 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     from pathlib import Path
 
     from transferkit import files, runs
-    from transferkit.cache import extract_features
     from transferkit.data import scan_folder
     from transferkit.errors import DataError
+    from transferkit.predictors import predict_paths
+    from transferkit.report import gradcam_explainer, write_report
+    from transferkit.report_data import collect_versions
+    from transferkit.tta import TTA_DESCRIPTION
 
     run = runs.load_run(run_dir)
     folder = scan_folder(image_dir, class_names=run.class_names)
     output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / Path(image_dir).resolve().name
     output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite)
-    result = extract_features(
-        run.model, [folder.abs_path(p) for p in folder.paths], None, batch_size=batch_size, verbose=verbose
-    )
+    started = time.perf_counter()
+    result = predict_paths(run.predictor(batch_size),
+                           [folder.abs_path(p) for p in folder.paths], batch_size=batch_size, tta=tta, verbose=verbose)
+    seconds = time.perf_counter() - started
     ok = result.ok
-    skipped = list(folder.skipped) + result.skipped_files(folder.paths)
+    skipped = list(folder.skipped) + [(folder.paths[i], reason) for i, reason in sorted(result.errors.items())]
     if not ok.any():
         raise DataError(f"None of the {len(ok)} images in '{folder.root}' could be decoded; nothing to evaluate. "
                         f"First failure: {skipped[0][0]}: {skipped[0][1]}.")
-    metrics = classification_metrics(folder.labels[ok], result.vectors[ok], run.class_names)
+    metrics = classification_metrics(folder.labels[ok], result.probabilities[ok], run.class_names)
     metrics.update(
         run_dir=str(run.run_dir),
         image_dir=str(folder.root),
         skipped=[{"path": p, "reason": r} for p, r in skipped],
-        images_per_second=round(result.images_per_second, 2),
+        images_per_second=round(int(ok.sum()) / seconds, 2) if seconds > 0 else 0.0,
+        versions=collect_versions(),
     )
+    if tta:
+        plain = classification_metrics(folder.labels[ok], result.plain[ok], run.class_names)
+        metrics["tta"] = {
+            "method": TTA_DESCRIPTION,
+            "accuracy_without": plain["accuracy"],
+            "accuracy_with": metrics["accuracy"],
+            "accuracy_gain": metrics["accuracy"] - plain["accuracy"],
+            "macro_f1_without": plain["macro_f1"],
+            "macro_f1_with": metrics["macro_f1"],
+        }
     files.write_json(output_dir / runs.METRICS_FILE, metrics)
     used = [str(folder.abs_path(p)) for p, k in zip(folder.paths, ok, strict=True) if k]
-    write_predictions(output_dir / runs.PREDICTIONS_FILE, used, folder.labels[ok], result.vectors[ok], run.class_names)
+    write_predictions(output_dir / runs.PREDICTIONS_FILE, used, folder.labels[ok], result.probabilities[ok],
+                      run.class_names)
     files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+    # Reads the files just written; the loaded model adds Grad-CAM of the worst mistakes.
+    write_report(output_dir, explainer=gradcam_explainer(run))
     metrics["output_dir"] = str(output_dir)
     return metrics

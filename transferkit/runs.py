@@ -14,6 +14,7 @@ Layout of RUN_DIR::
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -31,6 +32,9 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SKIPPED_FILE = "skipped.csv"
 PREDICTIONS_FILE = "predictions.csv"
+STATUS_FILE = "status.json"
+CHECKPOINT_DIR = "checkpoints"
+HEAD_FILE = "head.skops"
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir") -> Path:
@@ -65,6 +69,20 @@ def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def resumable_config(run_dir: str | os.PathLike) -> Path:
+    """The ``config.yaml`` of a run that can be resumed (``--resume``), checked before any work."""
+    run_dir = Path(run_dir)
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise InputError(f"Cannot resume '{run_dir}': it has no {CONFIG_FILE}, so it is not a transferkit run "
+                         "folder. Pass the -o folder of an interrupted 'transferkit train' run.")
+    status = run_dir / STATUS_FILE
+    if status.is_file() and json.loads(status.read_text(encoding="utf-8")).get("state") == "finished":
+        raise InputError(f"Run '{run_dir}' already finished; there is nothing to resume. Train into a new folder "
+                         "(or pass --overwrite with -o to replace it).")
+    return config
+
+
 def write_labels(path: str | os.PathLike, class_names: Sequence[str]) -> None:
     files.write_text(path, "".join(f"{name}\n" for name in class_names))
 
@@ -83,6 +101,22 @@ class Run:
     model: object
     class_names: list[str]
     config: dict
+    head: object = None  # a non-linear scikit-learn head on the model's features (train --head knn)
+
+    def predictor(self, batch_size: int = 32):
+        """The run as a :class:`transferkit.predictors.Predictor` (pixels in, class scores out)."""
+        from transferkit.predictors import HeadPredictor, KerasPredictor
+
+        if self.head is not None:
+            return HeadPredictor(self.model, self.head, self.class_names, self.run_dir, batch_size)
+        return KerasPredictor(self.model, self.class_names, self.run_dir, batch_size)
+
+    def require_keras_head(self, action: str) -> None:
+        """Refuse ``action`` (export, Grad-CAM) on a run whose head is not a Keras layer."""
+        if self.head is not None:
+            raise InputError(f"Cannot {action} run '{self.run_dir}': its {self.head.name} head is a scikit-learn "
+                             "model, not a Keras layer. Train with the softmax head or a linear one (linear-svm, "
+                             "logreg, ridge), which fold into the Keras model.")
 
     @property
     def image_size(self) -> int:
@@ -130,17 +164,29 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     except yaml.YAMLError as exc:
         raise InputError(f"Run settings '{config_path}' are not valid YAML: {exc}") from exc
-    if model.output_shape[-1] != len(class_names):
+    head = None
+    if (run_dir / HEAD_FILE).is_file():
+        from transferkit.heads import load_head
+
+        head, _ = load_head(run_dir / HEAD_FILE)  # registry types only: no file can run code
+        outputs = len(head.classes_)
+    else:
+        outputs = model.output_shape[-1]
+    if outputs != len(class_names):
         raise InputError(
-            f"Run folder '{run_dir}' is inconsistent: the model has {model.output_shape[-1]} outputs "
+            f"Run folder '{run_dir}' is inconsistent: the model has {outputs} outputs "
             f"but {LABELS_FILE} lists {len(class_names)} classes."
         )
-    return Run(run_dir, model, class_names, config or {})
+    return Run(run_dir, model, class_names, config or {}, head)
 
 
-def predict_files(run: Run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32,
-                  verbose: int = 0) -> list[dict]:
-    """Classify image files and folders (searched recursively) with a loaded run.
+def predict_files(run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32,
+                  verbose: int = 0, tta: bool = False) -> list[dict]:
+    """Classify image files and folders (searched recursively) with a loaded run or a predictor.
+
+    Args:
+        run: a :class:`Run`, or a :class:`transferkit.predictors.Predictor` (any exported model).
+        tta: average the 10-crop test-time augmentation (:mod:`transferkit.tta`).
 
     Returns:
         One row per image, in the order given (folders sorted): ``{"path", "ok", "error",
@@ -148,8 +194,8 @@ def predict_files(run: Run, paths: Sequence[str | os.PathLike], *, top_k: int = 
     """
     import numpy as np
 
-    from transferkit.cache import extract_features
     from transferkit.data import find_images
+    from transferkit.predictors import predict_paths
 
     files: list[Path] = []
     for item in paths:
@@ -162,11 +208,12 @@ def predict_files(run: Run, paths: Sequence[str | os.PathLike], *, top_k: int = 
             raise InputError(f"'{item}' is neither an image file nor a folder. Check the path.")
     if not files:
         raise InputError(f"No image files found in {', '.join(map(str, paths))}.")
-    result = extract_features(run.model, files, None, batch_size=batch_size, verbose=verbose)
+    predictor = run.predictor(batch_size) if isinstance(run, Run) else run
+    result = predict_paths(predictor, files, batch_size=batch_size, tta=tta, verbose=verbose)
     k = max(1, min(top_k, len(run.class_names)))
     rows = []
     for i, path in enumerate(files):
-        probs = result.vectors[i]
+        probs = result.probabilities[i]
         best = np.argsort(-probs)[:k] if result.ok[i] else []
         rows.append({
             "path": str(path),

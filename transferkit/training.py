@@ -7,20 +7,29 @@ and that same head in one flat graph that takes raw RGB pixels.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transferkit import files, runs
-from transferkit.backbones import BackboneSpec, check_image_size, get_backbone
-from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
+from transferkit import files, report_data, runs
+from transferkit.augment import describe_augmentation, training_images
+from transferkit.backbones import BackboneSpec, block_boundaries, check_image_size, get_backbone
+from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, default_cache_dir, extract_features
+from transferkit.checks import check_strict, dataset_warnings
 from transferkit.config import TrainConfig, save_config
 from transferkit.data import ImageFolder, scan_folder, stable_fraction, write_splits_csv
-from transferkit.errors import DataError, InputError
+from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
+from transferkit.finetune import class_weights, fine_tune, mixed_precision_policy, set_trainable, steps_for
+from transferkit.strategies import choose_strategy, plan_phases
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
 
 log = logging.getLogger("transferkit")
@@ -59,7 +68,7 @@ class TrainingPlan:
     run_dir: Path
 
 
-def prepare_training(config: TrainConfig) -> TrainingPlan:
+def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     """Check everything a run needs without TensorFlow: backbone, weights, input and output folders.
 
     A mistake fails here in seconds, never after extraction.
@@ -71,10 +80,16 @@ def prepare_training(config: TrainConfig) -> TrainingPlan:
     image_size = check_image_size(spec, config.image_size)
     folder = scan_folder(config.image_dir, seed=config.seed, val_fraction=config.val_fraction,
                          test_fraction=config.test_fraction)
+    if config.strict:
+        check_strict(folder.skipped)
     # Weights may download (slow), so they come after the cheap checks and before any writing.
     weights = resolve_weights(spec, config.weights, image_size)
     assign_roles(folder, np.ones(len(folder.paths), dtype=bool), config.seed)  # split problems fail now
-    run_dir = runs.prepare_output_dir(config.output_dir, config.overwrite)
+    if config.head != "softmax":
+        from transferkit.heads import get_head
+
+        get_head(config.head)  # an unknown name fails now, with the nearest one suggested
+    run_dir = runs.prepare_output_dir(config.output_dir, config.overwrite or resume)
     runs.check_writable_dir(config.cache_dir or default_cache_dir(), "--cache-dir")
     return TrainingPlan(config, spec, image_size, weights, folder, run_dir)
 
@@ -97,11 +112,14 @@ def train(config: TrainConfig, *, verbose: int = 1) -> TrainResult:
     return run_training(prepare_training(config), verbose=verbose)
 
 
-def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
-    """Run a job checked by :func:`prepare_training` (see :func:`train`)."""
+def run_training(plan: TrainingPlan, *, verbose: int = 1, resume: bool = False) -> TrainResult:
+    """Run a job checked by :func:`prepare_training` (see :func:`train`).
+
+    Args:
+        resume: continue the run in ``plan.run_dir`` from its checkpoints (``--resume``).
+    """
     started = time.perf_counter()
-    config, spec, image_size, weights, folder, run_dir = (
-        plan.config, plan.spec, plan.image_size, plan.weights, plan.folder, plan.run_dir)
+    config, weights, folder, run_dir = plan.config, plan.weights, plan.folder, plan.run_dir
     if weights.kind == "random":
         log.warning("WARNING: --weights none: the backbone is randomly initialised; expect poor accuracy.")
     log.info(
@@ -111,76 +129,108 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
     )
     for rel, reason in folder.skipped:
         log.warning("Skipped %s: %s", rel, reason)
+    # Hashes are remembered by the cache's index, so extraction does not read the images again.
+    hashes = FileHashes(config.cache_dir or default_cache_dir()).hashes([folder.abs_path(p) for p in folder.paths])
+    for message in dataset_warnings(folder, hashes):
+        log.warning(message)
+    save_config(config, run_dir / runs.CONFIG_FILE)  # first, so an interrupted run can resume
+    _write_status(run_dir, "running")
+    try:
+        result = _run_phases(plan, started, verbose, resume)
+    except BaseException as exc:
+        _write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    _write_status(run_dir, "finished")
+    return result
 
+
+def _write_status(run_dir: Path, state: str, detail: str = "") -> None:
+    """``status.json`` says whether a run finished, failed or was interrupted (resume with --resume)."""
+    files.write_json(run_dir / runs.STATUS_FILE, {"state": state, "detail": detail,
+                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) -> TrainResult:
+    config, spec, image_size, weights, folder, run_dir = (
+        plan.config, plan.spec, plan.image_size, plan.weights, plan.folder, plan.run_dir)
+    distribution = _distribution(config.distribute)
     import keras
 
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        import tensorflow as tf
+
+        log.info("--deterministic: TensorFlow op determinism is on (slower; results repeat exactly).")
+        tf.config.experimental.enable_op_determinism()
     log.info("Backbone %s at %d px, weights: %s", spec.name, image_size, weights.source)
     backbone = load_backbone(spec, weights, image_size)
     cache = FeatureCache(config.cache_dir or default_cache_dir(),
                          FeatureSpec.for_model(spec, backbone, config.cache_dtype))
-    extraction = extract_features(
-        backbone, [folder.abs_path(p) for p in folder.paths], cache, batch_size=config.batch_size, verbose=verbose
-    )
+    paths = [folder.abs_path(p) for p in folder.paths]
+    extraction = extract_features(backbone, paths, cache, batch_size=config.batch_size, verbose=verbose)
     log.info("Features: %d images, %s.", len(folder.paths), extraction.summary())
     for rel, reason in extraction.skipped_files(folder.paths):
         log.warning("Skipped %s: %s", rel, reason)
     skipped = list(folder.skipped) + extraction.skipped_files(folder.paths)
+    if config.strict:
+        check_strict(skipped)  # the vectors computed so far stay in the cache
 
     roles = assign_roles(folder, extraction.ok, config.seed)
     features, labels = extraction.vectors, folder.labels
     train_idx, val_idx, test_idx = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
     num_classes = len(folder.class_names)
-    monitor = "val_loss" if len(val_idx) else "loss"
-    fit_started = time.perf_counter()
-    head, head_model = _compiled_head(keras, config, spec.feature_dim, num_classes, len(train_idx))
-    history = head_model.fit(
-        _feature_dataset(features, labels, train_idx, config, shuffle=True),
-        validation_data=_feature_dataset(features, labels, val_idx, config) if len(val_idx) else None,
-        epochs=config.epochs, verbose=2 if verbose >= 2 else 0, shuffle=False,  # the dataset shuffles
-        callbacks=[
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience, restore_best_weights=True),
-            keras.callbacks.CSVLogger(str(run_dir / runs.HISTORY_FILE)),
-        ],
-    )
-    losses = history.history[monitor]
-    best_epoch = int(np.argmin(losses)) + 1
-    log.info("Head trained: %d epochs, best epoch %d (%s %.4f).", len(losses), best_epoch, monitor, min(losses))
-    refit_epochs = 0
-    # No refit when val is also the reported split (no test images): that would test on training data.
-    if config.refit and len(val_idx) and len(test_idx):
-        # Early stopping chose the epoch count; now use every labelled non-test image for it.
-        # Measured with patience 10: +0.6 points on ants/bees, +3.6 on all sign digits (compare
-        # benchmarks/head_defaults.py with and without refit=false).
-        trval_idx = np.concatenate([train_idx, val_idx])
-        head, head_model = _compiled_head(keras, config, spec.feature_dim, num_classes, len(trval_idx))
-        head_model.fit(_feature_dataset(features, labels, trval_idx, config, shuffle=True),
-                       epochs=best_epoch, verbose=0, shuffle=False)
-        refit_epochs = best_epoch
-        log.info("Refit on train + val (%d images) for %d epochs.", len(trval_idx), best_epoch)
-    fit_seconds = time.perf_counter() - fit_started
+    strategy, why = resolve_strategy(config, np.bincount(labels[train_idx], minlength=num_classes))
+    phases = plan_phases(strategy, num_blocks=len(block_boundaries(spec, backbone)),
+                         unfreeze_blocks=config.unfreeze_blocks)
+    log.info("Strategy %s%s: %s.", strategy, f" ({why})" if why else "",
+             " then ".join(_describe_phase(p, config) for p in phases))
+    weights_by_class = class_weights(labels[train_idx], num_classes) if config.class_weight == "auto" else None
+    checkpoint_dir = run_dir / runs.CHECKPOINT_DIR
+    eval_idx, eval_split = (test_idx, "test") if len(test_idx) else (val_idx, "val")
 
-    # The saved model reuses the very head layers trained above on the backbone's output: one
-    # flat graph, raw pixels in, no weight copying that could drift.
-    model = keras.Model(backbone.input, head(backbone.output), name=f"transferkit_{spec.name}")
+    fit_started = time.perf_counter()
+    history: list[dict] = []
+    fine_tune_info: dict = {}
+    if config.head != "softmax":
+        model, probabilities, head_info = _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx,
+                                                              eval_idx, folder.class_names, run_dir)
+    else:
+        head = _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoint_dir,
+                           refit=len(phases) == 1, class_weight=weights_by_class, resume=resume, verbose=verbose)
+        history += [{"phase": "head", **row} for row in head.history]
+        head_info = {"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "refit_epochs": head.refit_epochs}
+        # The model reuses the very head layers trained above on the backbone's output: one
+        # flat graph, raw pixels in, no weight copying that could drift.
+        model = keras.Model(backbone.input, head.head(backbone.output), name=f"transferkit_{spec.name}")
+        if len(phases) == 1:
+            probabilities = head.predict(features[eval_idx])
+        else:
+            model, rows, fine_tune_info = _fine_tune_phase(
+                config, spec, image_size, backbone, model, phases[1], folder, labels, train_idx, val_idx,
+                checkpoint_dir, weights_by_class, distribution, verbose)
+            history += [{"phase": "fine-tune", **row} for row in rows]
+            probabilities = _predict_images(model, [paths[i] for i in eval_idx], config.batch_size)
+    fit_seconds = time.perf_counter() - fit_started
     runs.save_model(model, run_dir / runs.MODEL_FILE)
 
-    eval_idx = test_idx if len(test_idx) else val_idx
-    eval_split = "test" if len(test_idx) else "val"
-    probabilities = head_model.predict(features[eval_idx], verbose=0)
     test_metrics = classification_metrics(labels[eval_idx], probabilities, folder.class_names)
     test_metrics["split"] = eval_split
-
     run_folder = _with_roles(folder, roles)
     metrics = {
         "test": test_metrics,
         "backbone": spec.name,
         "image_size": image_size,
         "weights": weights.source,
-        "strategy": config.strategy,
-        "epochs_run": len(losses),
-        "best_epoch": best_epoch,
-        "refit_epochs": refit_epochs,
+        "strategy": strategy,
+        "strategy_reason": why,
+        "phases": [dataclasses.asdict(p) for p in phases],
+        "head": config.head,
+        **head_info,
+        "fine_tune": fine_tune_info,
+        "augmentation": describe_augmentation(config),
+        "class_weight": weights_by_class and {folder.class_names[c]: round(w, 4) for c, w in weights_by_class.items()},
+        "image_dir": str(folder.root.resolve()),
         "split_source": folder.split_source,
         "counts": run_folder.counts(),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
@@ -194,15 +244,260 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1) -> TrainResult:
             "cache_dir": str(cache.dir),
         },
         "timings": {"fit_seconds": round(fit_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2)},
+        "versions": report_data.collect_versions(),
     }
     runs.write_labels(run_dir / runs.LABELS_FILE, folder.class_names)
-    save_config(config, run_dir / runs.CONFIG_FILE)
     write_splits_csv(run_folder, run_dir / runs.SPLITS_FILE)  # skipped images are in skipped.csv
     files.write_csv(run_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+    _write_history(run_dir / runs.HISTORY_FILE, history)
     write_predictions(run_dir / runs.PREDICTIONS_FILE, [folder.paths[i] for i in eval_idx], labels[eval_idx],
                       probabilities, folder.class_names)
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
+    shutil.rmtree(checkpoint_dir / "backup", ignore_errors=True)  # the finished model replaces it
+    from transferkit.report import gradcam_explainer, write_report
+
+    html, _ = write_report(run_dir, features=features[extraction.ok], feature_labels=labels[extraction.ok],
+                           explainer=gradcam_explainer(run_dir), seed=config.seed)
+    log.info("Report: %s", html)
     return TrainResult(run_dir, metrics)
+
+
+def resolve_strategy(config: TrainConfig, train_counts: np.ndarray) -> tuple[str, str]:
+    """The strategy to run and why (``auto`` decides from the training images per class)."""
+    if config.strategy != "auto":
+        return config.strategy, ""
+    return choose_strategy(train_counts.tolist(), fine_tune_from=config.auto_fine_tune_from,
+                           full_retrain_from=config.auto_full_retrain_from)
+
+
+def _describe_phase(phase, config: TrainConfig) -> str:
+    if phase.on_features:
+        return f"head on cached features (up to {config.epochs} epochs, rate {config.learning_rate:g})"
+    return (f"{phase.unfreeze_blocks} top block(s) with the head on live images ({config.fine_tune_epochs} epochs, "
+            f"{config.schedule} schedule, rates {config.fine_tune_learning_rate:g} head / "
+            f"{config.fine_tune_learning_rate * phase.rate_multipliers[1]:g} top block / "
+            f"{config.fine_tune_learning_rate * phase.rate_multipliers[2]:g} deeper; "
+            f"BatchNorm {'trains' if config.train_bn else 'frozen'}; augmentation: {describe_augmentation(config)})")
+
+
+@dataclass
+class SoftmaxHead:
+    """A softmax head trained on cached features by :func:`fit_softmax_head`.
+
+    Attributes:
+        head: applies the trained layers to a Keras tensor (``head(backbone.output)``).
+        model: the compiled Keras model, features in, probabilities out.
+        history: one dictionary per epoch of the early-stopped fit.
+    """
+
+    head: Callable
+    model: object
+    epochs_run: int
+    best_epoch: int
+    refit_epochs: int
+    fit_seconds: float
+    history: list[dict]
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.model.predict(features, verbose=0, batch_size=1024)
+
+
+def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                     test_idx: np.ndarray, config: TrainConfig, *, history_path: str | os.PathLike | None = None,
+                     class_weight: dict | None = None, verbose: int = 0) -> SoftmaxHead:
+    """Train the softmax head on features: early stopping on ``val_idx``, then (``config.refit``)
+    a refit on train + val for the best epoch count.
+
+    No refit when there is no test split: val is then the reported split, and refitting on it
+    would test on training data.
+    """
+    import keras
+
+    started = time.perf_counter()
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    num_classes = max(num_classes, len(np.unique(labels)))
+    feature_dim = features.shape[1]
+    monitor = "val_loss" if len(val_idx) else "loss"
+    head, head_model = _compiled_head(keras, config, feature_dim, num_classes, len(train_idx))
+    callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience, restore_best_weights=True)]
+    if history_path is not None:
+        callbacks.append(keras.callbacks.CSVLogger(str(history_path)))
+    fitted = head_model.fit(
+        _feature_dataset(features, labels, train_idx, config, shuffle=True),
+        validation_data=_feature_dataset(features, labels, val_idx, config) if len(val_idx) else None,
+        epochs=config.epochs, verbose=2 if verbose >= 2 else 0, shuffle=False,  # the dataset shuffles
+        class_weight=class_weight, callbacks=callbacks,
+    )
+    losses = fitted.history[monitor]
+    best_epoch = int(np.argmin(losses)) + 1
+    rows = [{"epoch": i, **{k: float(v[i]) for k, v in fitted.history.items()}} for i in range(len(losses))]
+    log.info("Head trained: %d epochs, best epoch %d (%s %.4f).", len(losses), best_epoch, monitor, min(losses))
+    refit_epochs = 0
+    if config.refit and len(val_idx) and len(test_idx):
+        # Early stopping chose the epoch count; now use every labelled non-test image for it.
+        # Measured with patience 10: +0.6 points on ants/bees, +3.6 on all sign digits (compare
+        # benchmarks/head_defaults.py with and without refit=false).
+        trval_idx = np.concatenate([train_idx, val_idx])
+        head, head_model = _compiled_head(keras, config, feature_dim, num_classes, len(trval_idx))
+        head_model.fit(_feature_dataset(features, labels, trval_idx, config, shuffle=True),
+                       epochs=best_epoch, verbose=0, shuffle=False, class_weight=class_weight)
+        refit_epochs = best_epoch
+        log.info("Refit on train + val (%d images) for %d epochs.", len(trval_idx), best_epoch)
+    return SoftmaxHead(head, head_model, len(losses), best_epoch, refit_epochs, time.perf_counter() - started, rows)
+
+
+def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoint_dir: Path, *, refit: bool,
+                class_weight, resume: bool, verbose: int) -> SoftmaxHead:
+    """Phase 1 on cached features; before a fine-tune phase its weights are checkpointed so that
+    ``--resume`` does not train it again."""
+    import keras
+
+    saved = checkpoint_dir / "head.weights.h5"
+    num_classes = int(labels.max()) + 1
+    if resume and saved.is_file() and not refit:
+        head, model = _compiled_head(keras, config, features.shape[1], num_classes, len(train_idx))
+        model.load_weights(saved)
+        info = json.loads((checkpoint_dir / "head.json").read_text(encoding="utf-8"))
+        log.info("Resumed: head phase restored from %s.", saved)
+        return SoftmaxHead(head, model, info["epochs_run"], info["best_epoch"], 0, 0.0, info["history"])
+    result = fit_softmax_head(features, labels, train_idx, val_idx, test_idx,
+                              config.replace(refit=config.refit and refit), class_weight=class_weight, verbose=verbose)
+    if not refit:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with files.atomic_path(saved, suffix=".weights.h5") as tmp:
+            result.model.save_weights(tmp)
+        files.write_json(checkpoint_dir / "head.json", {"epochs_run": result.epochs_run,
+                                                        "best_epoch": result.best_epoch, "history": result.history})
+    return result
+
+
+def _fine_tune_phase(config, spec, image_size, backbone, model, phase, folder, labels, train_idx, val_idx,
+                     checkpoint_dir, class_weight, distribution, verbose):
+    """Phase 2: unfreeze the phase's blocks and train on live (augmented) images.
+
+    The model is rebuilt under the mixed-precision policy and distribution strategy when asked
+    (variables must be created inside both), with the head phase's weights copied in; the
+    returned model is float32 either way.
+    """
+    import keras
+
+    from transferkit.backbones import build_backbone
+
+    policy, policy_note = (None, "")
+    if config.mixed_precision:
+        policy, policy_note = mixed_precision_policy()
+        log.info("--mixed-precision: %s.", policy_note)
+
+    def build():
+        backbone = build_backbone(spec, weights=None, image_size=image_size)
+        head_layers = [keras.layers.Dropout(config.dropout, name="head_dropout"),
+                       keras.layers.Dense(len(folder.class_names), activation="softmax", dtype="float32",
+                                          name="predictions")]
+        x = backbone.output
+        for layer in head_layers:
+            x = layer(x)
+        return keras.Model(backbone.input, x, name=model.name), backbone
+
+    previous = keras.config.dtype_policy()
+    if policy:
+        keras.config.set_dtype_policy(policy)
+    try:
+        with distribution.scope():
+            if policy or config.distribute != "none":
+                tuned, tuned_backbone = build()
+                tuned.set_weights(model.get_weights())
+            else:
+                tuned, tuned_backbone = model, backbone  # the same layer objects
+            layer_rates = set_trainable(tuned_backbone, spec, phase, config.train_bn)
+            for name in ("head_dropout", "predictions"):
+                tuned.get_layer(name).trainable = True
+            layer_rates["predictions"] = phase.rate_multipliers[0]
+            batch = config.batch_size * distribution.num_replicas_in_sync
+            paths = [folder.abs_path(folder.paths[i]) for i in train_idx]
+            train_data = training_images(paths, labels[train_idx], image_size, batch, config=config, shuffle=True,
+                                         seed=config.seed, balanced=config.sampling == "balanced")
+            val_data = training_images([folder.abs_path(folder.paths[i]) for i in val_idx], labels[val_idx],
+                                       image_size, batch, config=config, shuffle=False,
+                                       seed=config.seed) if len(val_idx) else None
+            trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
+            log.info("Fine-tuning %d trainable weights in %d layers.", trainable, len(layer_rates))
+            rows = fine_tune(tuned, config, layer_rates, train_data, val_data,
+                             steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
+                             class_weight=class_weight, verbose=verbose)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if tuned is not model:
+        model.set_weights(tuned.get_weights())  # float32, outside any distribution scope
+    # A new, uncompiled model on the same layers: the saved file needs no optimizer class to load.
+    model = keras.Model(model.input, model.output, name=model.name)
+    info = {"epochs_run": len(rows), "trainable_weights": trainable, "trained_layers": len(layer_rates),
+            "mixed_precision": policy or "none", "distribute": config.distribute,
+            "replicas": distribution.num_replicas_in_sync}
+    return model, rows, info
+
+
+def _distribution(name: str):
+    """The tf.distribute strategy for ``--distribute`` (the default strategy for ``none``)."""
+    import tensorflow as tf
+
+    if name != "mirrored":
+        return tf.distribute.get_strategy()
+    strategy = tf.distribute.MirroredStrategy()
+    log.info("--distribute %s: %d replica(s) in sync.", name, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _predict_images(model, paths, batch_size: int) -> np.ndarray:
+    """Model outputs for image files (all decodable: they passed extraction)."""
+    result = extract_features(model, paths, None, batch_size=batch_size, verbose=0)
+    return result.vectors
+
+
+def _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx, eval_idx, class_names, run_dir):
+    """``--head NAME``: a scikit-learn head on the cached features of train + val (its grid search's
+    cross-validation replaces early stopping).
+
+    A linear head is folded into a Dense layer on the backbone, so ``model.keras`` serves exactly
+    like a softmax run (the fold is checked against scikit-learn on the evaluation split). Other
+    heads are saved with skops as ``head.skops`` next to the backbone, which then outputs features.
+    """
+    import keras
+
+    from transferkit import heads
+
+    spec = heads.get_head(config.head)
+    trval_idx = np.concatenate([train_idx, val_idx])
+    fitted = heads.fit_head(config.head, features[trval_idx], labels[trval_idx], search=config.search,
+                            seed=config.seed, calibrate=not spec.linear)
+    log.info("Head %s fitted on %d images in %.1f s (%s).", config.head, len(trval_idx), fitted.fit_seconds_,
+             ", ".join(f"{k.removeprefix('clf__')}={v}" for k, v in fitted.best_params_.items()) or "defaults")
+    eval_features = features[eval_idx]
+    info = {"head_params": {k.removeprefix("clf__"): v for k, v in fitted.best_params_.items()},
+            "head_cv_accuracy": fitted.cv_score_, "head_fit_seconds": round(fitted.fit_seconds_, 3)}
+    if spec.linear:
+        layer = heads.keras_head_layer(fitted)
+        outputs = np.asarray(layer(eval_features.astype(np.float32)))
+        agreement = float(np.mean(outputs.argmax(1) == fitted.predict(eval_features)))
+        if agreement < 1.0:
+            raise TransferkitError(f"Folding head {config.head} into Keras changed {1 - agreement:.1%} of the "
+                                   "predictions; please report this bug.")
+        model = keras.Model(backbone.input, layer(backbone.output), name=f"transferkit_{config.head}")
+        info.update(head_outputs="probabilities" if outputs.min() >= 0 and np.allclose(outputs.sum(1), 1, atol=1e-4)
+                    else "decision scores", fold_agreement=agreement)
+        return model, outputs, info
+    scores, kind = fitted.scores(eval_features)
+    heads.save_head(fitted, run_dir / runs.HEAD_FILE, {
+        "backbone": config.backbone, "image_size": int(backbone.input_shape[1]),
+        "weights_id": FeatureSpec.for_model(get_backbone(config.backbone), backbone).weights_id,
+        "class_names": list(class_names)})
+    info.update(head_outputs="probabilities" if kind == "proba" else "decision scores")
+    return backbone, scores, info
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    """``history.csv``: one row per epoch of every phase, numbered per phase."""
+    columns = ["phase", "epoch"] + sorted({k for row in rows for k in row} - {"phase", "epoch"})
+    files.write_csv(path, columns, [[row.get(c, "") for c in columns] for row in rows])
 
 
 def _compiled_head(keras, config: TrainConfig, feature_dim: int, num_classes: int, num_train: int):
@@ -275,8 +570,6 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int) -> np.ndarray:
 
 def _with_roles(folder: ImageFolder, roles: np.ndarray) -> ImageFolder:
     """The folder with each image's role in this run as its split; skipped images left out."""
-    import dataclasses
-
     keep = roles != "skipped"
     return dataclasses.replace(
         folder,

@@ -1,0 +1,182 @@
+"""Fine-tuning runs end to end with the tiny backbone: run folder, resume after SIGKILL, auto, heads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from transferkit.cli import main
+from transferkit.testing import make_image_folder
+
+TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+        "--learning-rate", "0.01", "--epochs", "40", "--patience", "10"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "photos", num_classes=3, images_per_class=20,
+                             image_size=32, formats=("png",))
+
+
+def _train(tmp_path, folder, *args):
+    result = CliRunner().invoke(main, ["train", str(folder), "-o", str(tmp_path / "run"), "--cache-dir",
+                                       str(tmp_path / "cache"), *TINY, *args])
+    return result, tmp_path / "run"
+
+
+def test_fine_tune_top_writes_a_two_phase_run(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "2", "--augment",
+                         "--class-weight", "auto")
+    assert result.exit_code == 0, result.output
+    assert "Strategy fine-tune-top" in result.output and "1 top block(s)" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["strategy"] == "fine-tune-top" and metrics["fine_tune"]["epochs_run"] == 2
+    assert [p["name"] for p in metrics["phases"]] == ["head", "fine-tune"]
+    assert "random resized crop" in metrics["augmentation"]
+    assert set(metrics["class_weight"]) == {"class_0", "class_1", "class_2"}
+    phases = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
+    assert phases.count("fine-tune") == 2 and phases[0] == "head"
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert not (run / "checkpoints" / "backup").exists()
+    # The saved model is one flat float32 graph that evaluate can load (safe mode).
+    evaluated = CliRunner().invoke(main, ["evaluate", str(run), str(folder), "-o", str(tmp_path / "eval"), "-q"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_auto_says_what_it_picked_and_why(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--strategy", "auto")
+    assert result.exit_code == 0, result.output
+    assert "Strategy freeze-all (the smallest class has" in result.output
+    assert json.loads((run / "metrics.json").read_text())["strategy_reason"].startswith("the smallest class")
+
+
+def test_full_retrain_with_mixed_precision_saves_float32(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--strategy", "full-retrain", "--fine-tune-epochs", "1",
+                         "--mixed-precision", "--xla", "--distribute", "mirrored")
+    assert result.exit_code == 0, result.output
+    assert "--mixed-precision:" in result.output
+    import keras
+
+    model = keras.saving.load_model(run / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert json.loads((run / "metrics.json").read_text())["fine_tune"]["distribute"] == "mirrored"
+
+
+def test_resume_refuses_finished_and_foreign_folders(tmp_path, folder):
+    result, run = _train(tmp_path, folder)
+    assert result.exit_code == 0
+    again = CliRunner().invoke(main, ["train", "--resume", str(run)])
+    assert again.exit_code == 2 and "already finished" in again.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    foreign = CliRunner().invoke(main, ["train", "--resume", str(empty)])
+    assert foreign.exit_code == 2 and "no config.yaml" in foreign.output
+
+
+def test_sklearn_head_folds_into_the_saved_model(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--head", "logreg", "--no-search")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["head"] == "logreg" and metrics["fold_agreement"] == 1.0
+    assert metrics["head_outputs"] == "probabilities" and metrics["test"]["accuracy"] >= 0.6
+    bad = CliRunner().invoke(main, ["train", str(folder), "-o", str(tmp_path / "r2"), "--head", "logreg2"])
+    assert bad.exit_code == 2 and "Did you mean: logreg?" in bad.output
+
+
+def test_resume_after_sigkill_reaches_the_same_epochs(tmp_path):
+    # Kill a fine-tuning run as soon as its first fine-tune epoch is checkpointed, resume it, and
+    # compare with the epochs an uninterrupted run would run (all of them: early stopping is off).
+    folder = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=60, image_size=32)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "transferkit.cli", "train", str(folder), "-o", str(run), "--cache-dir",
+               str(tmp_path / "cache"), *TINY, "--strategy", "fine-tune-top", "--fine-tune-epochs", "12",
+               "--fine-tune-patience", "0", "-q"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history = run / "checkpoints" / "history-fine-tune.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if history.is_file() and len(history.read_text().splitlines()) >= 2:  # header + one epoch
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(history.read_text().splitlines()) - 1
+    assert 1 <= done_before < 12
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # killed: never updated
+    resumed = subprocess.run([sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run), "-q"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed: head phase restored" in resumed.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fine_tune"]["epochs_run"] == 12
+    epochs = [int(line.split(",")[1]) for line in (run / "history.csv").read_text().splitlines()[1:]
+              if line.startswith("fine-tune")]
+    assert epochs == list(range(12))  # each epoch once: resumed after the last checkpoint, none repeated
+    assert np.isfinite(metrics["test"]["accuracy"])
+
+
+def test_lr_find_plots_and_suggests_a_rate_inside_the_sweep(tmp_path, folder):
+    plot = tmp_path / "lr.png"
+    result = CliRunner().invoke(main, ["lr-find", str(folder), "-o", str(plot), "--backbone", "tiny_test",
+                                       "--weights", "none", "--image-size", "32", "--batch-size", "8", "-q",
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    suggested = float(result.output.split("Suggested learning rate: ")[1].split(" ")[0])
+    assert 1e-6 <= suggested <= 1.0 and "a suggestion" in result.output
+
+
+def test_training_images_balance_and_augment(tmp_path):
+    from transferkit.augment import training_images
+    from transferkit.config import TrainConfig
+    from transferkit.data import scan_folder
+
+    folder = scan_folder(make_image_folder(tmp_path / "imb", num_classes=2, images_per_class=12, image_size=32))
+    keep = [i for i, label in enumerate(folder.labels) if label == 0 or i % 4 == 0]  # about 12 : 3
+    paths = [folder.abs_path(folder.paths[i]) for i in keep]
+    labels = folder.labels[keep]
+    config = TrainConfig("a", "b", augment=True)
+    balanced = training_images(paths, labels, 32, 4, config=config, shuffle=True, seed=0, balanced=True)
+    drawn = np.concatenate([np.asarray(y) for _ in range(20) for _, y in balanced])
+    assert abs(np.mean(drawn) - 0.5) < 0.1  # the minority class drawn about as often as the majority
+    plain = training_images(paths, labels, 32, 64, config=config, shuffle=False, seed=0)
+    augmented = training_images(paths, labels, 32, 64, config=config, shuffle=True, seed=0)
+    (x_plain, _), (x_aug, _) = next(iter(plain)), next(iter(augmented))
+    assert x_plain.shape == x_aug.shape == (len(paths), 32, 32, 3)
+    assert float(np.min(x_aug)) >= 0 and float(np.max(x_aug)) <= 255
+    # Validation data (shuffle=False) is never augmented: identical on every pass.
+    assert np.array_equal(np.asarray(x_plain), np.asarray(next(iter(plain))[0]))
+    assert not np.allclose(np.sort(np.asarray(x_plain).ravel()), np.sort(np.asarray(x_aug).ravel()))
+
+
+def test_nonlinear_sklearn_head_predicts_and_evaluates(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--head", "knn", "--no-search")
+    assert result.exit_code == 0, result.output
+    assert (run / "head.skops").is_file() and (run / "report.html").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["head"] == "knn" and metrics["test"]["accuracy"] >= 0.6
+    predicted = CliRunner().invoke(main, ["predict", str(run), str(folder / "class_1")])
+    assert predicted.exit_code == 0, predicted.output
+    assert predicted.output.count("class_1") >= 15  # the images of class_1, nearly all recognised
+    evaluated = CliRunner().invoke(main, ["evaluate", str(run), str(folder), "-o", str(tmp_path / "eval"), "-q"])
+    assert evaluated.exit_code == 0, evaluated.output
+    refused = CliRunner().invoke(main, ["export", str(run), "--format", "keras", "-o", str(tmp_path / "exp")])
+    assert refused.exit_code == 2 and "scikit-learn model, not a Keras layer" in refused.output
+
+
+def test_multi_worker_is_refused_with_the_reason():
+    # Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585): say so.
+    from transferkit.config import TrainConfig
+    from transferkit.errors import InputError
+
+    with pytest.raises(InputError, match="keras-team/keras issue 20585"):
+        TrainConfig("a", "b", distribute="multi-worker")

@@ -1,0 +1,211 @@
+"""The fine-tune phase: backbone layers train with the head, on live images, with Keras ``fit``.
+
+What this module guarantees, because Keras users get each of these wrong by hand:
+
+- Only the layers of the unfrozen blocks train; BatchNormalization layers stay frozen (and so in
+  inference mode: Keras 3 runs a non-trainable BN layer with its moving statistics) unless
+  ``--train-bn``; the model is compiled after ``trainable`` is set, in the same function.
+- Discriminative learning rates: one optimizer, each variable's step scaled by its layer's
+  multiplier (head 1, top block 0.1, deeper blocks 0.01 by default).
+- Warm-up then cosine (or one-cycle) decay from Keras' own ``CosineDecay``.
+- Resumable: ``BackupAndRestore`` checkpoints weights, optimizer and epoch every epoch; the best
+  epoch's weights are kept by ``ModelCheckpoint`` and early stopping resumes with its counters.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.backbones import BackboneSpec, block_boundaries
+from transferkit.config import TrainConfig
+from transferkit.strategies import Phase, layer_rates
+
+log = logging.getLogger("transferkit")
+
+#: ``one-cycle`` warms up over this share of the steps, then anneals (fastai's ``pct_start``).
+ONE_CYCLE_WARMUP_SHARE = 0.25
+
+
+def set_trainable(backbone, spec: BackboneSpec, phase: Phase, train_bn: bool = False) -> dict[str, float]:
+    """Freeze and unfreeze the backbone's layers for a phase; returns ``{layer name: rate multiplier}``
+    of the layers that train.
+
+    Call before ``compile`` (``compile`` fixes which weights the optimizer updates).
+    """
+    import keras
+
+    backbone.trainable = True
+    rates = layer_rates(block_boundaries(spec, backbone), len(backbone.layers), phase)
+    trained = {}
+    for layer, rate in zip(backbone.layers, rates, strict=True):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = rate is not None and (train_bn or not is_bn)
+        if layer.trainable and layer.weights:
+            trained[layer.name] = rate
+    return trained
+
+
+@functools.cache
+def _layer_rate_adam():
+    import keras
+
+    class LayerRateAdam(keras.optimizers.Adam):
+        """Adam whose step for each variable is scaled by its layer's rate multiplier.
+
+        Keras has no per-layer learning rates (TensorFlow Addons' MultiOptimizer is gone), and
+        scaling gradients would not scale Adam's steps; scaling the rate it is given does.
+        """
+
+        def __init__(self, layer_rates: dict[str, float], **kwargs):
+            super().__init__(**kwargs)
+            self.layer_rates = dict(layer_rates)
+
+        def build(self, variables):
+            super().build(variables)
+            self._multipliers = [self.layer_rates.get(v.path.split("/")[0], 1.0) for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            multiplier = self._multipliers[self._get_variable_index(variable)]
+            super().update_step(gradient, variable, learning_rate * multiplier)
+
+        def get_config(self):
+            return {**super().get_config(), "layer_rates": self.layer_rates}
+
+    return LayerRateAdam
+
+
+def make_optimizer(config: TrainConfig, layer_rates: dict[str, float], steps_per_epoch: int, epochs: int):
+    """Adam with per-layer rates and the configured schedule (see :func:`make_schedule`)."""
+    return _layer_rate_adam()(layer_rates, learning_rate=make_schedule(config, steps_per_epoch, epochs))
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int, epochs: int):
+    """The fine-tune rate: a number (``constant``) or a Keras schedule: linear warm-up from 1/25 of
+    the peak, then cosine decay to zero (``one-cycle`` warms up over a quarter of the steps)."""
+    import keras
+
+    total = max(1, steps_per_epoch * epochs)
+    peak = config.fine_tune_learning_rate
+    if config.schedule == "constant":
+        rate = peak
+    else:
+        share = ONE_CYCLE_WARMUP_SHARE if config.schedule == "one-cycle" else config.warmup_epochs / epochs
+        warmup = min(total - 1, round(total * share))
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=peak / 25 if warmup else peak, decay_steps=total - warmup, alpha=0.0,
+            warmup_target=peak if warmup else None, warmup_steps=warmup)
+    return rate
+
+
+def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_data, val_data, *,
+              steps_per_epoch: int, checkpoint_dir: Path, class_weight: dict | None = None,
+              verbose: int = 1, extra_callbacks: list | None = None) -> list[dict]:
+    """Compile ``model`` for the fine-tune phase and fit it, resuming from ``checkpoint_dir``.
+
+    On return the model holds the weights of its best epoch (lowest validation loss).
+
+    Returns:
+        One dictionary per epoch run (``epoch``, ``loss``, ``accuracy``, ``val_loss``, ...),
+        including epochs finished before an interruption.
+    """
+    import keras
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    history_path = checkpoint_dir / "history-fine-tune.csv"
+    best_path = checkpoint_dir / "best.weights.h5"
+    earlier = read_history(history_path)
+    monitor = "val_loss" if val_data is not None else "loss"
+    model.compile(optimizer=make_optimizer(config, layer_rates, steps_per_epoch, config.fine_tune_epochs),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=config.xla or False)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
+                                        initial_value_threshold=min((row[monitor] for row in earlier), default=None)),
+        _resumed_early_stopping(keras, monitor, config.fine_tune_patience, earlier),
+        keras.callbacks.CSVLogger(str(history_path), append=bool(earlier)),
+        *(extra_callbacks or []),
+    ]
+    if config.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(str(checkpoint_dir.parent / "logs" / "fine-tune")))
+    model.fit(train_data, validation_data=val_data, epochs=config.fine_tune_epochs, class_weight=class_weight,
+              callbacks=callbacks, verbose=1 if verbose >= 2 else (2 if verbose else 0), shuffle=False)
+    if best_path.is_file():
+        model.load_weights(best_path)
+    return read_history(history_path)
+
+
+def _resumed_early_stopping(keras, monitor: str, patience: int, earlier: list[dict]):
+    """EarlyStopping whose counters continue from the epochs already run (Keras' resets on restart)."""
+
+    class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            for row in earlier:
+                value = row[monitor]
+                if self._is_improvement(value, self.best):
+                    self.best, self.best_epoch, self.wait = value, int(row["epoch"]), 0
+                else:
+                    self.wait += 1
+
+    return ResumedEarlyStopping(monitor=monitor, patience=patience or 10**9, restore_best_weights=False)
+
+
+def read_history(path: Path) -> list[dict]:
+    """Rows of a Keras ``CSVLogger`` file as dictionaries of numbers (empty when there is none)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()
+                 if value not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def float32_policy_copy(build: Callable[[], object], model):
+    """A float32 model with ``model``'s weights (for saving a model trained in mixed precision)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = build()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def mixed_precision_policy() -> tuple[str | None, str]:
+    """The mixed-precision policy for this machine and why: float16 on a GPU, bfloat16 on a CPU
+    with native bfloat16 instructions, none otherwise."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16", "float16 compute on the GPU, float32 weights and output layer"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "mixed_bfloat16", "bfloat16 compute on this CPU (it has bfloat16 instructions), float32 weights"
+    return None, "no GPU and no bfloat16 CPU instructions: training in float32"
+
+
+def steps_for(num_images: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_images / batch_size))
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """``--class-weight auto``: scikit-learn's "balanced" weights, ``n / (k * count)`` per class."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    result = dict.fromkeys(range(num_classes), 1.0)
+    result.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return result
