@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -17,9 +16,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from transferkit.errors import DataError, InputError
+from transferkit.features import BottleneckFeatures
 from transferkit.heads import (
     HEADS,
-    BottleneckFeatures,
     attach_head,
     fit_head,
     fold_linear_head,
@@ -244,34 +243,6 @@ def test_save_needs_full_backbone_identity(tmp_path):
         save_head(head, tmp_path / "head.skops", {**IDENTITY, "class_names": ["a", "b"]})
     with pytest.raises(InputError, match="does not exist"):
         load_head(tmp_path / "missing.skops")
-
-
-# ----------------------------------------------------------------------------- BottleneckFeatures
-
-
-def test_bottleneck_features_is_a_scikit_learn_transformer(tmp_path):
-    from transferkit.testing import make_image_folder
-
-    root = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=6, image_size=32)
-    paths = sorted(str(p) for p in root.glob("*/*.png"))
-    labels = np.array([0 if "class_0" in p else 1 for p in paths])
-    transformer = BottleneckFeatures(backbone="tiny_test", weights="none", image_size=32,
-                                     cache_dir=tmp_path / "cache")
-    assert clone(transformer).get_params() == transformer.get_params()
-    assert not hasattr(transformer, "model_")  # __init__ only stores
-    assert transformer.fit(paths) is transformer
-    vectors = transformer.transform(paths)
-    assert vectors.shape == (12, 32) and vectors.dtype == np.float32
-    np.testing.assert_allclose(transformer.transform(paths[:3]), vectors[:3], atol=1e-6)  # from the cache
-    assert list(transformer.get_feature_names_out())[:2] == ["bottleneckfeatures0", "bottleneckfeatures1"]
-    assert transformer.identity(["class_0", "class_1"])["weights_id"] == transformer.weights_id_
-
-    model = Pipeline([("features", clone(transformer)), ("clf", LogisticRegression())]).fit(paths, labels)
-    assert model.predict(paths).shape == (12,)
-
-    (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match=r"1 of 2 images could not be used: .*broken\.png"):
-        transformer.transform([paths[0], tmp_path / "broken.png"])
 
 
 # ----------------------------------------------------------------------------- statistics
