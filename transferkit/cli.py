@@ -63,7 +63,11 @@ def _handle_errors(func):
                        f"{exc.strerror or exc}. Check the path, free space and permissions.", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("Interrupted. Finished features are kept in the cache; run again to resume.", err=True)
+            message = "Interrupted. Finished features are kept in the cache; run again to resume."
+            run_dir = ctx.params.get("output_dir") or ctx.params.get("resume_dir")
+            if ctx.info_name == "train" and run_dir:
+                message += f" Continue the training with: transferkit train --resume {run_dir}"
+            click.echo(message, err=True)
             ctx.exit(130)
 
     return wrapper
@@ -118,6 +122,11 @@ _strict_option = click.option(
 _cache_dtype_option = click.option(
     "--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
     help="How cached vectors are stored; float16 halves the cache (vectors are used as float32).",
+)
+_augment_views_option = click.option(
+    "--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+    help="Also cache K augmented views per image (random crop, flip, rotation, brightness, contrast, PCA "
+         "colour at --augment's strengths, seeded by --seed), so a head can train with augmentation.",
 )
 
 
@@ -209,11 +218,12 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
               help="Split the images across this many workers (e.g. jobs of a cluster scheduler).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which part this worker extracts (0 .. num-shards - 1).")
+@_augment_views_option
 @_strict_option
 @_quiet_option
 @_handle_errors
 def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, num_shards,
-            shard_index, strict, quiet) -> None:
+            shard_index, augment_views, strict, quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
     Images already in the cache (same bytes, same settings) are not computed again. With
@@ -228,7 +238,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
     folder, paths, result, cache = _extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
         select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False,
-        strict=strict)
+        strict=strict, views=augment_views)
     skipped = list(folder.skipped) + result.skipped_files(paths)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
     part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
@@ -237,11 +247,17 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
         f"already cached: {result.num_cached}; skipped: {len(skipped)}; ignored: {folder.num_ignored} "
         f"(hidden, system and non-image files){rate}.\nCache: {cache.dir}"
     )
+    if augment_views:
+        rate = f"; {result.views_per_second:.1f} views/s" if result.num_views_computed else ""
+        click.echo(f"Augmented views ({augment_views} per image): computed: {result.num_views_computed}; "
+                   f"already cached: {result.num_views_cached}{rate}.")
 
 
 def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
-                    select=None, keep_vectors=True, strict=False):
+                    select=None, keep_vectors=True, strict=False, views=0):
     """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
+
+    With ``views`` K, also K augmented views per image (TrainConfig's default strengths, ``seed``).
 
     Returns:
         ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
@@ -268,8 +284,10 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
     keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
     model = load_backbone(spec, resolved, size)
     cache = FeatureCache(cache_dir, FeatureSpec.for_model(spec, model, cache_dtype))
+    augmentation = TrainConfig(image_dir=str(image_dir), output_dir="", seed=seed) if views else None
     result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
-                              verbose=0 if quiet else 1, keep_vectors=keep_vectors)
+                              verbose=0 if quiet else 1, keep_vectors=keep_vectors, views=views,
+                              augmentation=augmentation)
     skipped = list(folder.skipped) + result.skipped_files(paths)
     if strict:
         check_strict(skipped)  # the vectors computed so far stay in the cache
@@ -299,17 +317,22 @@ def features() -> None:
 @_cache_dtype_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split (and of --weights none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_augment_views_option
 @_strict_option
 @_quiet_option
 @_handle_errors
 def features_export(image_dir, backbone, file_format, output_path, weights, image_size, batch_size, cache_dir,
-                    cache_dtype, seed, overwrite, strict, quiet) -> None:
+                    cache_dtype, seed, overwrite, augment_views, strict, quiet) -> None:
     """Write the features of every image in IMAGE_DIR to one npz, parquet or CSV file.
 
     Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
     (class index), class_name, split (as train would make it with the same --seed), then the
-    vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz).
+    vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz). With
+    --augment-views K, K + 1 rows per image and a column 'view' after split: 0 is the image
+    itself, 1..K its augmented views.
     """
+    import numpy as np
+
     from transferkit.cache import FEATURE_FORMATS, write_features
 
     output = Path(output_path)
@@ -325,7 +348,7 @@ def features_export(image_dir, backbone, file_format, output_path, weights, imag
 
     check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
     folder, paths, result, cache = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
-                                                   cache_dtype, seed, quiet, strict=strict)
+                                                   cache_dtype, seed, quiet, strict=strict, views=augment_views)
     from transferkit.cache import FileHashes
     from transferkit.checks import dataset_warnings
 
@@ -335,8 +358,14 @@ def features_export(image_dir, backbone, file_format, output_path, weights, imag
         log.warning(message)
     index = {p: i for i, p in enumerate(folder.paths)}
     rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
+    vectors, views = result.vectors[result.ok], None
+    if augment_views:  # K + 1 rows per image, image by image: view 0 (the image), then its views 1..K
+        vectors = np.concatenate([vectors[:, None], result.view_vectors[result.ok]], axis=1)
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        rows = np.repeat(rows, augment_views + 1).tolist()
+        views = np.tile(np.arange(augment_views + 1), len(rows) // (augment_views + 1))
     write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
-                   [folder.splits[i] for i in rows], result.vectors[result.ok])
+                   [folder.splits[i] for i in rows], vectors, views=views)
     click.echo(f"Wrote {len(rows)} rows x {result.vectors.shape[1]} features to {output} ({file_format}).")
 
 
@@ -466,8 +495,9 @@ def cache_info(cache_dir, as_json) -> None:
         spec, last = row["spec"], row["last_run"]
         hit = (f"; last run {last['date']}: {last['images']} images, hit rate {last['hit_rate']:.0%}"
                if last else "")
+        view = f" augmented view {spec['view']}" if spec.get("view") else ""
         click.echo(
-            f"  {spec['backbone']} {spec['image_size']}px {spec['dtype']}: {row['entries']} vectors in "
+            f"  {spec['backbone']} {spec['image_size']}px {spec['dtype']}{view}: {row['entries']} vectors in "
             f"{row['shards']} shards, {row['bytes'] / 1e6:.1f} MB{hit}  [{row['folder']}]"
         )
     click.echo(f"Total: {sum(r['entries'] for r in rows)} vectors, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB")
@@ -658,13 +688,38 @@ def _run_training(config, verbose: int, resume: bool = False) -> None:
         sys.exit(1)
 
 
+def _merge_config(config_path, options: dict, cls: type, **paths) -> dict:
+    """A recipe's settings (``--config``), overridden by the flags given on the command line.
+
+    Flags left at their default do not override the recipe; ``paths`` (IMAGE_DIR, -o) override
+    it when given and are required in one place or the other.
+    """
+    from transferkit.config import load_settings
+
+    ctx = click.get_current_context()
+    settings = load_settings(config_path, cls) if config_path else {}
+    for name, value in options.items():
+        if not config_path or ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            settings[name] = value
+    settings.update({name: value for name, value in paths.items() if value})
+    if not settings.get("image_dir"):
+        raise click.UsageError("Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class).")
+    if not settings.get("output_dir"):
+        raise click.UsageError("Missing option '-o' / '--output-dir' (the folder to write).")
+    return settings
+
+
 # ----------------------------------------------------------------------------- compare
 
 @main.command()
-@_image_dir_argument
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
-              help="Folder for the table (comparison.md/.csv/.json), the plots and the split.")
-@_backbone_option(default=None)
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False), required=False, metavar="IMAGE_DIR")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False),
+              help="Folder for the table (comparison.md/.csv/.json), the plots and the split (required).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML recipe of these options (e.g. recipes/ants-bees-compare-heads.yaml, or a previous "
+                   "OUTPUT_DIR/config.yaml); flags override it.")
+@click.option("--backbone", default=None,
+              help="Backbone name (required, here or in --config); 'transferkit backbones' lists them.")
 @click.option("--heads", default="softmax,linear-svm,logreg,ridge,knn", show_default=True,
               help="Comma-separated heads: softmax and any of linear-svm, rbf-svm, logreg, knn, ridge, "
                    "random-forest, mlp; or 'all'.")
@@ -689,7 +744,7 @@ def _run_training(config, verbose: int, resume: bool = False) -> None:
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
 @_quiet_option
 @_handle_errors
-def compare(image_dir, quiet, **options) -> None:
+def compare(image_dir, output_dir, config_path, quiet, **options) -> None:
     """Compare heads on IMAGE_DIR: softmax versus scikit-learn heads (and fine-tuning), honestly.
 
     \b
@@ -698,9 +753,12 @@ def compare(image_dir, quiet, **options) -> None:
     test against softmax. A winner is named only when the difference is significant.
     """
     from transferkit.compare import CompareConfig, prepare_comparison, run_comparison
+    from transferkit.config import config_from_dict
 
-    options["heads"] = options["heads"].split(",")
-    config = CompareConfig(image_dir=image_dir, **options)
+    settings = _merge_config(config_path, options, CompareConfig, image_dir=image_dir, output_dir=output_dir)
+    if not settings.get("backbone"):
+        raise click.UsageError("Missing option '--backbone' (on the command line or in --config).")
+    config = config_from_dict(settings, CompareConfig, source="the options")
     plan = prepare_comparison(config)  # every check that needs no TensorFlow, first
     runtime.start_tensorflow()
     result = run_comparison(plan, verbose=0 if quiet else 1)

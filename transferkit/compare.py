@@ -1,0 +1,535 @@
+"""The head comparison: every head on the same cached features, split and seed, compared honestly.
+
+The backbone runs once (features come from the cache); the softmax head and each scikit-learn head
+of :mod:`transferkit.heads` then train on the same labelled images and are scored on the same test
+images. What is the same for every head:
+
+- the split (train / val / test roles, from ``--seed`` exactly as ``transferkit train`` makes it);
+- the labelled data: the softmax head early-stops on val and is then refitted on train + val; the
+  scikit-learn heads train on train + val, their cross-validated grid search taking the place of
+  early stopping;
+- the seed of each repetition: with ``num_seeds`` N, every head trains N times with seeds
+  ``seed, seed + 1, ...`` (weight initialisation, shuffling, cross-validation folds, a forest's
+  trees) and the bootstrap resamples with the same seed; the split never changes.
+
+Each head is tested against the reference (the softmax head) with McNemar's test on the test
+images, and a winner is named only when it is significantly better than the runner-up (and than
+the reference): see :func:`pick_winner`. Writing the files is :mod:`transferkit.comparison_report`.
+
+Example:
+    >>> config = CompareConfig("photos", "cmp", backbone="mobilenet_v2", heads=("softmax", "linear-svm"))
+    >>> result = run_comparison(prepare_comparison(config))  # doctest: +SKIP
+    >>> result.verdict.text  # doctest: +SKIP
+    'No head is significantly better than the others: ...'
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit import runs
+from transferkit.backbones import BackboneSpec, check_image_size, get_backbone
+from transferkit.cache import default_cache_dir
+from transferkit.config import TrainConfig
+from transferkit.data import ImageFolder, scan_folder
+from transferkit.errors import DataError, InputError
+from transferkit.heads import HEADS
+from transferkit.stats import bootstrap_accuracy_ci, mcnemar
+from transferkit.weights import ResolvedWeights, resolve_weights
+
+log = logging.getLogger("transferkit")
+
+SOFTMAX = "softmax"
+FINE_TUNE = "fine-tune-top"
+#: Heads compared when ``--heads`` is not given: the softmax head, the three linear heads and kNN.
+#: Together they take about 0.3 s per 100 training images on a 2-core CPU (benchmarks/compare.py).
+DEFAULT_HEADS = (SOFTMAX, "linear-svm", "logreg", "ridge", "knn")
+#: McNemar p-value below which a difference counts as significant.
+ALPHA = 0.05
+#: Top-k accuracies reported (only for k below the number of classes).
+TOP_K = (3, 5)
+#: Bins of the expected calibration error (equal-width confidence bins, as in Guo et al. 2017).
+ECE_BINS = 15
+#: Bootstrap resamples per accuracy interval.
+BOOTSTRAP_RESAMPLES = 2000
+#: Repeats of the latency measurement; the fastest counts (the others include scheduler noise).
+LATENCY_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything one ``transferkit compare`` run depends on.
+
+    The softmax head trains with the defaults of ``transferkit train`` (see :meth:`train_config`).
+
+    Example:
+        >>> CompareConfig("photos", "cmp", heads=("softmax", "knn"), num_seeds=3).seeds
+        (0, 1, 2)
+    """
+
+    image_dir: str
+    output_dir: str
+    backbone: str = "mobilenet_v2_035"
+    heads: tuple[str, ...] = DEFAULT_HEADS
+    search: bool = True
+    calibrate: bool = False
+    num_seeds: int = 1
+    with_fine_tune: bool = False
+    weights: str = "imagenet"
+    image_size: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    cache_dir: str | None = None
+    cache_dtype: str = "float32"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "heads", resolve_heads(self.heads))
+        if self.num_seeds < 1:
+            raise InputError(f"Invalid --seeds: expected an integer >= 1, received {self.num_seeds!r}.")
+        self.train_config()  # the shared settings are checked by TrainConfig's own rules
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(range(self.seed, self.seed + self.num_seeds))
+
+    def train_config(self, **changes: Any) -> TrainConfig:
+        """The ``transferkit train`` settings of the softmax (and fine-tune) arm: the same split and cache."""
+        return TrainConfig(self.image_dir, self.output_dir, backbone=self.backbone, weights=self.weights,
+                           image_size=self.image_size, batch_size=self.batch_size, seed=self.seed,
+                           val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                           cache_dir=self.cache_dir, cache_dtype=self.cache_dtype,
+                           overwrite=self.overwrite).replace(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["heads"] = list(self.heads)
+        data["overwrite"] = False  # a saved config repeats the run; it never overwrites
+        return data
+
+
+def resolve_heads(names: str | Sequence[str]) -> tuple[str, ...]:
+    """Head names from ``--heads`` (comma-separated or a sequence): checked, canonical, deduplicated.
+
+    ``all`` stands for the softmax head and every registry head.
+
+    Raises:
+        InputError: an unknown name (with the closest names), or an empty list.
+
+    Example:
+        >>> resolve_heads("softmax, Linear_SVM,knn,knn")
+        ('softmax', 'linear-svm', 'knn')
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    allowed = (SOFTMAX, *HEADS)
+    resolved: list[str] = []
+    for raw in names:
+        key = str(raw).strip().lower().replace("_", "-")
+        if not key:
+            continue
+        if key == "all":
+            resolved.extend(allowed)
+            continue
+        if key == FINE_TUNE:
+            raise InputError(f"Invalid --heads: '{raw}' is not a head on features; add the fine-tuned model "
+                             "as an arm with --with-fine-tune.")
+        if key not in allowed:
+            close = difflib.get_close_matches(key, (*allowed, "all"), n=2, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise InputError(f"Invalid --heads: unknown head '{str(raw).strip()}'.{hint} "
+                             f"Allowed: {', '.join(allowed)}, or all.")
+        resolved.append(key)
+    unique = tuple(dict.fromkeys(resolved))
+    if not unique:
+        raise InputError(f"Invalid --heads: no head given. Allowed: {', '.join(allowed)}, or all.")
+    return unique
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class ComparisonPlan:
+    """A checked comparison: everything validated, nothing computed yet."""
+
+    config: CompareConfig
+    spec: BackboneSpec
+    image_size: int
+    weights: ResolvedWeights
+    folder: ImageFolder
+    output_dir: Path
+
+
+def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
+    """Check everything a comparison needs, without TensorFlow: a mistake fails in seconds.
+
+    Raises:
+        InputError, WeightsError, DataError: with a message naming the option or file.
+    """
+    from transferkit.training import assign_roles
+
+    spec = get_backbone(config.backbone)
+    image_size = check_image_size(spec, config.image_size)
+    folder = scan_folder(config.image_dir, seed=config.seed, val_fraction=config.val_fraction,
+                         test_fraction=config.test_fraction)
+    weights = resolve_weights(spec, config.weights, image_size)
+    roles = assign_roles(folder, np.ones(len(folder.paths), dtype=bool), config.seed)
+    if not (roles == "test").any():
+        raise DataError(f"'{folder.root}' leaves no test images, and a comparison needs images no head has seen. "
+                        "Raise --test-fraction (or add a test/ or val/ folder).")
+    if len(set(folder.labels[roles == "test"].tolist())) < 2:
+        raise DataError(f"The test split of '{folder.root}' holds a single class; accuracy there says little. "
+                        "Add images or raise --test-fraction.")
+    output_dir = runs.prepare_output_dir(config.output_dir, config.overwrite)
+    runs.check_writable_dir(config.cache_dir or default_cache_dir(), "--cache-dir")
+    if config.with_fine_tune:
+        from transferkit.training import prepare_training
+
+        prepare_training(config.train_config(strategy=FINE_TUNE, output_dir=str(output_dir / FINE_TUNE),
+                                             overwrite=True))
+    return ComparisonPlan(config, spec, image_size, weights, folder, output_dir)
+
+
+# ----------------------------------------------------------------------------- one trained head
+
+
+@dataclass
+class HeadRun:
+    """One head trained with one seed and scored on the test images.
+
+    Attributes:
+        head: head name (``softmax``, a registry name or ``fine-tune-top``).
+        seed: its seed.
+        predicted: ``(n_test,)`` predicted class indices (the head's own decision rule).
+        scores: ``(n_test, num_classes)`` probabilities or decision scores, columns in class order.
+        score_kind: ``"proba"`` or ``"decision"``.
+        fit_seconds: wall time of training (search, refit and calibration included).
+        latency_ms: milliseconds per test image to score cached features (None for fine-tune-top).
+        info: what the head chose: grid point and CV score, or epochs.
+    """
+
+    head: str
+    seed: int
+    predicted: np.ndarray
+    scores: np.ndarray
+    score_kind: str
+    fit_seconds: float
+    latency_ms: float | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _latency_ms(score: Callable[[], Any], num_images: int) -> float:
+    """Milliseconds per image of scoring every test image in one call (after one warm-up call)."""
+    score()  # Keras traces its predict function on the first call
+    best = float("inf")
+    for _ in range(LATENCY_REPEATS):
+        started = time.perf_counter()
+        score()
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best / max(num_images, 1)
+
+
+def fit_sklearn_arm(name: str, features: np.ndarray, labels: np.ndarray, fit_idx: np.ndarray, test_idx: np.ndarray,
+                    seed: int, *, search: bool, calibrate: bool) -> HeadRun:
+    """Train a registry head on ``fit_idx`` (train + val) and score it on ``test_idx``."""
+    from transferkit.heads import fit_head
+
+    head = fit_head(name, features[fit_idx], labels[fit_idx], search=search, seed=seed, calibrate=calibrate)
+    x_test = features[test_idx]
+
+    def score():
+        return head.predict(x_test), head.scores(x_test)
+
+    predicted, (scores, kind) = score()
+    info = {"best_params": {k: _plain(v) for k, v in head.best_params_.items()}, "cv_folds": head.num_folds_,
+            "cv_accuracy": head.cv_score_}
+    return HeadRun(name, seed, np.asarray(predicted), scores, kind, head.fit_seconds_,
+                   _latency_ms(score, len(test_idx)), info)
+
+
+def fit_softmax_arm(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                    test_idx: np.ndarray, config: TrainConfig, seed: int, *,
+                    history_path: Path | None = None) -> HeadRun:
+    """Train the softmax head exactly as ``transferkit train`` does (early stopping, refit) and score it."""
+    import keras
+
+    from transferkit.training import fit_softmax_head
+
+    keras.utils.set_random_seed(seed)
+    head = fit_softmax_head(features, labels, train_idx, val_idx, test_idx, config.replace(seed=seed),
+                            history_path=history_path)
+    x_test = features[test_idx]
+    probabilities = np.asarray(head.predict(x_test))
+    info = {"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "refit_epochs": head.refit_epochs}
+    return HeadRun(SOFTMAX, seed, probabilities.argmax(axis=1), probabilities, "proba", head.fit_seconds,
+                   _latency_ms(lambda: head.predict(x_test), len(test_idx)), info)
+
+
+def fit_fine_tune_arm(plan: ComparisonPlan, test_paths: Sequence[str], verbose: int) -> HeadRun:
+    """Run ``transferkit train --strategy fine-tune-top`` into ``OUTPUT_DIR/fine-tune-top`` and score
+    its model on the comparison's test images (checked to be the run's own test split)."""
+    from transferkit.cache import extract_features
+    from transferkit.training import train
+
+    run_dir = plan.output_dir / FINE_TUNE
+    config = plan.config.train_config(strategy=FINE_TUNE, output_dir=str(run_dir), overwrite=True)
+    result = train(config, verbose=verbose)
+    with open(run_dir / runs.SPLITS_FILE, encoding="utf-8", newline="") as handle:
+        run_test = {row["path"] for row in csv.DictReader(handle) if row["split"] == "test"}
+    if run_test != set(test_paths):
+        raise DataError(f"The fine-tune-top run in '{run_dir}' tested on other images than the heads "
+                        f"({len(run_test)} vs {len(test_paths)}); the folder changed during the comparison. Run again.")
+    run = runs.load_run(run_dir)
+    extraction = extract_features(run.model, [plan.folder.abs_path(p) for p in test_paths], None,
+                                  batch_size=plan.config.batch_size, verbose=0)
+    if not extraction.ok.all():
+        raise DataError(f"{int((~extraction.ok).sum())} test images could not be read again for the fine-tune-top "
+                        "model; the folder changed during the comparison. Run again.")
+    probabilities = extraction.vectors
+    info = {key: result.metrics.get(key) for key in ("epochs_run", "best_epoch", "fine_tune")}
+    info["run_dir"] = str(run_dir)
+    return HeadRun(FINE_TUNE, plan.config.seed, probabilities.argmax(axis=1), probabilities, "proba",
+                   float(result.metrics["timings"]["fit_seconds"]), None, info)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def expected_calibration_error(y_true, probabilities, n_bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error: how far confidence is from accuracy, on average.
+
+    scikit-learn has no ECE; this weights its reliability curve (``calibration_curve`` of
+    "the prediction is right" against the top probability, equal-width bins) by each bin's share
+    of the images: ``sum_b n_b / n * |accuracy_b - confidence_b|``.
+
+    Example:
+        >>> expected_calibration_error([0, 1], [[0.9, 0.1], [0.2, 0.8]])
+        0.15
+    """
+    from sklearn.calibration import calibration_curve
+
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = np.clip(probabilities.max(axis=1), 0.0, 1.0)
+    right = (probabilities.argmax(axis=1) == np.asarray(y_true)).astype(int)
+    accuracy, mean_confidence = calibration_curve(right, confidence, n_bins=n_bins, strategy="uniform", pos_label=1)
+    # The bin of each image, by the same rule calibration_curve uses, for the bins' weights.
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence), minlength=n_bins)
+    weights = counts[counts > 0] / len(confidence)
+    return round(float(np.sum(weights * np.abs(accuracy - mean_confidence))), 12)
+
+
+def run_metrics(y_true: np.ndarray, run: HeadRun, num_classes: int) -> dict[str, Any]:
+    """scikit-learn metrics of one head run on the test images, JSON-ready."""
+    from sklearn import metrics
+
+    labels = np.arange(num_classes)
+    correct = run.predicted == y_true
+    low, high = bootstrap_accuracy_ci(correct, n_resamples=BOOTSTRAP_RESAMPLES, seed=run.seed)
+    result = {
+        "seed": run.seed,
+        "accuracy": float(metrics.accuracy_score(y_true, run.predicted)),
+        "accuracy_ci": [low, high],
+        "top_k_accuracy": {str(k): float(metrics.top_k_accuracy_score(y_true, run.scores, k=k, labels=labels))
+                           for k in TOP_K if k < num_classes},
+        "macro_f1": float(metrics.f1_score(y_true, run.predicted, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, run.predicted)),
+        "log_loss": None,
+        "ece": None,
+        "score_kind": run.score_kind,
+        "fit_seconds": run.fit_seconds,
+        "latency_ms_per_image": run.latency_ms,
+        "confusion_matrix": metrics.confusion_matrix(y_true, run.predicted, labels=labels).tolist(),
+        **run.info,
+    }
+    if run.score_kind == "proba":
+        result["log_loss"] = float(metrics.log_loss(y_true, run.scores, labels=labels))
+        result["ece"] = expected_calibration_error(y_true, run.scores)
+    return result
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Which head, if any, is significantly the best.
+
+    Attributes:
+        winner: the best head when significantly better than the runner-up and the reference, else None.
+        best: the head with the highest (mean) accuracy.
+        runner_up: the second-best head (None with a single head).
+        p_runner_up: McNemar p of best vs runner-up (the largest over seeds).
+        p_reference: McNemar p of best vs the reference head (None when best is the reference
+            or the runner-up, or there is no reference).
+        text: one sentence for people.
+    """
+
+    winner: str | None
+    best: str
+    runner_up: str | None
+    p_runner_up: float | None
+    p_reference: float | None
+    text: str
+
+
+def paired_mcnemar(correct_a: Sequence[np.ndarray], correct_b: Sequence[np.ndarray]) -> float:
+    """McNemar's p-value of two heads, the largest over their seeds (significant only if it is in every seed).
+
+    Runs pair up seed by seed; a head run once (fine-tune-top) pairs with every run of the other.
+    """
+    if len(correct_a) != len(correct_b) and 1 not in (len(correct_a), len(correct_b)):
+        raise InputError(f"Cannot pair {len(correct_a)} and {len(correct_b)} seeded runs for McNemar's test.")
+    count = max(len(correct_a), len(correct_b))
+    pairs = zip(list(correct_a) * (count // len(correct_a)), list(correct_b) * (count // len(correct_b)), strict=True)
+    return max(mcnemar(a, b)[1] for a, b in pairs)
+
+
+def pick_winner(correct: Mapping[str, Sequence[np.ndarray]], reference: str | None = SOFTMAX,
+                alpha: float = ALPHA) -> Verdict:
+    """Name a winner only when the difference is significant.
+
+    Heads are ranked by accuracy (mean over seeds). The best is the winner when McNemar's test
+    against the runner-up gives p < ``alpha`` in every seed, and, when the reference (softmax)
+    is neither of them, also against the reference. Ties at the top have no winner.
+
+    Args:
+        correct: head name -> per-seed boolean arrays, True where the head is right on a test image
+            (the same images, in the same order, for every head).
+        reference: the baseline head, or None.
+        alpha: significance level.
+
+    Example:
+        >>> a, b = np.array([1] * 40 + [0] * 0, bool), np.array([1] * 20 + [0] * 20, bool)
+        >>> pick_winner({"softmax": [b], "logreg": [a]}).winner
+        'logreg'
+    """
+    if not correct:
+        raise InputError("No heads to compare.")
+    accuracy = {name: float(np.mean([np.mean(c) for c in runs_])) for name, runs_ in correct.items()}
+    ranked = sorted(accuracy, key=lambda name: -accuracy[name])  # stable: ties keep the given order
+    best = ranked[0]
+    if len(ranked) == 1:
+        return Verdict(None, best, None, None, None, f"Only one head ({best}) was trained; nothing to compare.")
+    runner_up = ranked[1]
+    p_runner = paired_mcnemar(correct[best], correct[runner_up])
+    p_ref = None
+    if reference in correct and reference not in (best, runner_up):
+        p_ref = paired_mcnemar(correct[best], correct[reference])
+    lead = f"{best} {accuracy[best]:.3f} vs {runner_up} {accuracy[runner_up]:.3f}"
+    if accuracy[best] == accuracy[runner_up]:
+        return Verdict(None, best, runner_up, p_runner, p_ref,
+                       f"No head is significantly better than the others: {best} and {runner_up} tie at "
+                       f"{accuracy[best]:.3f}.")
+    if p_runner < alpha and (p_ref is None or p_ref < alpha):
+        against_ref = f"; vs {reference} p = {p_ref:.3g}" if p_ref is not None else ""
+        return Verdict(best, best, runner_up, p_runner, p_ref,
+                       f"{best} is significantly the best head: {lead} (McNemar p = {p_runner:.3g}{against_ref}).")
+    which = (f"vs {runner_up} p = {p_runner:.3g}" if p_runner >= alpha else f"vs {reference} p = {p_ref:.3g}")
+    return Verdict(None, best, runner_up, p_runner, p_ref,
+                   f"No head is significantly better than the others: {lead}, McNemar {which} "
+                   f"(significant needs p < {alpha:g}); on this test set the difference may be chance.")
+
+
+# ----------------------------------------------------------------------------- the whole comparison
+
+
+@dataclass
+class ComparisonResult:
+    """A finished comparison.
+
+    Attributes:
+        output_dir: where everything was written.
+        summary: the content of ``comparison.json``.
+        verdict: the winner rule's outcome.
+        table: the comparison table as Markdown (what the CLI prints).
+    """
+
+    output_dir: Path
+    summary: dict[str, Any]
+    verdict: Verdict
+    table: str
+
+
+def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResult:
+    """Extract (cached) features once, train every head with every seed, score, and write the files.
+
+    Args:
+        plan: from :func:`prepare_comparison`.
+        verbose: 0 silent, 1 extraction progress bar.
+    """
+    from transferkit import comparison_report
+    from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+    from transferkit.training import assign_roles
+    from transferkit.weights import load_backbone
+
+    started = time.perf_counter()
+    config, spec, folder, out = plan.config, plan.spec, plan.folder, plan.output_dir
+    if plan.weights.kind == "random":
+        log.warning("WARNING: --weights none: the backbone is randomly initialised; expect poor accuracy.")
+    log.info("Found %d images in %d classes in %s (%s split), %d skipped.", len(folder.paths),
+             len(folder.class_names), folder.root, folder.split_source, len(folder.skipped))
+    import keras
+
+    keras.utils.set_random_seed(config.seed)  # --weights none: the same seed gives the same (cached) vectors
+    backbone = load_backbone(spec, plan.weights, plan.image_size)
+    cache = FeatureCache(config.cache_dir or default_cache_dir(), FeatureSpec.for_model(spec, backbone,
+                                                                                        config.cache_dtype))
+    extraction = extract_features(backbone, [folder.abs_path(p) for p in folder.paths], cache,
+                                  batch_size=config.batch_size, verbose=verbose)
+    log.info("Features: %d images, %s.", len(folder.paths), extraction.summary())
+    skipped = list(folder.skipped) + extraction.skipped_files(folder.paths)
+    for rel, reason in skipped:
+        log.warning("Skipped %s: %s", rel, reason)
+    roles = assign_roles(folder, extraction.ok, config.seed)
+    features, labels = extraction.vectors, folder.labels
+    train_idx, val_idx, test_idx = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
+    if not len(test_idx):
+        raise DataError("No test image could be read; nothing to compare on. See skipped.csv.")
+    fit_idx = np.concatenate([train_idx, val_idx])
+    y_test = labels[test_idx]
+    num_classes = len(folder.class_names)
+    train_config = config.train_config(output_dir=str(out))
+
+    head_runs: dict[str, list[HeadRun]] = {}
+    for name in config.heads:
+        for seed in config.seeds:
+            log.info("Training %s (seed %d) on %d images...", name, seed, len(fit_idx))
+            if name == SOFTMAX:
+                history = out / "history-softmax.csv" if seed == config.seed else None
+                run = fit_softmax_arm(features, labels, train_idx, val_idx, test_idx, train_config, seed,
+                                      history_path=history)
+            else:
+                run = fit_sklearn_arm(name, features, labels, fit_idx, test_idx, seed, search=config.search,
+                                      calibrate=config.calibrate)
+            head_runs.setdefault(name, []).append(run)
+    if config.with_fine_tune:
+        log.info("Training %s (seed %d) on live images...", FINE_TUNE, config.seed)
+        head_runs[FINE_TUNE] = [fit_fine_tune_arm(plan, [folder.paths[i] for i in test_idx], verbose)]
+
+    per_head = {name: [run_metrics(y_test, run, num_classes) for run in runs_] for name, runs_ in head_runs.items()}
+    correct = {name: [run.predicted == y_test for run in runs_] for name, runs_ in head_runs.items()}
+    reference = SOFTMAX if SOFTMAX in correct else next(iter(correct))
+    verdict = pick_winner(correct, reference)
+    summary = comparison_report.summarise(
+        per_head, {name: paired_mcnemar(c, correct[reference]) for name, c in correct.items()}, reference, verdict,
+        plan=plan, extraction=extraction, roles=roles, skipped=skipped,
+        total_seconds=time.perf_counter() - started)
+    table = comparison_report.write_outputs(plan, summary, roles, skipped)
+    return ComparisonResult(out, summary, verdict, table)
