@@ -164,3 +164,84 @@ def training_images(paths: Sequence[str], labels: np.ndarray, size: int, batch_s
         dataset = dataset.map(lambda image, *rest: (batch_augment(image), *rest),
                               num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------- deterministic (cached) views
+
+
+def view_seed(content_hash: str, view: int, seed: int) -> np.ndarray:
+    """The stateless seed of one augmented view: a function of the image's bytes (their hash), the
+    view number and the run's seed only, so a view is the same in every process, on every run.
+
+    Example:
+        >>> view_seed("9f86d0", 1, 0).shape
+        (2,)
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{content_hash}:{view}:{seed}".encode()).digest()
+    return np.frombuffer(digest[:16], dtype="<i8").copy()
+
+
+def augmented_view(image, seed, config: TrainConfig):
+    """One augmented view of a ``(size, size, 3)`` 0-255 image, the same for the same ``seed``.
+
+    The augmentations of ``--augment`` at the config's strengths (``augment_*``; the ``augment``
+    switch itself is not consulted: asking for a view asks for augmentation), in the order of
+    :func:`training_images`: random resized crop, horizontal flip, rotation + zoom + translation
+    (one affine resampling, reflected at the borders), brightness, contrast, saturation and PCA
+    colour. Every random draw is a stateless TensorFlow op seeded from ``seed`` (a shape ``(2,)``
+    integer tensor, see :func:`view_seed`), so the view can be cached by content.
+
+    Example:
+        >>> view = augmented_view(tf.zeros((224, 224, 3)), view_seed(digest, 1, 0), config)  # doctest: +SKIP
+    """
+    import math
+
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7)
+    image = tf.convert_to_tensor(image, tf.float32)
+    height_width = tf.shape(image)[:2]
+    if config.augment_crop < 1:
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
+            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(config.augment_crop, 1.0),
+            max_attempts=10, use_image_if_no_bounding_boxes=True)
+        image = tf.image.resize(tf.slice(image, begin, crop_size), height_width, method="bilinear")
+    if config.augment_flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if config.augment_rotation or config.augment_zoom or config.augment_translation:
+        # Keras' factors: rotation in turns, zoom and translation as fractions of the side, each +-factor.
+        draw = tf.random.stateless_uniform((4,), seeds[2], minval=-1.0, maxval=1.0)
+        angle = draw[0] * config.augment_rotation * 2 * math.pi
+        scale = 1.0 + draw[1] * config.augment_zoom
+        height, width = (tf.cast(d, tf.float32) for d in tf.unstack(height_width))
+        shift_x, shift_y = draw[2] * config.augment_translation * width, draw[3] * config.augment_translation * height
+        center_x, center_y = (width - 1) / 2, (height - 1) / 2
+        # Maps each output pixel to the input point it samples: rotate and scale about the centre, then shift.
+        a0, a1 = scale * tf.cos(angle), -scale * tf.sin(angle)
+        b0, b1 = scale * tf.sin(angle), scale * tf.cos(angle)
+        transform = tf.stack([a0, a1, center_x - a0 * center_x - a1 * center_y + shift_x,
+                              b0, b1, center_y - b0 * center_x - b1 * center_y + shift_y, 0.0, 0.0])
+        image = tf.raw_ops.ImageProjectiveTransformV3(
+            images=image[None], transforms=transform[None], output_shape=height_width, fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="REFLECT")[0]
+    if config.augment_brightness:
+        image = tf.image.stateless_random_brightness(image, config.augment_brightness * 255.0, seeds[3])
+        image = tf.clip_by_value(image, 0.0, 255.0)
+    if config.augment_contrast:
+        image = tf.image.stateless_random_contrast(image, 1 - config.augment_contrast, 1 + config.augment_contrast,
+                                                   seeds[4])
+        image = tf.clip_by_value(image, 0.0, 255.0)
+    if config.augment_saturation:
+        # keras.layers.RandomSaturation's range for the same strength: factors f/(1-f), f in 0.5 +- s/2.
+        low = max(0.5 - config.augment_saturation / 2, 0.01)
+        low_factor, high_factor = low / (1 - low), (1 - low) / low
+        image = tf.image.stateless_random_saturation(image / 255.0, low_factor, high_factor, seeds[5]) * 255.0
+        image = tf.clip_by_value(image, 0.0, 255.0)
+    if config.augment_pca:
+        alpha = tf.random.stateless_normal((3,), seeds[6], stddev=config.augment_pca)
+        shift = tf.linalg.matvec(IMAGENET_EIGENVECTORS, alpha * IMAGENET_EIGENVALUES) * 255.0
+        image = tf.clip_by_value(image + shift, 0.0, 255.0)
+    return image

@@ -19,6 +19,7 @@ and its vectors are computed again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,11 +30,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from transferkit import files
 from transferkit.errors import CacheError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transferkit.config import TrainConfig
 
 log = logging.getLogger("transferkit")
 
@@ -78,6 +83,14 @@ class FeatureSpec:
     resize: str = RESIZE_METHOD
     dtype: str = "float32"
     version: int = FORMAT_VERSION
+    #: Augmented views (see transferkit.views): the augmentation settings, and which view (1..K).
+    augmentation: str = ""
+    view: int = 0
+
+    def __post_init__(self):
+        if bool(self.augmentation) != (self.view > 0):
+            raise ValueError(f"An augmented view needs both settings and a view >= 1, got "
+                             f"augmentation={self.augmentation!r}, view={self.view}.")
 
     @classmethod
     def for_model(cls, backbone, model, dtype: str = "float32") -> FeatureSpec:
@@ -90,8 +103,17 @@ class FeatureSpec:
         return cls(backbone.name, weights_fingerprint(model), int(model.input_shape[1]), backbone.preprocessing,
                    dtype=dtype)
 
+    def for_view(self, augmentation: str, view: int) -> FeatureSpec:
+        """The spec of augmented view ``view`` (>= 1) of these features, for augmentation settings
+        ``augmentation`` (:func:`transferkit.views.augmentation_id`)."""
+        return dataclasses.replace(self, augmentation=augmentation, view=view)
+
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not self.augmentation:
+            # Un-augmented features keep the key they had before views existed: old caches stay valid.
+            del fields["augmentation"], fields["view"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -344,6 +366,12 @@ class ExtractionResult:
         num_cached: vectors found in the cache.
         num_computed: vectors computed by the backbone in this call.
         seconds: wall time of the backbone pass.
+        view_vectors: ``(n, K, feature_dim)`` float32 vectors of the K augmented views (view k
+            of image i at ``[i, k - 1]``), with ``views=K``; ``None`` otherwise or when the caller
+            asked only to fill the cache.
+        num_views_cached: augmented-view vectors found in the cache.
+        num_views_computed: augmented-view vectors computed in this call.
+        views_seconds: wall time of the augmented views' pass.
     """
 
     vectors: np.ndarray | None
@@ -352,10 +380,18 @@ class ExtractionResult:
     num_cached: int = 0
     num_computed: int = 0
     seconds: float = 0.0
+    view_vectors: np.ndarray | None = None
+    num_views_cached: int = 0
+    num_views_computed: int = 0
+    views_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
         return self.num_computed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def views_per_second(self) -> float:
+        return self.num_views_computed / self.views_seconds if self.views_seconds > 0 else 0.0
 
     def skipped_files(self, names: Sequence[str]) -> list[tuple[str, str]]:
         """``(name, reason)`` of the images that failed, given the names of all images in order."""
@@ -364,7 +400,12 @@ class ExtractionResult:
     def summary(self) -> str:
         """``"500 computed (78.6 images/s), 0 from cache"``; no rate when nothing was computed."""
         rate = f" ({self.images_per_second:.1f} images/s)" if self.num_computed else ""
-        return f"{self.num_computed} computed{rate}, {self.num_cached} from cache"
+        text = f"{self.num_computed} computed{rate}, {self.num_cached} from cache"
+        if self.num_views_computed or self.num_views_cached:
+            rate = f" ({self.views_per_second:.1f} views/s)" if self.num_views_computed else ""
+            text += (f"; augmented views: {self.num_views_computed} computed{rate}, "
+                     f"{self.num_views_cached} from cache")
+        return text
 
 
 def extract_features(
@@ -376,6 +417,8 @@ def extract_features(
     flush_every: int = 512,
     verbose: int = 1,
     keep_vectors: bool = True,
+    views: int = 0,
+    augmentation: TrainConfig | None = None,
 ) -> ExtractionResult:
     """Pooled features for every image: from the cache where present, one backbone pass for the rest.
 
@@ -391,6 +434,15 @@ def extract_features(
         verbose: 1 shows a Keras progress bar.
         keep_vectors: False only fills the cache (``vectors`` is then ``None``): memory stays flat
             however large the folder, since no vector is held beyond the batch being written.
+        views: also the vectors of this many augmented views per image (see :mod:`transferkit.views`),
+            each cached like the originals: a second call computes none of them.
+        augmentation: the augmentation strengths (the ``augment_*`` fields) and ``seed`` of the
+            views; TrainConfig's defaults when ``None``.
+
+    Example:
+        >>> result = extract_features(model, paths, cache, views=4)  # doctest: +SKIP
+        >>> result.vectors.shape, result.view_vectors.shape  # doctest: +SKIP
+        ((120, 1280), (120, 4, 1280))
     """
     import keras
 
@@ -468,7 +520,13 @@ def extract_features(
                 "computed": num_computed, "hit_rate": round(num_cached / n, 4) if n else 0.0})
         except OSError as exc:
             raise _write_error(cache.dir / LAST_RUN_FILE, exc) from exc
-    return ExtractionResult(vectors, ok, errors, num_cached, num_computed, seconds)
+    result = ExtractionResult(vectors, ok, errors, num_cached, num_computed, seconds)
+    if views:
+        from transferkit.views import extract_views
+
+        extract_views(model, paths, hashes, result, cache, views, augmentation, batch_size=batch_size,
+                      flush_every=flush_every, verbose=verbose, keep_vectors=keep_vectors)
+    return result
 
 
 def _compiled_predict(model):
@@ -631,12 +689,14 @@ FEATURE_FORMATS = ("npz", "parquet", "csv")
 
 
 def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequence[str], labels: np.ndarray,
-                   class_names: Sequence[str], splits: Sequence[str], vectors: np.ndarray) -> None:
-    """Write features for another tool, atomically: one row per image.
+                   class_names: Sequence[str], splits: Sequence[str], vectors: np.ndarray,
+                   views: Sequence[int] | None = None) -> None:
+    """Write features for another tool, atomically: one row per image (or per augmented view).
 
     npz holds arrays ``paths``, ``labels``, ``class_names``, ``splits``, ``features``; parquet and
     CSV hold columns ``path, label, class_name, split, f0 .. f{d-1}`` (flat columns, which every
-    tool reads).
+    tool reads). With ``views`` (0 = the image itself, 1..K its augmented views), npz also holds
+    ``views`` and the other formats a ``view`` column after ``split``.
 
     Example:
         >>> write_features("f.npz", "npz", ["a/1.jpg"], np.array([0]), ["a"], ["train"], np.ones((1, 2)))
@@ -648,12 +708,15 @@ def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequenc
     vectors = np.asarray(vectors, dtype=np.float32)
     if file_format == "npz":
         with files.atomic_path(path, suffix=".npz") as tmp:
+            extra = {} if views is None else {"views": np.asarray(views, dtype=np.int64)}
             np.savez(tmp, paths=np.asarray(rel_paths, dtype=str), labels=labels,
                      class_names=np.asarray(class_names, dtype=str), splits=np.asarray(splits, dtype=str),
-                     features=vectors)
+                     features=vectors, **extra)
         return
     columns = {"path": list(rel_paths), "label": labels.tolist(),
                "class_name": [class_names[i] for i in labels], "split": list(splits)}
+    if views is not None:
+        columns["view"] = [int(v) for v in views]
     columns.update({f"f{j}": vectors[:, j] for j in range(vectors.shape[1])})
     if file_format == "parquet":
         import pyarrow as pa

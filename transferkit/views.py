@@ -1,0 +1,216 @@
+"""Augmented views in the feature cache: a head trains with augmentation, the backbone runs once.
+
+``--augment-views K`` stores, besides each image's own vector (view 0), the vectors of K augmented
+views of it (views 1..K: crops, flips, colour shifts at the strengths of ``--augment``). A view is
+a function of the image's bytes, its number, the augmentation settings and the seed only (stateless
+TensorFlow ops, :func:`transferkit.augment.augmented_view`), so its vector can be cached for good:
+
+* each view k has its own :class:`~transferkit.cache.FeatureSpec` (the image's spec plus the
+  settings, :func:`augmentation_id`, and ``view=k``) and its own cache folder, keyed by the image's
+  content hash like view 0: renaming an image keeps every view, ``cache prune``, ``verify`` and
+  ``merge`` treat views like any other vectors, and changing any setting is a miss, never a stale
+  vector;
+* view 0 keeps the key it always had, so caches written before views existed stay valid.
+
+Example::
+
+    result = extract_features(backbone, paths, cache, views=4, augmentation=config)
+    features, labels, train_idx = with_view_rows(result, labels, train_idx)  # 5 rows per training image
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.augment import augmented_view, view_seed
+from transferkit.cache import ExtractionResult, FeatureCache, hash_file
+from transferkit.config import TrainConfig
+
+#: Bumped whenever :func:`transferkit.augment.augmented_view` changes the pixels it makes: part of
+#: every view's key, so cached views of the old algorithm stop matching.
+VIEWS_VERSION = 1
+
+_STRENGTHS = ("crop", "rotation", "zoom", "translation", "brightness", "contrast", "saturation", "pca")
+
+
+def augmentation_id(config: TrainConfig) -> str:
+    """The settings that shape an augmented view, as one canonical string (part of the view's key).
+
+    Example:
+        >>> augmentation_id(TrainConfig(image_dir="p", output_dir="r"))
+        'v1 flip=1 crop=0.35 rotation=0.05 zoom=0 translation=0 brightness=0.2 contrast=0.2 saturation=0 pca=0.1 seed=0'
+    """
+    strengths = " ".join(f"{name}={getattr(config, f'augment_{name}'):.6g}" for name in _STRENGTHS)
+    return f"v{VIEWS_VERSION} flip={int(config.augment_flip)} {strengths} seed={config.seed}"
+
+
+def view_caches(cache: FeatureCache, views: int, config: TrainConfig) -> list[FeatureCache]:
+    """The caches of views 1..``views`` of ``cache``'s features (one folder each, beside it)."""
+    settings = augmentation_id(config)
+    return [FeatureCache(cache.root, cache.spec.for_view(settings, k)) for k in range(1, views + 1)]
+
+
+def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], result: ExtractionResult,
+                  cache: FeatureCache | None, views: int, config: TrainConfig | None, *, batch_size: int = 32,
+                  flush_every: int = 512, verbose: int = 1, keep_vectors: bool = True) -> None:
+    """Fill ``result``'s view fields: K augmented views of every image that decoded (``result.ok``).
+
+    Called by :func:`transferkit.cache.extract_features` after the images' own vectors; computes
+    only the (image, view) pairs missing from the cache, writing them as it goes (every
+    ``flush_every`` views, and on an interruption), so a killed run resumes where it stopped.
+    ``hashes`` are the content hashes extract_features read (``None`` where it had no cache).
+    """
+    import keras
+
+    from transferkit.cache import _compiled_predict
+
+    if views < 1:
+        raise ValueError(f"views must be a positive integer, got {views!r}.")
+    config = config or TrainConfig(image_dir="", output_dir="")
+    image_size = int(model.input_shape[1])
+    feature_dim = int(model.output_shape[-1])
+    n = len(paths)
+    images = [i for i in range(n) if result.ok[i]]
+    digests = {i: hashes[i] or hash_file(paths[i]) for i in images}
+    caches = view_caches(cache, views, config) if cache is not None else None
+    view_vectors = np.zeros((n, views, feature_dim), dtype=np.float32) if keep_vectors else None
+    missing = np.ones((n, views), dtype=bool)
+    missing[[i for i in range(n) if not result.ok[i]]] = False
+    if caches is not None:
+        keys = [digests[i] for i in images]
+        for k, view_cache in enumerate(caches):
+            if keep_vectors:
+                for i, vector in zip(images, view_cache.get(keys), strict=True):
+                    if vector is not None:
+                        view_vectors[i, k] = vector
+                        missing[i, k] = False
+            else:
+                missing[images, k] = ~np.array(view_cache.contains(keys), dtype=bool)
+    pairs = [(i, k) for i in range(n) for k in range(views) if missing[i, k]]  # the dataset's order
+    result.num_views_cached = len(images) * views - len(pairs)
+
+    start = time.perf_counter()
+    computed = 0
+    if pairs:
+        todo = [i for i in range(n) if missing[i].any()]
+        seeds = np.stack([[view_seed(digests[i], k + 1, config.seed) for k in range(views)] for i in todo])
+        dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config)
+        predict = _compiled_predict(model)
+        progress = keras.utils.Progbar(len(pairs), unit_name="view", verbose=verbose)
+        pending: dict[int, tuple[list[str], list[np.ndarray]]] = {}
+
+        def flush() -> None:
+            for k, (keys, vectors) in pending.items():
+                caches[k].put(keys, np.stack(vectors))  # atomic, one shard per view
+            pending.clear()
+
+        done = 0
+        try:
+            for batch, flags in dataset:
+                batch_vectors = predict(batch).numpy()
+                for (i, k), vector, good in zip(pairs[done:done + len(batch_vectors)], batch_vectors,
+                                                flags.numpy(), strict=True):
+                    if not good:  # decoded for the images' own vectors, not now: changed meanwhile
+                        result.ok[i] = False
+                        result.errors.setdefault(i, "cannot decode image (it changed during extraction)")
+                        continue
+                    computed += 1
+                    if keep_vectors:
+                        view_vectors[i, k] = vector
+                    if caches is not None:
+                        keys, vectors = pending.setdefault(k, ([], []))
+                        keys.append(digests[i])
+                        vectors.append(vector)
+                done += len(batch_vectors)
+                progress.update(done)
+                if sum(len(keys) for keys, _ in pending.values()) >= flush_every:
+                    flush()
+        except (KeyboardInterrupt, Exception):
+            # Keep every finished view, so the next run resumes from here (as extract_features does).
+            with contextlib.suppress(Exception):
+                flush()
+            raise
+        flush()
+    result.views_seconds = time.perf_counter() - start
+    result.num_views_computed = computed
+    result.view_vectors = view_vectors
+
+
+def view_dataset(paths: Sequence[str | os.PathLike], seeds: np.ndarray, wanted: np.ndarray, size: int,
+                 batch_size: int, config: TrainConfig):
+    """A ``tf.data.Dataset`` of ``(views, ok)`` batches: for each image in order, the views ``k``
+    where ``wanted[i, k]``, made with ``seeds[i, k]`` (each image is decoded once).
+
+    Images are decoded by :func:`transferkit.data.load_image`, as for the cache's own vectors; an
+    image that fails gives blank views with ``ok`` False.
+    """
+    import tensorflow as tf
+
+    from transferkit.data import load_image
+
+    views = int(seeds.shape[1])
+    blank = np.zeros((size, size, 3), dtype=np.float32)
+
+    def _decode(raw_path: bytes) -> tuple[np.ndarray, np.bool_]:
+        try:
+            return load_image(os.fsdecode(raw_path), size).astype(np.float32), np.bool_(True)
+        except ValueError:
+            return blank, np.bool_(False)
+
+    def _views(raw_path, image_seeds, image_wanted):
+        image, ok = tf.numpy_function(_decode, [raw_path], [tf.float32, tf.bool], stateful=False)
+        image.set_shape((size, size, 3))
+        ok.set_shape(())
+        made = tf.map_fn(lambda seed: augmented_view(image, seed, config), image_seeds,
+                         fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
+        return made, image_wanted, tf.fill([views], ok)
+
+    strings = tf.constant([os.fsencode(p) for p in paths], dtype=tf.string, shape=(len(paths),))
+    return (tf.data.Dataset.from_tensor_slices((strings, seeds.astype(np.int64), wanted.astype(bool)))
+            .map(_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .unbatch()
+            .filter(lambda _view, want, _ok: want)
+            .map(lambda view, _want, ok: (view, ok))
+            .batch(int(batch_size))
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def with_view_rows(result: ExtractionResult, labels: np.ndarray,
+                   train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features and labels with the augmented views of the training images appended as extra rows.
+
+    The first ``n`` rows are ``result.vectors`` unchanged, so validation and test indices stay
+    valid; the returned training index lists each training image's own row and then its K views.
+    Without views, the inputs come back as they are.
+
+    Example:
+        >>> features, labels, train_idx = with_view_rows(result, labels, train_idx)  # doctest: +SKIP
+        >>> head = fit_softmax_head(features, labels, train_idx, val_idx, test_idx, config)  # doctest: +SKIP
+    """
+    labels = np.asarray(labels)
+    train_idx = np.asarray(train_idx)
+    if result.view_vectors is None or result.view_vectors.shape[1] == 0:
+        return result.vectors, labels, train_idx
+    extra = result.view_vectors[train_idx].reshape(-1, result.vectors.shape[1])  # image-major: i's views together
+    features = np.concatenate([result.vectors, extra])
+    all_labels = np.concatenate([labels, np.repeat(labels[train_idx], result.view_vectors.shape[1])])
+    n = len(result.vectors)
+    return features, all_labels, np.concatenate([train_idx, np.arange(n, n + len(extra))])
+
+
+def training_rows(result: ExtractionResult, labels: np.ndarray, train_idx: np.ndarray) -> tuple[np.ndarray,
+                                                                                                 np.ndarray]:
+    """``(X, y)`` of the training images: their own vectors, then their K augmented views.
+
+    Example:
+        >>> X, y = training_rows(result, labels, train_idx)  # doctest: +SKIP
+        >>> LinearSVC().fit(X, y)  # doctest: +SKIP
+    """
+    features, all_labels, rows = with_view_rows(result, labels, train_idx)
+    return features[rows], all_labels[rows]
