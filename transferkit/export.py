@@ -60,9 +60,9 @@ from transferkit.predictors import (
     UINT8_SIGNATURE,
     KerasPredictor,
     load_predictor,
-    native_stderr_quiet,
     tflite_interpreter,
 )
+from transferkit.runtime import native_stderr_quiet
 
 log = logging.getLogger("transferkit")
 

@@ -18,7 +18,6 @@ layer; SavedModels and TFLite files hold TensorFlow ops only, but load only thos
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import InputError
+from transferkit.runtime import native_stderr_quiet
 
 CARD_FILE = "model_card.json"
 LABELS_FILE = "labels.txt"
@@ -167,32 +167,6 @@ def tflite_interpreter(**kwargs):
         interpreter = Interpreter(**kwargs)
         interpreter.allocate_tensors()  # the XNNPACK line is printed here
     return interpreter
-
-
-@contextlib.contextmanager
-def native_stderr_quiet():
-    """Hide what TensorFlow's C++ code writes to file descriptor 2 (TFLite INFO lines), unless it fails.
-
-    The lines bypass Python and ``TF_CPP_MIN_LOG_LEVEL`` (see :mod:`transferkit.runtime`); on an
-    exception they are written out, so nothing that explains a failure is lost.
-    """
-    import sys
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ written is shown if the import fails, and always when ``show_startup_logs`` is o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -26,14 +27,25 @@ def start_tensorflow() -> None:
 
         tf.config.list_physical_devices()
         return
+    with native_stderr_quiet():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Hide what native (C++) code writes to file descriptor 2 in the block, unless it fails.
+
+    TensorFlow's and TFLite's INFO lines bypass Python and ``TF_CPP_MIN_LOG_LEVEL``; on an
+    exception they are written out, so nothing that explains a failure is lost.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
+            yield
         except BaseException:
             os.dup2(saved, 2)
             captured.seek(0)
