@@ -180,3 +180,14 @@ def test_multi_worker_is_refused_with_the_reason():
 
     with pytest.raises(InputError, match="keras-team/keras issue 20585"):
         TrainConfig("a", "b", distribute="multi-worker")
+
+
+def test_head_trains_on_cached_augmented_views(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--augment-views", "2")
+    assert result.exit_code == 0, result.output
+    extraction = json.loads((run / "metrics.json").read_text())["extraction"]
+    assert extraction["augmented_views"] == 2 and extraction["views_computed"] == 2 * 60
+    again, run2 = _train(tmp_path / "again", folder, "--augment-views", "2", "--cache-dir", str(tmp_path / "cache"))
+    assert again.exit_code == 0, again.output
+    extraction = json.loads((run2 / "metrics.json").read_text())["extraction"]
+    assert extraction["views_computed"] == 0 and extraction["views_cached"] == 2 * 60  # the backbone never re-ran

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import click
 
-from transferkit import __version__, runtime
+from transferkit import DEMO_DIR, __version__, runtime
 from transferkit.config import DISTRIBUTE, SCHEDULES, TrainConfig
 from transferkit.errors import TransferkitError
 from transferkit.strategies import STRATEGIES
 
 log = logging.getLogger("transferkit")
 
-DEMO_DIR = Path(__file__).parent / "assets" / "demo" / "sign_digits"
 DEMO_BACKBONE = "mobilenet_v2_035"
 
 
@@ -605,6 +604,8 @@ def cache_merge(sources, cache_dir) -> None:
                                                "(default: frozen, in inference mode).")
 @click.option("--augment", is_flag=True, help="Augment training images while fine-tuning (flip, random crop, "
                                               "rotation, brightness, contrast, PCA colour; tune in a recipe).")
+@click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train the head also on K cached augmented views of each training image (no backbone re-run).")
 @click.option("--class-weight", type=click.Choice(["none", "auto"]), default="none", show_default=True,
               help="auto: weight classes inversely to their training counts (imbalanced data).")
 @click.option("--sampling", type=click.Choice(["natural", "balanced"]), default="natural", show_default=True,

@@ -53,7 +53,7 @@ class TrainConfig:
     unfreeze_blocks: int | None = None
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 1e-3
-    fine_tune_patience: int = 5
+    fine_tune_patience: int = 0
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     train_bn: bool = False
@@ -69,6 +69,7 @@ class TrainConfig:
     augment_contrast: float = 0.2
     augment_saturation: float = 0.0
     augment_pca: float = 0.1
+    augment_views: int = 0
     class_weight: str = "none"
     sampling: str = "natural"
     deterministic: bool = False
@@ -102,6 +103,7 @@ class TrainConfig:
         for name in ("augment_rotation", "augment_zoom", "augment_translation", "augment_brightness",
                      "augment_contrast", "augment_saturation", "augment_pca"):
             _check(0 <= getattr(self, name) <= 1, name, "a number in [0, 1] (0 turns it off)", getattr(self, name))
+        _check(self.augment_views >= 0, "augment_views", "an integer >= 0", self.augment_views)
         _check(self.class_weight in ("none", "auto"), "class_weight", "none or auto", self.class_weight)
         _check(self.sampling in ("natural", "balanced"), "sampling", "natural or balanced", self.sampling)
         if self.distribute == "multi-worker":
@@ -180,6 +182,12 @@ def check_settings(data: Mapping[str, Any], cls: type = TrainConfig, source: str
 
 
 def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
+    if typing.get_origin(hint) is tuple:  # a list of names, e.g. compare's heads: a YAML list or "a,b"
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and items and all(isinstance(item, str) for item in items):
+            return tuple(item.strip() for item in items)
+        raise InputError(f"Invalid {_option(key)} in {source}: expected a list of names or a comma-separated "
+                         f"string, received {value!r}.")
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None

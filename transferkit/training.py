@@ -30,6 +30,7 @@ from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
 from transferkit.finetune import class_weights, fine_tune, mixed_precision_policy, set_trainable, steps_for
 from transferkit.strategies import choose_strategy, plan_phases
+from transferkit.views import with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
 
 log = logging.getLogger("transferkit")
@@ -168,7 +169,8 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     cache = FeatureCache(config.cache_dir or default_cache_dir(),
                          FeatureSpec.for_model(spec, backbone, config.cache_dtype))
     paths = [folder.abs_path(p) for p in folder.paths]
-    extraction = extract_features(backbone, paths, cache, batch_size=config.batch_size, verbose=verbose)
+    extraction = extract_features(backbone, paths, cache, batch_size=config.batch_size, verbose=verbose,
+                                  views=config.augment_views, augmentation=config)
     log.info("Features: %d images, %s.", len(folder.paths), extraction.summary())
     for rel, reason in extraction.skipped_files(folder.paths):
         log.warning("Skipped %s: %s", rel, reason)
@@ -188,15 +190,18 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     weights_by_class = class_weights(labels[train_idx], num_classes) if config.class_weight == "auto" else None
     checkpoint_dir = run_dir / runs.CHECKPOINT_DIR
     eval_idx, eval_split = (test_idx, "test") if len(test_idx) else (val_idx, "val")
+    # --augment-views K: the head trains on each training image and its K cached augmented views.
+    head_features, head_labels, head_train_idx = with_view_rows(extraction, labels, train_idx)
 
     fit_started = time.perf_counter()
     history: list[dict] = []
     fine_tune_info: dict = {}
     if config.head != "softmax":
-        model, probabilities, head_info = _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx,
-                                                              eval_idx, folder.class_names, run_dir)
+        model, probabilities, head_info = _train_sklearn_head(config, backbone, head_features, head_labels,
+                                                              head_train_idx, val_idx, eval_idx, folder.class_names,
+                                                              run_dir)
     else:
-        head = _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoint_dir,
+        head = _head_phase(config, head_features, head_labels, head_train_idx, val_idx, test_idx, checkpoint_dir,
                            refit=len(phases) == 1, class_weight=weights_by_class, resume=resume, verbose=verbose)
         history += [{"phase": "head", **row} for row in head.history]
         head_info = {"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "refit_epochs": head.refit_epochs}
@@ -239,6 +244,9 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
             "images": len(folder.paths),
             "computed": extraction.num_computed,
             "cached": extraction.num_cached,
+            "augmented_views": config.augment_views,
+            "views_computed": extraction.num_views_computed,
+            "views_cached": extraction.num_views_cached,
             "images_per_second": round(extraction.images_per_second, 2),
             "seconds": round(extraction.seconds, 2),
             "cache_dir": str(cache.dir),
