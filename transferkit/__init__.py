@@ -1,6 +1,53 @@
-"""transferkit: transfer learning for Keras 3 from the command line.
+"""transferkit: transfer learning for Keras 3 from the command line, and from Python.
 
-Importing the package is cheap: TensorFlow is imported only by the modules that need it.
+Importing the package is cheap: TensorFlow is imported only by the modules that need it, and the
+public names below load their module on first use.
+
+Example:
+    >>> import transferkit
+    >>> transferkit.TrainConfig("photos", "runs/a", epochs=5).epochs
+    5
 """
 
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: The bundled demo photos (500 sign-language digits, 10 classes) that ``transferkit demo`` uses.
+DEMO_DIR = Path(__file__).parent / "assets" / "demo" / "sign_digits"
+
+# Public name -> the module that defines it (what the CLI is built on).
+_EXPORTS = {
+    "TrainConfig": "transferkit.config",
+    "load_config": "transferkit.config",
+    "train": "transferkit.training",
+    "TrainResult": "transferkit.training",
+    "evaluate_run": "transferkit.evaluation",
+    "load_predictor": "transferkit.predictors",
+    "predict_paths": "transferkit.predictors",
+    "predict_files": "transferkit.runs",
+    "load_run": "transferkit.runs",
+    "extract_features": "transferkit.cache",
+    "FeatureCache": "transferkit.cache",
+    "BottleneckFeatures": "transferkit.features",
+    "fit_head": "transferkit.heads",
+    "CompareConfig": "transferkit.compare",
+    "explain_files": "transferkit.explain",
+}
+
+__all__ = ["DEMO_DIR", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # the next access is a plain attribute
+        return value
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
