@@ -625,7 +625,7 @@ def cache_merge(sources, cache_dir) -> None:
 @_cache_dir_option
 @_cache_dtype_option
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), default=None,
-              help="Exit with code 1 (after writing everything) if test accuracy is below this.")
+              help="Exit with code 1 (after writing everything) if test accuracy is below this. Default: no gate.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
 @_strict_option
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -912,7 +912,8 @@ def report(run_dir, feature_map, gradcam, batch_size, quiet) -> None:
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
               help="Export folder to create: the model, labels.txt and model_card.json.")
 @click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Images for the parity check and int8 calibration, when the run's photos are not on this machine.")
+              help="Images for the parity check and int8 calibration, when the run's photos are not on this machine. "
+                   "Default: the run's own image folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 @_handle_errors
 def export_command(run_dir, fmt, quantize, output_dir, image_dir, overwrite) -> None:
