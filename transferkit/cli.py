@@ -602,8 +602,9 @@ def cache_merge(sources, cache_dir) -> None:
               help="Fine-tune learning-rate schedule: warm-up then cosine decay, one-cycle, or constant.")
 @click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers train while fine-tuning "
                                                "(default: frozen, in inference mode).")
-@click.option("--augment", is_flag=True, help="Augment training images while fine-tuning (flip, random crop, "
-                                              "rotation, brightness, contrast, PCA colour; tune in a recipe).")
+@click.option("--augment/--no-augment", default=_default("augment"), show_default=True,
+              help="Augment training images while fine-tuning (random crop, flip, rotation, brightness, contrast, "
+                   "PCA colour; strengths in a recipe). freeze-all is unaffected (see --augment-views).")
 @click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train the head also on K cached augmented views of each training image (no backbone re-run).")
 @click.option("--class-weight", type=click.Choice(["none", "auto"]), default="none", show_default=True,

@@ -51,7 +51,7 @@ class TrainConfig:
     refit: bool = True
     search: bool = True
     unfreeze_blocks: int | None = None
-    fine_tune_epochs: int = 10
+    fine_tune_epochs: int = 20
     fine_tune_learning_rate: float = 1e-3
     fine_tune_patience: int = 0
     schedule: str = "cosine"
@@ -59,7 +59,7 @@ class TrainConfig:
     train_bn: bool = False
     auto_fine_tune_from: int = AUTO_FINE_TUNE_FROM
     auto_full_retrain_from: int = AUTO_FULL_RETRAIN_FROM
-    augment: bool = False
+    augment: bool = True
     augment_flip: bool = True
     augment_crop: float = 0.35
     augment_rotation: float = 0.05

@@ -233,7 +233,8 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         "head": config.head,
         **head_info,
         "fine_tune": fine_tune_info,
-        "augmentation": describe_augmentation(config),
+        "augmentation": describe_augmentation(config) if len(phases) > 1 else "none (the head trains on cached "
+                        "features)",
         "class_weight": weights_by_class and {folder.class_names[c]: round(w, 4) for c, w in weights_by_class.items()},
         "image_dir": str(folder.root.resolve()),
         "split_source": folder.split_source,
