@@ -54,24 +54,27 @@ def batch_augmentation(config: TrainConfig, seed: int) -> Callable | None:
         return None
     import keras
 
+    # float32 whatever the global policy: under mixed precision pixels stay float32 until the model.
+    f32 = {"dtype": "float32"}
     layers = []
     if config.augment_flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **f32))
     if config.augment_rotation:
-        layers.append(keras.layers.RandomRotation(config.augment_rotation, fill_mode="reflect", seed=seed + 1))
+        layers.append(keras.layers.RandomRotation(config.augment_rotation, fill_mode="reflect", seed=seed + 1, **f32))
     if config.augment_zoom:
-        layers.append(keras.layers.RandomZoom(config.augment_zoom, fill_mode="reflect", seed=seed + 2))
+        layers.append(keras.layers.RandomZoom(config.augment_zoom, fill_mode="reflect", seed=seed + 2, **f32))
     if config.augment_translation:
         layers.append(keras.layers.RandomTranslation(config.augment_translation, config.augment_translation,
-                                                     fill_mode="reflect", seed=seed + 3))
+                                                     fill_mode="reflect", seed=seed + 3, **f32))
     if config.augment_brightness:
-        layers.append(keras.layers.RandomBrightness(config.augment_brightness, value_range=(0, 255), seed=seed + 4))
+        layers.append(keras.layers.RandomBrightness(config.augment_brightness, value_range=(0, 255), seed=seed + 4,
+                                                    **f32))
     if config.augment_contrast:
-        layers.append(keras.layers.RandomContrast(config.augment_contrast, value_range=(0, 255), seed=seed + 5))
+        layers.append(keras.layers.RandomContrast(config.augment_contrast, value_range=(0, 255), seed=seed + 5, **f32))
     if config.augment_saturation:
         layers.append(keras.layers.RandomSaturation((0.5 - config.augment_saturation / 2,
                                                      0.5 + config.augment_saturation / 2),
-                                                    value_range=(0, 255), seed=seed + 6))
+                                                    value_range=(0, 255), seed=seed + 6, **f32))
     pca = config.augment_pca
 
     def apply(images):
