@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transferkit import files
+from transferkit import files, runtime
 from transferkit.errors import CacheError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -484,33 +484,36 @@ def extract_features(
         pending_keys: list[str] = []
         pending_vectors: list[np.ndarray] = []
         done = 0
-        try:
-            for images, flags in dataset:
-                batch_vectors = predict(images).numpy()
-                flags = flags.numpy()
-                for j, (vector, good) in enumerate(zip(batch_vectors, flags, strict=True)):
-                    i = missing[done + j]
-                    if good:
-                        if keep_vectors:
-                            vectors[i] = vector
-                        pending_keys.append(hashes[i])
-                        pending_vectors.append(vector)
-                    else:
-                        ok[i] = False
-                        errors[i] = _decode_error(load_image, paths[i], image_size)
-                done += len(flags)
-                progress.update(done)
-                if cache is not None and len(pending_keys) >= flush_every:
-                    cache.put(pending_keys, np.stack(pending_vectors))
-                    pending_keys, pending_vectors = [], []
-        except (KeyboardInterrupt, Exception):
-            # Ctrl-C or a failure mid-way: keep every finished vector, so the next run resumes from here.
+        # Ctrl-C acts between batches (never swallowed inside TensorFlow), after the vectors are saved.
+        with runtime.interrupt_checkpoints() as check:
+            try:
+                for images, flags in dataset:
+                    check()
+                    batch_vectors = predict(images).numpy()
+                    flags = flags.numpy()
+                    for j, (vector, good) in enumerate(zip(batch_vectors, flags, strict=True)):
+                        i = missing[done + j]
+                        if good:
+                            if keep_vectors:
+                                vectors[i] = vector
+                            pending_keys.append(hashes[i])
+                            pending_vectors.append(vector)
+                        else:
+                            ok[i] = False
+                            errors[i] = _decode_error(load_image, paths[i], image_size)
+                    done += len(flags)
+                    progress.update(done)
+                    if cache is not None and len(pending_keys) >= flush_every:
+                        cache.put(pending_keys, np.stack(pending_vectors))
+                        pending_keys, pending_vectors = [], []
+            except (KeyboardInterrupt, Exception):
+                # Ctrl-C or a failure mid-way: keep every finished vector, so the next run resumes from here.
+                if cache is not None and pending_keys:
+                    with contextlib.suppress(Exception):  # e.g. the disk is full: the original error matters
+                        cache.put(pending_keys, np.stack(pending_vectors))
+                raise
             if cache is not None and pending_keys:
-                with contextlib.suppress(Exception):  # e.g. the disk is full: the original error matters
-                    cache.put(pending_keys, np.stack(pending_vectors))
-            raise
-        if cache is not None and pending_keys:
-            cache.put(pending_keys, np.stack(pending_vectors))
+                cache.put(pending_keys, np.stack(pending_vectors))
     seconds = time.perf_counter() - start
     num_computed = len(missing) - sum(1 for i in missing if not ok[i])
     if cache is not None and cache.dir.is_dir():

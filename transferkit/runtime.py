@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 #: Show TensorFlow's start-up lines (the CLI's --debug sets it).
 show_startup_logs = False
@@ -31,6 +33,40 @@ def start_tensorflow() -> None:
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def interrupt_checkpoints():
+    """Ctrl-C inside the block takes effect at the next ``check()``, in plain Python code.
+
+    Python's default handler raises KeyboardInterrupt wherever the main thread is, including in
+    a TensorFlow object's ``__del__``, where it is printed and swallowed: the run then goes on as
+    if nothing was pressed. A second Ctrl-C acts at once.
+
+    Example:
+        >>> with interrupt_checkpoints() as check:
+        ...     for batch in range(3):
+        ...         check()
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    def check():
+        if received:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()
 
 
 @contextlib.contextmanager
