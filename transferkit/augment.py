@@ -10,7 +10,6 @@ shift are written with tf.image ops here: Keras 3 has neither as a layer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -128,19 +127,15 @@ def training_images(paths: Sequence[str], labels: np.ndarray, size: int, batch_s
     """
     import tensorflow as tf
 
-    from transferkit.data import load_image
+    from transferkit.data import decode_in_graph, path_strings
 
     labels = np.asarray(labels, dtype=np.int32)
 
-    def _decode(raw_path: bytes) -> np.ndarray:
-        return load_image(os.fsdecode(raw_path), size).astype(np.uint8)
-
     def _load(raw_path, label, *rest):
-        image = tf.numpy_function(_decode, [raw_path], tf.uint8, stateful=False)
-        image.set_shape((size, size, 3))
-        return (image, label, *rest)
+        image, _ = decode_in_graph(raw_path, size)  # load_image's 0-255 integers: uint8 is exact
+        return (tf.cast(image, tf.uint8), label, *rest)
 
-    columns = [tf.constant([os.fsencode(p) for p in paths], dtype=tf.string, shape=(len(paths),)), labels]
+    columns = [path_strings(paths), labels]
     if sample_weights is not None:
         columns.append(np.asarray(sample_weights, dtype=np.float32))
     dataset = tf.data.Dataset.from_tensor_slices(tuple(columns)).map(_load, num_parallel_calls=tf.data.AUTOTUNE)

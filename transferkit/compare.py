@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 
 from transferkit import runs
-from transferkit.backbones import BackboneSpec, check_image_size, get_backbone
+from transferkit.backbones import BackboneSpec
 from transferkit.cache import default_cache_dir
 from transferkit.config import TrainConfig
-from transferkit.data import ImageFolder, scan_folder
+from transferkit.data import ImageFolder
 from transferkit.errors import DataError, InputError
 from transferkit.heads import HEADS
 from transferkit.stats import bootstrap_accuracy_ci, mcnemar
-from transferkit.weights import ResolvedWeights, resolve_weights
+from transferkit.weights import ResolvedWeights
 
 log = logging.getLogger("transferkit")
 
@@ -179,14 +179,9 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
     Raises:
         InputError, WeightsError, DataError: with a message naming the option or file.
     """
-    from transferkit.training import assign_roles
+    from transferkit.training import check_inputs
 
-    spec = get_backbone(config.backbone)
-    image_size = check_image_size(spec, config.image_size)
-    folder = scan_folder(config.image_dir, seed=config.seed, val_fraction=config.val_fraction,
-                         test_fraction=config.test_fraction)
-    weights = resolve_weights(spec, config.weights, image_size)
-    roles = assign_roles(folder, np.ones(len(folder.paths), dtype=bool), config.seed)
+    spec, image_size, folder, weights, roles = check_inputs(config)
     if not (roles == "test").any():
         raise DataError(f"'{folder.root}' leaves no test images, and a comparison needs images no head has seen. "
                         "Raise --test-fraction (or add a test/ or val/ folder).")

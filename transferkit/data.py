@@ -661,6 +661,36 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
 
 
+def path_strings(paths: Sequence[str | os.PathLike]):
+    """File paths as a string tensor for tf.data: bytes via fsencode, so names that are not valid
+    UTF-8 survive the round trip."""
+    import tensorflow as tf
+
+    return tf.constant([os.fsencode(p) for p in paths], dtype=tf.string, shape=(len(paths),))
+
+
+def decode_in_graph(raw_path, size: int):
+    """Inside a tf.data map: :func:`load_image` of one path, as ``(float32 image, ok)`` tensors.
+
+    A file that fails to decode gives an all-zero image and ``ok`` False instead of stopping the
+    pipeline.
+    """
+    import tensorflow as tf
+
+    blank = np.zeros((size, size, 3), dtype=np.float32)
+
+    def _decode(path: bytes) -> tuple[np.ndarray, np.bool_]:
+        try:
+            return load_image(os.fsdecode(path), size).astype(np.float32), np.bool_(True)
+        except ValueError:
+            return blank, np.bool_(False)
+
+    image, ok = tf.numpy_function(_decode, [raw_path], [tf.float32, tf.bool], stateful=False)
+    image.set_shape((size, size, 3))
+    ok.set_shape(())
+    return image, ok
+
+
 def image_dataset(paths: Sequence[str | os.PathLike], size: int, batch_size: int) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of ``(images, ok)`` batches, in the order of ``paths``.
 
@@ -681,23 +711,8 @@ def image_dataset(paths: Sequence[str | os.PathLike], size: int, batch_size: int
     size = int(size)
     if size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}.")
-    blank = np.zeros((size, size, 3), dtype=np.float32)
-
-    def _decode(raw_path: bytes) -> tuple[np.ndarray, np.bool_]:
-        try:
-            return load_image(os.fsdecode(raw_path), size).astype(np.float32), np.bool_(True)
-        except ValueError:
-            return blank, np.bool_(False)
-
-    def _map(raw_path):
-        image, ok = tf.numpy_function(_decode, [raw_path], [tf.float32, tf.bool], stateful=False)
-        image.set_shape((size, size, 3))
-        ok.set_shape(())
-        return image, ok
-
-    # Bytes via fsencode, so file names that are not valid UTF-8 survive the round trip.
-    strings = tf.constant([os.fsencode(p) for p in paths], dtype=tf.string, shape=(len(paths),))
-    return (tf.data.Dataset.from_tensor_slices(strings)
-            .map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return (tf.data.Dataset.from_tensor_slices(path_strings(paths))
+            .map(lambda raw_path: decode_in_graph(raw_path, size), num_parallel_calls=tf.data.AUTOTUNE,
+                 deterministic=True)
             .batch(int(batch_size))
             .prefetch(tf.data.AUTOTUNE))

@@ -18,7 +18,6 @@ import csv
 import functools
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -164,20 +163,6 @@ def read_history(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()
                  if value not in ("", None)} for row in csv.DictReader(handle)]
-
-
-def float32_policy_copy(build: Callable[[], object], model):
-    """A float32 model with ``model``'s weights (for saving a model trained in mixed precision)."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        copy = build()
-    finally:
-        keras.config.set_dtype_policy(previous)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def mixed_precision_policy() -> tuple[str | None, str]:

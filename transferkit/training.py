@@ -69,6 +69,30 @@ class TrainingPlan:
     run_dir: Path
 
 
+def check_inputs(config, strict: bool = False) -> tuple[BackboneSpec, int, ImageFolder, ResolvedWeights, np.ndarray]:
+    """The checks every job on a folder starts with, without TensorFlow: backbone and size, the
+    folder and its split, the weights (which may download, so after the cheap checks).
+
+    Args:
+        config: any settings with ``backbone``, ``image_size``, ``image_dir``, ``weights``,
+            ``seed``, ``val_fraction`` and ``test_fraction`` (train and compare settings).
+        strict: fail when the scan skipped a file.
+
+    Returns:
+        ``(spec, image_size, folder, weights, roles)``, roles as :func:`assign_roles` gives them
+        before extraction.
+    """
+    spec = get_backbone(config.backbone)
+    image_size = check_image_size(spec, config.image_size)
+    folder = scan_folder(config.image_dir, seed=config.seed, val_fraction=config.val_fraction,
+                         test_fraction=config.test_fraction)
+    if strict:
+        check_strict(folder.skipped)
+    weights = resolve_weights(spec, config.weights, image_size)
+    roles = assign_roles(folder, np.ones(len(folder.paths), dtype=bool), config.seed)  # split problems fail now
+    return spec, image_size, folder, weights, roles
+
+
 def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     """Check everything a run needs without TensorFlow: backbone, weights, input and output folders.
 
@@ -77,15 +101,7 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     Raises:
         InputError, WeightsError, DataError: with a message naming the option or file.
     """
-    spec = get_backbone(config.backbone)
-    image_size = check_image_size(spec, config.image_size)
-    folder = scan_folder(config.image_dir, seed=config.seed, val_fraction=config.val_fraction,
-                         test_fraction=config.test_fraction)
-    if config.strict:
-        check_strict(folder.skipped)
-    # Weights may download (slow), so they come after the cheap checks and before any writing.
-    weights = resolve_weights(spec, config.weights, image_size)
-    assign_roles(folder, np.ones(len(folder.paths), dtype=bool), config.seed)  # split problems fail now
+    spec, image_size, folder, weights, _ = check_inputs(config, strict=config.strict)
     if config.head != "softmax":
         from transferkit.heads import get_head
 

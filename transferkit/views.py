@@ -152,27 +152,16 @@ def view_dataset(paths: Sequence[str | os.PathLike], seeds: np.ndarray, wanted: 
     """
     import tensorflow as tf
 
-    from transferkit.data import load_image
+    from transferkit.data import decode_in_graph, path_strings
 
     views = int(seeds.shape[1])
-    blank = np.zeros((size, size, 3), dtype=np.float32)
-
-    def _decode(raw_path: bytes) -> tuple[np.ndarray, np.bool_]:
-        try:
-            return load_image(os.fsdecode(raw_path), size).astype(np.float32), np.bool_(True)
-        except ValueError:
-            return blank, np.bool_(False)
-
     def _views(raw_path, image_seeds, image_wanted):
-        image, ok = tf.numpy_function(_decode, [raw_path], [tf.float32, tf.bool], stateful=False)
-        image.set_shape((size, size, 3))
-        ok.set_shape(())
+        image, ok = decode_in_graph(raw_path, size)
         made = tf.map_fn(lambda seed: augmented_view(image, seed, config), image_seeds,
                          fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
         return made, image_wanted, tf.fill([views], ok)
 
-    strings = tf.constant([os.fsencode(p) for p in paths], dtype=tf.string, shape=(len(paths),))
-    return (tf.data.Dataset.from_tensor_slices((strings, seeds.astype(np.int64), wanted.astype(bool)))
+    return (tf.data.Dataset.from_tensor_slices((path_strings(paths), seeds.astype(np.int64), wanted.astype(bool)))
             .map(_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .unbatch()
             .filter(lambda _view, want, _ok: want)
