@@ -173,13 +173,58 @@ def test_nonlinear_sklearn_head_predicts_and_evaluates(tmp_path, folder):
     assert refused.exit_code == 2 and "scikit-learn model, not a Keras layer" in refused.output
 
 
-def test_multi_worker_is_refused_with_the_reason():
-    # Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585): say so.
-    from transferkit.config import TrainConfig
-    from transferkit.errors import InputError
+def _free_ports(count: int) -> list[int]:
+    import socket
 
-    with pytest.raises(InputError, match="keras-team/keras issue 20585"):
-        TrainConfig("a", "b", distribute="multi-worker")
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_workers_train_one_model(tmp_path, folder):
+    # --distribute multi-worker for real: two worker processes on 127.0.0.1, one shared cache.
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "transferkit.cli", "train", str(folder), "-o", str(run), "--cache-dir",
+               str(tmp_path / "cache"), *TINY, "--strategy", "fine-tune-top", "--fine-tune-epochs", "2",
+               "--distribute", "multi-worker"]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(command, env={**os.environ, "TF_CONFIG": tf_config},
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=300)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output
+    assert "chief: writes the run folder" in outputs[0] and "2 replica(s) in sync" in outputs[0]
+    assert "This worker's part is done" in outputs[1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fine_tune"]["distribute"] == "multi-worker" and metrics["fine_tune"]["replicas"] == 2
+    assert metrics["fine_tune"]["epochs_run"] == 2
+    # One model, written by the chief; the other worker's scratch folder is gone.
+    assert (run / "model.keras").is_file() and not (tmp_path / "run.worker-1").exists()
+    # Both workers trained the same model in sync: their last epoch logs the same (all-reduced) losses.
+    logs = [[line[line.index("accuracy:"):] for line in out.splitlines() if "val_loss:" in line] for out in outputs]
+    assert len(logs[0]) == 2 and logs[0] == logs[1]
+
+
+def test_multi_worker_needs_tf_config(monkeypatch, tmp_path, folder):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result, _ = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--distribute", "multi-worker")
+    assert result.exit_code == 2 and "needs the TF_CONFIG environment variable" in result.output
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}')
+    result, _ = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--distribute", "multi-worker")
+    assert result.exit_code == 2 and "task worker:3 is not a chief or worker of its cluster" in result.output
 
 
 def test_head_trains_on_cached_augmented_views(tmp_path, folder):

@@ -615,8 +615,9 @@ def cache_merge(sources, cache_dir) -> None:
 @click.option("--mixed-precision", is_flag=True,
               help="float16 on a GPU, bfloat16 on CPUs that have it (output layer stays float32).")
 @click.option("--xla", is_flag=True, help="Compile the fine-tune step with XLA (jit_compile).")
-@click.option("--distribute", type=click.Choice([*DISTRIBUTE, "multi-worker"]), default="none", show_default=True,
-              help="mirrored: every GPU of this machine. multi-worker: not available yet (Keras 3 issue 20585).")
+@click.option("--distribute", type=click.Choice(DISTRIBUTE), default="none", show_default=True,
+              help="The fine-tune phase on every GPU of this machine (mirrored) or on the workers named by "
+                   "TF_CONFIG (multi-worker: run the same command on each; the chief writes RUN_DIR).")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN_DIR/checkpoints/logs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the training.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True,

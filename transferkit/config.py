@@ -22,7 +22,7 @@ from transferkit.errors import InputError
 from transferkit.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, STRATEGIES
 
 SCHEDULES = ("cosine", "one-cycle", "constant")
-DISTRIBUTE = ("none", "mirrored")
+DISTRIBUTE = ("none", "mirrored", "multi-worker")
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,6 @@ class TrainConfig:
         _check(self.augment_views >= 0, "augment_views", "an integer >= 0", self.augment_views)
         _check(self.class_weight in ("none", "auto"), "class_weight", "none or auto", self.class_weight)
         _check(self.sampling in ("natural", "balanced"), "sampling", "natural or balanced", self.sampling)
-        if self.distribute == "multi-worker":
-            # Keras 3's fit does not run under MultiWorkerMirroredStrategy on TensorFlow 2.16-2.21
-            # (keras-team/keras#20585): it fails before the first step. Refuse it plainly.
-            raise InputError("--distribute multi-worker is not available: Keras 3's fit does not support "
-                             "TensorFlow's MultiWorkerMirroredStrategy yet (keras-team/keras issue 20585). "
-                             "Use --distribute mirrored for the GPUs of one machine.")
         _check(self.distribute in DISTRIBUTE, "distribute", f"one of {', '.join(DISTRIBUTE)}", self.distribute)
         _check(self.head == "softmax" or self.strategy == "freeze-all", "head",
                "softmax with --strategy fine-tune-top/full-retrain/auto (scikit-learn heads train on frozen "

@@ -194,3 +194,72 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     result = dict.fromkeys(range(num_classes), 1.0)
     result.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
     return result
+
+
+def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, backbone, model, phase: Phase,
+                    folder, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, checkpoint_dir: Path,
+                    class_weight: dict | None, distribution, verbose: int):
+    """Phase 2: unfreeze the phase's blocks and train on live (augmented) images.
+
+    The model is rebuilt under the mixed-precision policy and distribution strategy when asked
+    (variables must be created inside both), with the head phase's weights copied in; the
+    returned model is float32, uncompiled, and a plain functional model either way.
+
+    Returns:
+        ``(model, history rows, info for metrics.json)``.
+    """
+    import keras
+
+    from transferkit.augment import training_images
+    from transferkit.backbones import build_backbone
+    from transferkit.distribute import shard_by_data, sync_weights, training_model
+
+    policy, policy_note = (None, "")
+    if config.mixed_precision:
+        policy, policy_note = mixed_precision_policy()
+        log.info("--mixed-precision: %s.", policy_note)
+    batch = config.batch_size * distribution.num_replicas_in_sync
+    train_data = shard_by_data(training_images(
+        [folder.abs_path(folder.paths[i]) for i in train_idx], labels[train_idx], image_size, batch, config=config,
+        shuffle=True, seed=config.seed, balanced=config.sampling == "balanced"))
+    val_data = shard_by_data(training_images(
+        [folder.abs_path(folder.paths[i]) for i in val_idx], labels[val_idx], image_size, batch, config=config,
+        shuffle=False, seed=config.seed)) if len(val_idx) else None
+
+    previous = keras.config.dtype_policy()
+    if policy:
+        keras.config.set_dtype_policy(policy)
+    try:
+        with distribution.scope():
+            if policy or config.distribute != "none":
+                tuned_backbone = build_backbone(spec, weights=None, image_size=image_size)
+                x = tuned_backbone.output
+                for layer in (keras.layers.Dropout(config.dropout, name="head_dropout"),
+                              keras.layers.Dense(len(folder.class_names), activation="softmax", dtype="float32",
+                                                 name="predictions")):
+                    x = layer(x)
+                tuned = training_model(tuned_backbone.input, x, name=model.name, strategy=distribution,
+                                       batch_spec=train_data.element_spec)
+                tuned.set_weights(model.get_weights())
+                sync_weights(tuned, distribution)
+            else:
+                tuned, tuned_backbone = model, backbone  # the same layer objects
+            rates = set_trainable(tuned_backbone, spec, phase, config.train_bn)
+            for name in ("head_dropout", "predictions"):
+                tuned.get_layer(name).trainable = True
+            rates["predictions"] = phase.rate_multipliers[0]
+            trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
+            log.info("Fine-tuning %d trainable weights in %d layers.", trainable, len(rates))
+            rows = fine_tune(tuned, config, rates, train_data, val_data,
+                             steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
+                             class_weight=class_weight, verbose=verbose)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if tuned is not model:
+        model.set_weights(tuned.get_weights())  # float32, outside any distribution scope
+    # A new, uncompiled model on the same layers: the saved file needs no optimizer class to load.
+    model = keras.Model(model.input, model.output, name=model.name)
+    info = {"epochs_run": len(rows), "trainable_weights": trainable, "trained_layers": len(rates),
+            "mixed_precision": policy or "none", "distribute": config.distribute,
+            "replicas": distribution.num_replicas_in_sync}
+    return model, rows, info

@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files, report_data, runs
-from transferkit.augment import describe_augmentation, training_images
+from transferkit.augment import describe_augmentation
 from transferkit.backbones import BackboneSpec, block_boundaries, check_image_size, get_backbone
 from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, default_cache_dir, extract_features
 from transferkit.checks import check_strict, dataset_warnings
 from transferkit.config import TrainConfig, save_config
 from transferkit.data import ImageFolder, scan_folder, stable_fraction, write_splits_csv
+from transferkit.distribute import make_strategy, output_dir_for
 from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
-from transferkit.finetune import class_weights, fine_tune, mixed_precision_policy, set_trainable, steps_for
+from transferkit.finetune import class_weights, fine_tune_phase
 from transferkit.strategies import choose_strategy, plan_phases
 from transferkit.views import with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
@@ -68,6 +69,11 @@ class TrainingPlan:
     folder: ImageFolder
     run_dir: Path
 
+    @property
+    def is_worker_copy(self) -> bool:
+        """A non-chief worker of ``--distribute multi-worker``: its folder is scratch, deleted at the end."""
+        return self.run_dir != Path(self.config.output_dir)
+
 
 def check_inputs(config, strict: bool = False) -> tuple[BackboneSpec, int, ImageFolder, ResolvedWeights, np.ndarray]:
     """The checks every job on a folder starts with, without TensorFlow: backbone and size, the
@@ -106,7 +112,9 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
         from transferkit.heads import get_head
 
         get_head(config.head)  # an unknown name fails now, with the nearest one suggested
-    run_dir = runs.prepare_output_dir(config.output_dir, config.overwrite or resume)
+    # A non-chief worker of --distribute multi-worker writes its checkpoints beside RUN_DIR.
+    worker_dir = output_dir_for(config.output_dir, config.distribute)
+    run_dir = runs.prepare_output_dir(worker_dir, config.overwrite or resume or worker_dir != Path(config.output_dir))
     runs.check_writable_dir(config.cache_dir or default_cache_dir(), "--cache-dir")
     return TrainingPlan(config, spec, image_size, weights, folder, run_dir)
 
@@ -159,6 +167,10 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1, resume: bool = False) 
                       f"{type(exc).__name__}: {exc}"[:300])
         raise
     _write_status(run_dir, "finished")
+    if plan.is_worker_copy:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("This worker's part is done; the chief writes %s.", config.output_dir)
+        result = dataclasses.replace(result, run_dir=Path(config.output_dir))
     return result
 
 
@@ -171,7 +183,7 @@ def _write_status(run_dir: Path, state: str, detail: str = "") -> None:
 def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) -> TrainResult:
     config, spec, image_size, weights, folder, run_dir = (
         plan.config, plan.spec, plan.image_size, plan.weights, plan.folder, plan.run_dir)
-    distribution = _distribution(config.distribute)
+    distribution = make_strategy(config.distribute)  # first: multi-worker must precede any TensorFlow op
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -227,7 +239,7 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         if len(phases) == 1:
             probabilities = head.predict(features[eval_idx])
         else:
-            model, rows, fine_tune_info = _fine_tune_phase(
+            model, rows, fine_tune_info = fine_tune_phase(
                 config, spec, image_size, backbone, model, phases[1], folder, labels, train_idx, val_idx,
                 checkpoint_dir, weights_by_class, distribution, verbose)
             history += [{"phase": "fine-tune", **row} for row in rows]
@@ -279,6 +291,8 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
                       probabilities, folder.class_names)
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     shutil.rmtree(checkpoint_dir / "backup", ignore_errors=True)  # the finished model replaces it
+    if plan.is_worker_copy:
+        return TrainResult(run_dir, metrics)
     from transferkit.report import gradcam_explainer, write_report
 
     html, _ = write_report(run_dir, features=features[extraction.ok], feature_labels=labels[extraction.ok],
@@ -394,82 +408,6 @@ def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoi
         files.write_json(checkpoint_dir / "head.json", {"epochs_run": result.epochs_run,
                                                         "best_epoch": result.best_epoch, "history": result.history})
     return result
-
-
-def _fine_tune_phase(config, spec, image_size, backbone, model, phase, folder, labels, train_idx, val_idx,
-                     checkpoint_dir, class_weight, distribution, verbose):
-    """Phase 2: unfreeze the phase's blocks and train on live (augmented) images.
-
-    The model is rebuilt under the mixed-precision policy and distribution strategy when asked
-    (variables must be created inside both), with the head phase's weights copied in; the
-    returned model is float32 either way.
-    """
-    import keras
-
-    from transferkit.backbones import build_backbone
-
-    policy, policy_note = (None, "")
-    if config.mixed_precision:
-        policy, policy_note = mixed_precision_policy()
-        log.info("--mixed-precision: %s.", policy_note)
-
-    def build():
-        backbone = build_backbone(spec, weights=None, image_size=image_size)
-        head_layers = [keras.layers.Dropout(config.dropout, name="head_dropout"),
-                       keras.layers.Dense(len(folder.class_names), activation="softmax", dtype="float32",
-                                          name="predictions")]
-        x = backbone.output
-        for layer in head_layers:
-            x = layer(x)
-        return keras.Model(backbone.input, x, name=model.name), backbone
-
-    previous = keras.config.dtype_policy()
-    if policy:
-        keras.config.set_dtype_policy(policy)
-    try:
-        with distribution.scope():
-            if policy or config.distribute != "none":
-                tuned, tuned_backbone = build()
-                tuned.set_weights(model.get_weights())
-            else:
-                tuned, tuned_backbone = model, backbone  # the same layer objects
-            layer_rates = set_trainable(tuned_backbone, spec, phase, config.train_bn)
-            for name in ("head_dropout", "predictions"):
-                tuned.get_layer(name).trainable = True
-            layer_rates["predictions"] = phase.rate_multipliers[0]
-            batch = config.batch_size * distribution.num_replicas_in_sync
-            paths = [folder.abs_path(folder.paths[i]) for i in train_idx]
-            train_data = training_images(paths, labels[train_idx], image_size, batch, config=config, shuffle=True,
-                                         seed=config.seed, balanced=config.sampling == "balanced")
-            val_data = training_images([folder.abs_path(folder.paths[i]) for i in val_idx], labels[val_idx],
-                                       image_size, batch, config=config, shuffle=False,
-                                       seed=config.seed) if len(val_idx) else None
-            trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
-            log.info("Fine-tuning %d trainable weights in %d layers.", trainable, len(layer_rates))
-            rows = fine_tune(tuned, config, layer_rates, train_data, val_data,
-                             steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
-                             class_weight=class_weight, verbose=verbose)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    if tuned is not model:
-        model.set_weights(tuned.get_weights())  # float32, outside any distribution scope
-    # A new, uncompiled model on the same layers: the saved file needs no optimizer class to load.
-    model = keras.Model(model.input, model.output, name=model.name)
-    info = {"epochs_run": len(rows), "trainable_weights": trainable, "trained_layers": len(layer_rates),
-            "mixed_precision": policy or "none", "distribute": config.distribute,
-            "replicas": distribution.num_replicas_in_sync}
-    return model, rows, info
-
-
-def _distribution(name: str):
-    """The tf.distribute strategy for ``--distribute`` (the default strategy for ``none``)."""
-    import tensorflow as tf
-
-    if name != "mirrored":
-        return tf.distribute.get_strategy()
-    strategy = tf.distribute.MirroredStrategy()
-    log.info("--distribute %s: %d replica(s) in sync.", name, strategy.num_replicas_in_sync)
-    return strategy
 
 
 def _predict_images(model, paths, batch_size: int) -> np.ndarray:
