@@ -236,3 +236,35 @@ def test_head_trains_on_cached_augmented_views(tmp_path, folder):
     assert again.exit_code == 0, again.output
     extraction = json.loads((run2 / "metrics.json").read_text())["extraction"]
     assert extraction["views_computed"] == 0 and extraction["views_cached"] == 2 * 60  # the backbone never re-ran
+
+
+def test_batch_size_auto_backs_off_on_out_of_memory(monkeypatch, tmp_path, folder):
+    # No machine here runs out of memory on demand: make batches above a limit fail the way
+    # TensorFlow reports it, in extraction (above 16) and in the fine-tune phase (above 8).
+    import tensorflow as tf
+
+    from transferkit import training
+
+    def failing_above(limit, function, size_of):
+        def wrapper(*args, **kwargs):
+            if size_of(*args, **kwargs) > limit:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(training, "extract_features", failing_above(
+        16, training.extract_features, lambda *a, **k: k["batch_size"]))
+    monkeypatch.setattr(training, "fine_tune_phase", failing_above(
+        8, training.fine_tune_phase, lambda config, *a: config.batch_size))
+    result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1",
+                         "--batch-size", "auto")
+    assert result.exit_code == 0, result.output
+    assert "out of memory during extraction; retrying with 16 images per batch" in result.output
+    assert "out of memory during the fine-tune phase; retrying with 8 images per batch" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["extraction"]["batch_size"] == 16 and metrics["fine_tune"]["batch_size"] == 8
+    assert "batch_size: auto" in (run / "config.yaml").read_text()  # a repeat backs off again
+    # A fixed batch size is taken as given: the same failure is a clear error, not a retry.
+    failed, _ = _train(tmp_path / "fixed", folder, "--batch-size", "64")
+    assert failed.exit_code == 2 and "retrying" not in failed.output
+    assert "Out of memory during extraction with --batch-size 64" in failed.output

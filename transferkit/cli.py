@@ -107,6 +107,23 @@ _image_size_option = click.option(
     "--image-size", type=click.IntRange(min=8), default=None,
     help="Input size in pixels (square). Default: the backbone's native size.",
 )
+class _BatchSize(click.ParamType):
+    """A positive integer, or ``auto`` (``train --batch-size auto``)."""
+
+    name = "integer|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not an integer >= 1 or 'auto'.", param, ctx)
+        return number
+
+
 _batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                                   help="Images per batch.")
 _cache_dir_option = click.option(
@@ -578,7 +595,8 @@ def cache_merge(sources, cache_dir) -> None:
 @_image_size_option
 @click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True,
               help="Maximum epochs; early stopping usually ends sooner.")
-@_batch_size_option
+@click.option("--batch-size", type=_BatchSize(), default=32, show_default=True,
+              help="Images per batch, or auto: start at 32 and halve whenever a phase runs out of memory.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Adam learning rate of the head.")
 @click.option("--patience", type=click.IntRange(min=0), default=20, show_default=True,

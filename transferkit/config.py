@@ -42,7 +42,7 @@ class TrainConfig:
     strategy: str = "freeze-all"
     head: str = "softmax"
     image_size: int | None = None
-    batch_size: int = 32
+    batch_size: int | str = 32
     epochs: int = 500
     learning_rate: float = 1e-3
     patience: int = 20
@@ -111,7 +111,8 @@ class TrainConfig:
                "softmax with --strategy fine-tune-top/full-retrain/auto (scikit-learn heads train on frozen "
                "features: use --strategy freeze-all)", self.head)
         _check(self.image_size is None or self.image_size >= 8, "image_size", "an integer >= 8", self.image_size)
-        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.batch_size == "auto" or isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size",
+               "an integer >= 1 or auto", self.batch_size)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         _check(0 < self.learning_rate < 10, "learning_rate", "a number between 0 and 10", self.learning_rate)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
@@ -136,6 +137,52 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FEATURE_FORMATS = ("npz", "parquet", "csv")
+
+
+@dataclass(frozen=True)
+class FeatureExportConfig:
+    """Everything one ``transferkit features export`` depends on: the keys of its ``--config`` recipe.
+
+    Example:
+        >>> FeatureExportConfig("photos", "features.parquet").file_format
+        'parquet'
+    """
+
+    image_dir: str
+    output: str
+    backbone: str = "mobilenet_v2_035"
+    format: str | None = None
+    weights: str = "imagenet"
+    image_size: int | None = None
+    batch_size: int = 32
+    cache_dir: str | None = None
+    cache_dtype: str = "float32"
+    seed: int = 0
+    augment_views: int = 0
+    overwrite: bool = False
+    strict: bool = False
+
+    def __post_init__(self):
+        _check(self.format is None or self.format in FEATURE_FORMATS, "format",
+               f"one of {', '.join(FEATURE_FORMATS)}", self.format)
+        _check(self.file_format in FEATURE_FORMATS, "format", f"one of {', '.join(FEATURE_FORMATS)}, or an output "
+               f"file ending in .npz, .parquet or .csv (the format cannot be told from '{Path(self.output).name}')",
+               self.format)
+        _check(self.image_size is None or self.image_size >= 8, "image_size", "an integer >= 8", self.image_size)
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.cache_dtype in ("float32", "float16"), "cache_dtype", "float32 or float16", self.cache_dtype)
+        _check(self.augment_views >= 0, "augment_views", "an integer >= 0", self.augment_views)
+
+    @property
+    def file_format(self) -> str:
+        """``format``, else the output file's extension."""
+        return self.format or Path(self.output).suffix.lower().lstrip(".")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ written is shown if the import fails, and always when ``show_startup_logs`` is o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,9 @@ import threading
 
 #: Show TensorFlow's start-up lines (the CLI's --debug sets it).
 show_startup_logs = False
+
+#: ``--batch-size auto`` starts here (the default batch size) and halves on out-of-memory.
+AUTO_BATCH_START = 32
 
 
 def start_tensorflow() -> None:
@@ -90,3 +94,52 @@ def native_stderr_quiet():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def with_batch_backoff(step, batch_size: int | str, what: str, start: int = AUTO_BATCH_START):
+    """Run ``step(batch)``; with ``--batch-size auto`` retry at half the batch on out-of-memory.
+
+    With a fixed batch size, out-of-memory is an error that says what to do.
+
+    Args:
+        step: the work, given the batch size to use; it must be safe to call again after an
+            out-of-memory failure (the training phases restore their starting weights).
+        batch_size: an integer (used as is, no retry) or ``"auto"`` (start at ``start``).
+        what: the work's name for the messages.
+
+    Returns:
+        ``(step's result, the batch size that worked)``.
+    """
+    import gc
+
+    import tensorflow as tf
+
+    from transferkit.errors import InputError
+
+    size = start if batch_size == "auto" else int(batch_size)
+    while True:
+        try:
+            return step(size), size
+        except (tf.errors.ResourceExhaustedError, tf.errors.InternalError, MemoryError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            if batch_size != "auto":
+                raise InputError(f"Out of memory during {what} with --batch-size {size}. Pass a smaller "
+                                "--batch-size, or --batch-size auto to halve it until it fits.") from exc
+            if size == 1:
+                raise InputError(f"--batch-size auto: {what} runs out of memory even with 1 image per batch. "
+                                "Use a smaller --image-size or backbone, or a machine with more memory.") from exc
+            gc.collect()
+            size //= 2
+            logging.getLogger("transferkit").warning(
+                "--batch-size auto: out of memory during %s; retrying with %d images per batch.", what, size)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Out of memory, as TensorFlow reports it (XLA's kernels raise InternalError for it)."""
+    import tensorflow as tf
+
+    if isinstance(exc, (tf.errors.ResourceExhaustedError, MemoryError)):
+        return True
+    message = str(exc)
+    return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()

@@ -30,6 +30,7 @@ from transferkit.distribute import make_strategy, output_dir_for
 from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
 from transferkit.finetune import class_weights, fine_tune_phase
+from transferkit.runtime import AUTO_BATCH_START, with_batch_backoff
 from transferkit.strategies import choose_strategy, plan_phases
 from transferkit.views import with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
@@ -197,8 +198,10 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     cache = FeatureCache(config.cache_dir or default_cache_dir(),
                          FeatureSpec.for_model(spec, backbone, config.cache_dtype))
     paths = [folder.abs_path(p) for p in folder.paths]
-    extraction = extract_features(backbone, paths, cache, batch_size=config.batch_size, verbose=verbose,
-                                  views=config.augment_views, augmentation=config)
+    extraction, extraction_batch = with_batch_backoff(
+        lambda batch: extract_features(backbone, paths, cache, batch_size=batch, verbose=verbose,
+                                       views=config.augment_views, augmentation=config),
+        config.batch_size, "extraction")  # a retry resumes: the vectors computed so far are in the cache
     log.info("Features: %d images, %s.", len(folder.paths), extraction.summary())
     for rel, reason in extraction.skipped_files(folder.paths):
         log.warning("Skipped %s: %s", rel, reason)
@@ -229,7 +232,8 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
                                                               head_train_idx, val_idx, eval_idx, folder.class_names,
                                                               run_dir)
     else:
-        head = _head_phase(config, head_features, head_labels, head_train_idx, val_idx, test_idx, checkpoint_dir,
+        head = _head_phase(config.replace(batch_size=AUTO_BATCH_START) if config.batch_size == "auto" else config,
+                           head_features, head_labels, head_train_idx, val_idx, test_idx, checkpoint_dir,
                            refit=len(phases) == 1, class_weight=weights_by_class, resume=resume, verbose=verbose)
         history += [{"phase": "head", **row} for row in head.history]
         head_info = {"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "refit_epochs": head.refit_epochs}
@@ -239,11 +243,21 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         if len(phases) == 1:
             probabilities = head.predict(features[eval_idx])
         else:
-            model, rows, fine_tune_info = fine_tune_phase(
-                config, spec, image_size, backbone, model, phases[1], folder, labels, train_idx, val_idx,
-                checkpoint_dir, weights_by_class, distribution, verbose)
+            head_weights = model.get_weights()
+
+            def tune(batch: int):
+                model.set_weights(head_weights)  # a retry after out-of-memory starts where the first did
+                return fine_tune_phase(config.replace(batch_size=batch), spec, image_size, backbone, model, phases[1],
+                                       folder, labels, train_idx, val_idx, checkpoint_dir, weights_by_class,
+                                       distribution, verbose)
+
+            (model, rows, fine_tune_info), tuned_batch = with_batch_backoff(
+                tune, config.batch_size, "the fine-tune phase")
+            fine_tune_info["batch_size"] = tuned_batch
             history += [{"phase": "fine-tune", **row} for row in rows]
-            probabilities = _predict_images(model, [paths[i] for i in eval_idx], config.batch_size)
+            probabilities, _ = with_batch_backoff(
+                lambda batch: _predict_images(model, [paths[i] for i in eval_idx], batch), config.batch_size,
+                "prediction")
     fit_seconds = time.perf_counter() - fit_started
     runs.save_model(model, run_dir / runs.MODEL_FILE)
 
@@ -277,6 +291,7 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
             "views_computed": extraction.num_views_computed,
             "views_cached": extraction.num_views_cached,
             "images_per_second": round(extraction.images_per_second, 2),
+            "batch_size": extraction_batch,
             "seconds": round(extraction.seconds, 2),
             "cache_dir": str(cache.dir),
         },
