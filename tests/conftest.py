@@ -17,10 +17,12 @@ SHARED_DATASETS = SHARED_DIR / "datasets"
 
 @pytest.fixture(autouse=True)
 def isolated_homes(tmp_path_factory, monkeypatch):
-    """Every test gets an empty Keras home and feature cache: no test sees the developer's files."""
+    """Every test gets an empty Keras home, feature cache and data folder (TFDS images): no test sees
+    the developer's files."""
     base = tmp_path_factory.mktemp("homes")
     monkeypatch.setenv("KERAS_HOME", str(base / "keras"))
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(base / "cache"))
+    monkeypatch.setenv("TRANSFERKIT_DATA_DIR", str(base / "data"))
     return base
 
 

@@ -92,18 +92,18 @@ def test_float16_storage_halves_the_size(tmp_path):
 
 
 def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
-    from transferkit import cache as cache_module
+    from transferkit.cache import keys as keys_module
 
     files = []
     for i in range(5):
         (tmp_path / f"{i}.bin").write_bytes(bytes([i]) * 100)
         files.append(tmp_path / f"{i}.bin")
-    first = cache_module.FileHashes(tmp_path / "c").hashes(files)
+    first = keys_module.FileHashes(tmp_path / "c").hashes(files)
     calls = []
-    monkeypatch.setattr(cache_module, "hash_file", lambda p: calls.append(p) or "x")
-    assert cache_module.FileHashes(tmp_path / "c").hashes(files) == first and calls == []
+    monkeypatch.setattr(keys_module, "hash_file", lambda p: calls.append(p) or "x")
+    assert keys_module.FileHashes(tmp_path / "c").hashes(files) == first and calls == []
     files[2].write_bytes(b"edited, and longer than before")
-    cache_module.FileHashes(tmp_path / "c").hashes(files)
+    keys_module.FileHashes(tmp_path / "c").hashes(files)
     assert [str(p) for p in calls] == [str(files[2].resolve())]
 
 

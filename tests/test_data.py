@@ -1,4 +1,5 @@
-"""Tests for transferkit.data (scan, split, splits.csv, decode, tf.data) and the synthetic folders."""
+"""Tests for transferkit.data (scan) and the modules it fronts: transferkit.splits (split, splits.csv) and
+transferkit.images (decode, tf.data); and the synthetic folders."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from transferkit.data import (
     IMAGE_EXTENSIONS,
     SPLITS,
     ImageFolder,
-    _hash_splits,
     image_dataset,
     load_image,
     read_splits_csv,
@@ -23,6 +23,7 @@ from transferkit.data import (
     write_splits_csv,
 )
 from transferkit.errors import DataError, InputError
+from transferkit.splits import hash_splits
 from transferkit.testing import make_image_folder
 
 
@@ -268,12 +269,12 @@ def test_different_seed_gives_different_split(tmp_path):
 def test_hash_split_follows_the_fractions():
     paths = tuple(f"c{i % 2}/{i:05d}.jpg" for i in range(4000))
     labels = np.array([i % 2 for i in range(4000)], dtype=np.int64)
-    splits = _hash_splits(paths, labels, seed=0, val_fraction=0.2, test_fraction=0.1)
+    splits = hash_splits(paths, labels, seed=0, val_fraction=0.2, test_fraction=0.1)
     share = {s: splits.count(s) / len(splits) for s in SPLITS}
     assert share["train"] == pytest.approx(0.7, abs=0.03)
     assert share["val"] == pytest.approx(0.2, abs=0.03)
     assert share["test"] == pytest.approx(0.1, abs=0.03)
-    no_val = _hash_splits(paths, labels, seed=0, val_fraction=0.0, test_fraction=0.1)
+    no_val = hash_splits(paths, labels, seed=0, val_fraction=0.0, test_fraction=0.1)
     assert "val" not in no_val
 
 
@@ -282,7 +283,7 @@ def test_every_class_reaches_every_split_from_three_images():
         counts = {"a": 3, "b": 4, "c": 5, "d": 2}
         paths = tuple(f"{c}/{i}.png" for c, n in counts.items() for i in range(n))
         labels = np.array([k for k, n in enumerate(counts.values()) for _ in range(n)], dtype=np.int64)
-        splits = _hash_splits(paths, labels, seed=seed, val_fraction=0.15, test_fraction=0.15)
+        splits = hash_splits(paths, labels, seed=seed, val_fraction=0.15, test_fraction=0.15)
         for k in range(3):  # classes with >= 3 images
             seen = {s for s, label in zip(splits, labels, strict=True) if label == k}
             assert seen == set(SPLITS), (seed, k)

@@ -1,8 +1,8 @@
 """Every recipe in recipes/ loads, documents how to run it, and the CI-sized ones run end to end.
 
 A recipe's first line says whether CI runs it (``# ci: true`` or ``# ci: false``); its comment
-names the command that runs it (``transferkit train --config recipes/NAME.yaml``, run from the
-repository root, where its relative paths resolve).
+names the command that runs it (``transferkit train --config recipes/NAME.yaml``, or ``compare`` or
+``features export``, run from the repository root, where its relative paths resolve).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from click.testing import CliRunner
 
 from transferkit.cli import main
 from transferkit.compare import CompareConfig
-from transferkit.config import TrainConfig, config_from_dict, load_settings
+from transferkit.config import FeatureExportConfig, TrainConfig, config_from_dict, load_settings
 from transferkit.errors import InputError
+from transferkit.tfds_folder import parse_tfds_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-CONFIG_CLASSES = {"train": TrainConfig, "compare": CompareConfig}
+CONFIG_CLASSES = {"train": TrainConfig, "compare": CompareConfig, "features export": FeatureExportConfig}
 
 
 def _header(recipe: Path) -> tuple[bool, str]:
@@ -30,7 +31,8 @@ def _header(recipe: Path) -> tuple[bool, str]:
     text = recipe.read_text(encoding="utf-8")
     ci = re.match(r"# ci: (true|false)\b", text)
     assert ci, f"{recipe.name}: the first line must be '# ci: true' or '# ci: false'"
-    run = re.search(r"^# Run from the repository root:\s+transferkit (\w+) --config recipes/(\S+)$", text, re.M)
+    run = re.search(r"^# Run from the repository root:\s+transferkit (\w+(?: \w+)?) --config recipes/(\S+)$", text,
+                    re.M)
     assert run, f"{recipe.name}: a comment must say 'Run from the repository root:  transferkit CMD --config ...'"
     assert run.group(2) == recipe.name, f"{recipe.name}: its run line names recipes/{run.group(2)}"
     return ci.group(1) == "true", run.group(1)
@@ -38,7 +40,8 @@ def _header(recipe: Path) -> tuple[bool, str]:
 
 def test_the_recipe_library_covers_the_documented_experiments():
     names = {recipe.stem for recipe in RECIPES}
-    assert {"demo", "smoke-tiny-backbone", "ants-bees-compare-heads", "ants-bees-multi-gpu"} <= names
+    assert {"demo", "smoke-tiny-backbone", "ants-bees-compare-heads", "ants-bees-multi-gpu",
+            "ants-bees-export-features", "smoke-export-features", "tf-flowers-freeze-all"} <= names
     strategies = {load_settings(r).get("strategy") for r in RECIPES if _header(r)[1] == "train"}
     assert {"freeze-all", "fine-tune-top", "full-retrain"} <= strategies
     listed = (ROOT / "recipes" / "README.md").read_text(encoding="utf-8")
@@ -48,15 +51,21 @@ def test_the_recipe_library_covers_the_documented_experiments():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_loads_into_its_command_config(recipe):
-    _, command = _header(recipe)
+    ci, command = _header(recipe)
     cls = CONFIG_CLASSES[command]
     settings = load_settings(recipe, cls)  # unknown keys and wrong types fail here
     config = config_from_dict(settings, cls, source=recipe.name)  # and every value passes its checks
     # Recipes run from the repository root: their paths are relative, never one machine's.
-    assert not Path(config.image_dir).is_absolute() and not Path(config.output_dir).is_absolute()
-    assert config.output_dir.startswith("runs/")
-    bundled = config.image_dir.startswith("transferkit/")
-    assert (ROOT / config.image_dir).is_dir() if bundled else config.image_dir.startswith("../shared/datasets/")
+    output = config.output if command == "features export" else config.output_dir
+    assert not Path(config.image_dir).is_absolute() and not Path(output).is_absolute()
+    assert output.startswith("runs/")
+    if config.image_dir.startswith("tfds:"):  # TensorFlow Datasets: a real name, checked without TensorFlow
+        parse_tfds_name(config.image_dir)
+        assert not ci, "a TFDS recipe downloads its data: not CI-sized"
+    elif config.image_dir.startswith("transferkit/"):
+        assert (ROOT / config.image_dir).is_dir()
+    else:
+        assert config.image_dir.startswith("../shared/datasets/")
 
 
 def test_a_misspelt_recipe_key_fails_with_the_nearest_key(tmp_path):
@@ -75,6 +84,13 @@ def test_ci_sized_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch, no_downl
     _, command = _header(recipe)
     monkeypatch.chdir(ROOT)  # as documented: recipes run from the repository root
     run_dir = tmp_path / "run"
+    if command == "features export":
+        output = tmp_path / f"features{Path(load_settings(recipe, FeatureExportConfig)['output']).suffix}"
+        result = CliRunner().invoke(main, [*command.split(), "--config", f"recipes/{recipe.name}", "-o", str(output),
+                                           "-q"])
+        assert result.exit_code == 0, result.output
+        assert output.is_file() and f"to {output}" in result.output
+        return
     result = CliRunner().invoke(main, [command, "--config", f"recipes/{recipe.name}", "-o", str(run_dir), "-q"])
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -97,3 +113,20 @@ def test_a_saved_compare_config_loads_back_as_a_recipe(tmp_path):
     saved.write_text("image_dir: photos\noutput_dir: cmp\nbackbone: tiny_test\nheads: 3\n")
     with pytest.raises(InputError, match="Invalid --heads .*expected a list of names"):
         load_settings(saved, CompareConfig)
+
+
+def test_features_export_takes_a_recipe_that_flags_override(tmp_path, image_folder):
+    recipe = tmp_path / "export.yaml"
+    recipe.write_text(f"image_dir: {image_folder}\noutput: {tmp_path / 'f.csv'}\nbackbone: tiny_test\nweights: none\n"
+                      "image_size: 32\nformat: csv\n")
+    result = CliRunner().invoke(main, ["features", "export", "--config", str(recipe), "-o", str(tmp_path / "g.npz"),
+                                       "--format", "npz", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "g.npz").is_file() and not (tmp_path / "f.csv").exists(), "-o and --format override the recipe"
+
+    recipe.write_text(recipe.read_text() + "augment_view: 2\n")
+    misspelt = CliRunner().invoke(main, ["features", "export", "--config", str(recipe)])
+    assert misspelt.exit_code == 2 and "Did you mean 'augment_views'?" in misspelt.output
+    recipe.write_text(f"image_dir: {image_folder}\nbackbone: tiny_test\n")
+    no_output = CliRunner().invoke(main, ["features", "export", "--config", str(recipe)])
+    assert no_output.exit_code == 2 and "Missing option '-o' / '--output'" in no_output.output

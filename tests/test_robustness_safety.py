@@ -32,8 +32,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from transferkit.config import TrainConfig, config_from_dict, load_settings
-from transferkit.data import _unreadable_reason, load_image, read_splits_csv, scan_folder
+from transferkit.data import load_image, read_splits_csv, scan_folder
 from transferkit.errors import DataError, InputError, TransferkitError
+from transferkit.images import unreadable_reason
 from transferkit.testing import make_image_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "transferkit"
@@ -171,7 +172,7 @@ def test_fuzz_decoder_returns_pixels_or_a_value_error(small_pixel_limit, image):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"fuzz{ext}"
         path.write_bytes(data)
-        reason = _unreadable_reason(path)
+        reason = unreadable_reason(path)
         assert reason is None or isinstance(reason, str)
         try:
             arr = load_image(path, 16)

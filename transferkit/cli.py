@@ -152,7 +152,26 @@ _tta_option = click.option(
          "of 0.875 x the side, each also mirrored); about 10x slower.",
 )
 
-_image_dir_argument = click.argument("image_dir", type=click.Path(exists=True, file_okay=False), metavar="IMAGE_DIR")
+class _ImageDir(click.Path):
+    """An existing folder, or a TensorFlow Datasets name ``tfds:NAME[:SPLIT]`` (checked for its form only)."""
+
+    def __init__(self):
+        super().__init__(exists=True, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("tfds:"):
+            from transferkit.tfds_folder import parse_tfds_name
+
+            try:
+                parse_tfds_name(value)
+            except TransferkitError as exc:
+                self.fail(str(exc), param, ctx)
+            return value
+        return super().convert(value, param, ctx)
+
+
+IMAGE_DIR_TYPE = _ImageDir()
+_image_dir_argument = click.argument("image_dir", type=IMAGE_DIR_TYPE, metavar="IMAGE_DIR")
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -320,12 +339,15 @@ def features() -> None:
 
 
 @features.command("export")
-@_image_dir_argument
+@click.argument("image_dir", type=IMAGE_DIR_TYPE, required=False, metavar="IMAGE_DIR")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML recipe of these options (e.g. recipes/ants-bees-export-features.yaml); flags override it.")
 @_backbone_option()
-@click.option("--format", "file_format", type=click.Choice(["npz", "parquet", "csv"]), default=None,
+@click.option("--format", "format", type=click.Choice(["npz", "parquet", "csv"]), default=None,
               help="File format. Default: from the -o file's extension.")
-@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
-              help="File to write: one row per image (relative path, label, split, feature vector).")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="File to write (required, here or in --config): one row per image (relative path, label, split, "
+                   "feature vector).")
 @_weights_option
 @_image_size_option
 @_batch_size_option
@@ -337,34 +359,32 @@ def features() -> None:
 @_strict_option
 @_quiet_option
 @_handle_errors
-def features_export(image_dir, backbone, file_format, output_path, weights, image_size, batch_size, cache_dir,
-                    cache_dtype, seed, overwrite, augment_views, strict, quiet) -> None:
+def features_export(image_dir, output, config_path, quiet, **options) -> None:
     """Write the features of every image in IMAGE_DIR to one npz, parquet or CSV file.
 
     Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
     (class index), class_name, split (as train would make it with the same --seed), then the
     vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz). With
     --augment-views K, K + 1 rows per image and a column 'view' after split: 0 is the image
-    itself, 1..K its augmented views.
+    itself, 1..K its augmented views. IMAGE_DIR may be tfds:NAME[:SPLIT] (TensorFlow Datasets).
     """
     import numpy as np
 
-    from transferkit.cache import FEATURE_FORMATS, write_features
+    from transferkit.cache import write_features
+    from transferkit.config import FeatureExportConfig, config_from_dict
 
-    output = Path(output_path)
-    file_format = file_format or output.suffix.lower().lstrip(".")
-    if file_format not in FEATURE_FORMATS:
-        raise click.BadParameter(f"cannot tell the format from '{output.name}'; add --format npz, parquet or csv",
-                                 param_hint="--format")
-    if output.exists() and not overwrite:
+    settings = _merge_config(config_path, options, FeatureExportConfig, image_dir=image_dir, output=output)
+    config = config_from_dict(settings, FeatureExportConfig, source="the options")
+    output, file_format, augment_views = Path(config.output), config.file_format, config.augment_views
+    if output.exists() and not config.overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
-    if not output.resolve().parent.is_dir():
-        raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
+    output.resolve().parent.mkdir(parents=True, exist_ok=True)  # as train makes its run folder
     from transferkit.runs import check_writable_dir
 
     check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
-    folder, paths, result, cache = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
-                                                   cache_dtype, seed, quiet, strict=strict, views=augment_views)
+    folder, paths, result, cache = _extract_folder(
+        config.image_dir, config.backbone, config.weights, config.image_size, config.batch_size, config.cache_dir,
+        config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views)
     from transferkit.cache import FileHashes
     from transferkit.checks import dataset_warnings
 
@@ -659,7 +679,9 @@ def train(image_dir, output_dir, config_path, resume_dir, quiet, verbose, **opti
     \b
     IMAGE_DIR may be split into train/ val/ (or validation/) [test/] folders; otherwise a
     stable stratified split is made and written to RUN_DIR/splits.csv.  A train/ + val/
-    folder without test/ reports its accuracy on val/.
+    folder without test/ reports its accuracy on val/.  IMAGE_DIR may also be a TensorFlow
+    Datasets name, tfds:NAME[:SPLIT] (e.g. tfds:tf_flowers, tfds:mnist), written out once as
+    a folder under $TRANSFERKIT_DATA_DIR; TFDS's own train/test splits are kept.
     """
     from transferkit.config import TrainConfig, config_from_dict, load_config, load_settings
 
@@ -723,17 +745,23 @@ def _merge_config(config_path, options: dict, cls: type, **paths) -> dict:
         if not config_path or ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             settings[name] = value
     settings.update({name: value for name, value in paths.items() if value})
-    if not settings.get("image_dir"):
-        raise click.UsageError("Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class).")
-    if not settings.get("output_dir"):
-        raise click.UsageError("Missing option '-o' / '--output-dir' (the folder to write).")
+    for name in paths:
+        if not settings.get(name):
+            raise click.UsageError(_MISSING[name])
     return settings
+
+
+_MISSING = {
+    "image_dir": "Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class, or tfds:NAME).",
+    "output_dir": "Missing option '-o' / '--output-dir' (the folder to write).",
+    "output": "Missing option '-o' / '--output' (the file to write).",
+}
 
 
 # ----------------------------------------------------------------------------- compare
 
 @main.command()
-@click.argument("image_dir", type=click.Path(exists=True, file_okay=False), required=False, metavar="IMAGE_DIR")
+@click.argument("image_dir", type=IMAGE_DIR_TYPE, required=False, metavar="IMAGE_DIR")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False),
               help="Folder for the table (comparison.md/.csv/.json), the plots and the split (required).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
@@ -798,7 +826,7 @@ def compare(image_dir, output_dir, config_path, quiet, **options) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("image_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("image_dir", type=IMAGE_DIR_TYPE)
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write metrics.json. Default: RUN_DIR/evaluations/<IMAGE_DIR name>.")
 @_batch_size_option

@@ -159,11 +159,11 @@ def display_image(path: str | os.PathLike, max_side: int = DISPLAY_SIZE) -> np.n
     """The photo as the user sees it (EXIF orientation applied, RGB), longest side ``max_side``."""
     from PIL import Image, ImageOps
 
-    from transferkit.data import _to_rgb
+    from transferkit.images import to_rgb
 
     with Image.open(path) as img:
         img.seek(0)
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        img = to_rgb(ImageOps.exif_transpose(img))
         img.thumbnail((max_side, max_side), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
 

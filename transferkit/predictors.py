@@ -286,8 +286,8 @@ def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: boo
     import keras
 
     from transferkit import tta as tta_module
-    from transferkit.cache import _decode_error
-    from transferkit.data import image_dataset, load_image
+    from transferkit.cache.extraction import decode_error
+    from transferkit.data import image_dataset
 
     paths = [Path(p) for p in paths]
     n, num_classes = len(paths), len(predictor.class_names)
@@ -303,7 +303,7 @@ def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: boo
         good = index[flags]
         for i in index[~flags]:
             ok[i] = False
-            errors[int(i)] = _decode_error(load_image, paths[i], predictor.image_size)
+            errors[int(i)] = decode_error(paths[i], predictor.image_size)
         if len(good):
             batch = images.numpy()[flags]
             single = predictor.predict(batch)

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.augment import augmented_view, view_seed
-from transferkit.cache import ExtractionResult, FeatureCache, hash_file
+from transferkit.cache import ExtractionResult, FeatureCache, extraction, hash_file
 from transferkit.config import TrainConfig
 
 #: Bumped whenever :func:`transferkit.augment.augmented_view` changes the pixels it makes: part of
@@ -68,8 +67,6 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
     """
     import keras
 
-    from transferkit.cache import _compiled_predict
-
     if views < 1:
         raise ValueError(f"views must be a positive integer, got {views!r}.")
     config = config or TrainConfig(image_dir="", output_dir="")
@@ -78,20 +75,15 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
     n = len(paths)
     images = [i for i in range(n) if result.ok[i]]
     digests = {i: hashes[i] or hash_file(paths[i]) for i in images}
-    caches = view_caches(cache, views, config) if cache is not None else None
+    caches = view_caches(cache, views, config) if cache is not None else [None] * views
     view_vectors = np.zeros((n, views, feature_dim), dtype=np.float32) if keep_vectors else None
     missing = np.ones((n, views), dtype=bool)
     missing[[i for i in range(n) if not result.ok[i]]] = False
-    if caches is not None:
+    if cache is not None:
         keys = [digests[i] for i in images]
         for k, view_cache in enumerate(caches):
-            if keep_vectors:
-                for i, vector in zip(images, view_cache.get(keys), strict=True):
-                    if vector is not None:
-                        view_vectors[i, k] = vector
-                        missing[i, k] = False
-            else:
-                missing[images, k] = ~np.array(view_cache.contains(keys), dtype=bool)
+            out = view_vectors[:, k] if keep_vectors else None  # a view: found vectors land in view_vectors
+            missing[images, k] = ~view_cache.fill(keys, out, images)
     pairs = [(i, k) for i in range(n) for k in range(views) if missing[i, k]]  # the dataset's order
     result.num_views_cached = len(images) * views - len(pairs)
 
@@ -101,17 +93,10 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
         todo = [i for i in range(n) if missing[i].any()]
         seeds = np.stack([[view_seed(digests[i], k + 1, config.seed) for k in range(views)] for i in todo])
         dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config)
-        predict = _compiled_predict(model)
+        predict = extraction.compiled_predict(model)
         progress = keras.utils.Progbar(len(pairs), unit_name="view", verbose=verbose)
-        pending: dict[int, tuple[list[str], list[np.ndarray]]] = {}
-
-        def flush() -> None:
-            for k, (keys, vectors) in pending.items():
-                caches[k].put(keys, np.stack(vectors))  # atomic, one shard per view
-            pending.clear()
-
         done = 0
-        try:
+        with extraction.PendingVectors(flush_every).kept() as pending:  # one shard per view's cache
             for batch, flags in dataset:
                 batch_vectors = predict(batch).numpy()
                 for (i, k), vector, good in zip(pairs[done:done + len(batch_vectors)], batch_vectors,
@@ -123,20 +108,10 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
                     computed += 1
                     if keep_vectors:
                         view_vectors[i, k] = vector
-                    if caches is not None:
-                        keys, vectors = pending.setdefault(k, ([], []))
-                        keys.append(digests[i])
-                        vectors.append(vector)
+                    pending.add(caches[k], digests[i], vector)
                 done += len(batch_vectors)
                 progress.update(done)
-                if sum(len(keys) for keys, _ in pending.values()) >= flush_every:
-                    flush()
-        except (KeyboardInterrupt, Exception):
-            # Keep every finished view, so the next run resumes from here (as extract_features does).
-            with contextlib.suppress(Exception):
-                flush()
-            raise
-        flush()
+                pending.flush_if_full()
     result.views_seconds = time.perf_counter() - start
     result.num_views_computed = computed
     result.view_vectors = view_vectors

@@ -1,0 +1,58 @@
+"""Feature files: cached features written out for other tools (``transferkit features export``).
+
+This module owns the npz, parquet and CSV layouts of exported features: one row per image (or
+per augmented view) with its relative path, label, class name and split. It writes files only;
+the vectors come from :func:`transferkit.cache.extraction.extract_features`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from transferkit import files
+
+FEATURE_FORMATS = ("npz", "parquet", "csv")
+
+
+def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequence[str], labels: np.ndarray,
+                   class_names: Sequence[str], splits: Sequence[str], vectors: np.ndarray,
+                   views: Sequence[int] | None = None) -> None:
+    """Write features for another tool, atomically: one row per image (or per augmented view).
+
+    npz holds arrays ``paths``, ``labels``, ``class_names``, ``splits``, ``features``; parquet and
+    CSV hold columns ``path, label, class_name, split, f0 .. f{d-1}`` (flat columns, which every
+    tool reads). With ``views`` (0 = the image itself, 1..K its augmented views), npz also holds
+    ``views`` and the other formats a ``view`` column after ``split``.
+
+    Example:
+        >>> write_features("f.npz", "npz", ["a/1.jpg"], np.array([0]), ["a"], ["train"], np.ones((1, 2)))
+        ... # doctest: +SKIP
+    """
+    if file_format not in FEATURE_FORMATS:
+        raise ValueError(f"Unknown format {file_format!r}; allowed: {', '.join(FEATURE_FORMATS)}.")
+    labels = np.asarray(labels)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if file_format == "npz":
+        with files.atomic_path(path, suffix=".npz") as tmp:
+            extra = {} if views is None else {"views": np.asarray(views, dtype=np.int64)}
+            np.savez(tmp, paths=np.asarray(rel_paths, dtype=str), labels=labels,
+                     class_names=np.asarray(class_names, dtype=str), splits=np.asarray(splits, dtype=str),
+                     features=vectors, **extra)
+        return
+    columns = {"path": list(rel_paths), "label": labels.tolist(),
+               "class_name": [class_names[i] for i in labels], "split": list(splits)}
+    if views is not None:
+        columns["view"] = [int(v) for v in views]
+    columns.update({f"f{j}": vectors[:, j] for j in range(vectors.shape[1])})
+    if file_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with files.atomic_path(path, suffix=".parquet") as tmp:
+            pq.write_table(pa.table(columns), tmp)
+    else:
+        header = list(columns)
+        files.write_csv(path, header, zip(*(columns[name] for name in header), strict=True))

@@ -1,0 +1,250 @@
+"""Which images train, validate and test: :class:`ImageFolder`, the stable hash split, ``splits.csv``.
+
+A file's split depends only on its relative path and the seed (:func:`stable_fraction`), so adding or
+removing other files never moves it; ``splits.csv`` records the split of a run so it can be read
+back (:func:`read_splits_csv`) by evaluation, export and ensembles. Example::
+
+    folder = scan_folder("photos", seed=0)          # transferkit.data
+    train_paths, train_labels = folder.subset("train")
+    write_splits_csv(folder, "runs/exp1/splits.csv")
+    again = read_splits_csv("runs/exp1/splits.csv", root="photos")
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+_CSV_COLUMNS = ("path", "label", "class_name", "split")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: a generated __eq__/__hash__ would choke on the ndarray
+class ImageFolder:
+    """Every usable image of a dataset with its label and split.
+
+    Made by :func:`transferkit.data.scan_folder` (or read back by :func:`read_splits_csv`).
+
+    ``paths``, ``labels`` and ``splits`` are aligned and ordered by ``paths`` (sorted POSIX strings).
+    ``labels`` is read-only.
+
+    Attributes:
+        root: The scanned folder.
+        class_names: Class names; ``labels`` index into this tuple.
+        paths: POSIX paths relative to ``root``, sorted.
+        labels: ``int64`` class index per path.
+        splits: ``"train"``, ``"val"`` or ``"test"`` per path.
+        split_source: ``"folders"`` (root held train/val/test folders), ``"hash"`` (computed here) or
+            ``"csv"`` (read back by :func:`read_splits_csv`).
+        skipped: ``(relative path, reason)`` of image-named files that could not be opened.
+        num_ignored: Hidden, system and non-image entries that were ignored (a hidden folder counts once).
+    """
+
+    root: Path
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    splits: tuple[str, ...]
+    split_source: str
+    skipped: tuple[tuple[str, str], ...] = ()
+    num_ignored: int = 0
+
+    def abs_path(self, rel: str) -> Path:
+        """The full path of an entry of ``paths``."""
+        return self.root / rel
+
+    def subset(self, split: str) -> tuple[list[str], np.ndarray]:
+        """``(relative paths, labels)`` of one split, in ``paths`` order.
+
+        Example:
+            >>> paths, labels = folder.subset("val")  # doctest: +SKIP
+        """
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
+        index = [i for i, s in enumerate(self.splits) if s == split]
+        return [self.paths[i] for i in index], self.labels[index]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``split -> class name -> number of images``; every split and class appears, zeros included."""
+        table = {split: dict.fromkeys(self.class_names, 0) for split in SPLITS}
+        for label, split in zip(self.labels.tolist(), self.splits, strict=True):
+            table[split][self.class_names[label]] += 1
+        return table
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise :class:`DataError` unless both shares are in [0, 1) and leave images to train on."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
+            raise DataError(f"{name} must be a number in [0, 1), got {value!r}. Example: 0.15.")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction + test_fraction must be below 1 so training keeps some images, got "
+            f"{val_fraction} + {test_fraction}. Example: 0.15 + 0.15.")
+
+
+def stable_fraction(rel: str, seed: int) -> float:
+    """A stable number in [0, 1) for a relative path and seed (NFC so macOS/Linux names agree).
+
+    The split rule: a file's split depends on nothing but its own path and the seed, so adding
+    or removing other files never moves it.
+
+    Example:
+        >>> stable_fraction("cat/1.jpg", 0) == stable_fraction("cat/1.jpg", 0)
+        True
+    """
+    key = f"{seed}\0{unicodedata.normalize('NFC', rel)}".encode()
+    return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
+
+
+def hash_splits(paths: tuple[str, ...], labels: np.ndarray, seed: int,
+                val_fraction: float, test_fraction: float) -> tuple[str, ...]:
+    """The split of each path: by :func:`stable_fraction`, then every split gets every class of 3+ images.
+
+    For a class with at least 3 images, an empty split takes one image (the one with the highest
+    hash) from the class's largest split (normally train).
+    """
+    units = [stable_fraction(p, seed) for p in paths]
+    splits = ["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+              for u in units]
+    wanted = ["train"] + (["val"] if val_fraction > 0 else []) + (["test"] if test_fraction > 0 else [])
+    for label in np.unique(labels).tolist():
+        members = np.flatnonzero(labels == label).tolist()
+        if len(members) < 3:
+            continue
+        for target in wanted:
+            by_split = {s: [i for i in members if splits[i] == s] for s in SPLITS}
+            if by_split[target]:
+                continue
+            # Donor: the largest split (train on ties), keeping at least one image there.
+            donor = max(SPLITS, key=lambda s: (len(by_split[s]), s == "train"))
+            if len(by_split[donor]) < 2:
+                continue
+            moved = max(by_split[donor], key=lambda i: units[i])
+            splits[moved] = target
+    return tuple(splits)
+
+
+def write_splits_csv(folder: ImageFolder, path: str | os.PathLike) -> None:
+    """Write ``path,label,class_name,split`` rows (one per image, in ``folder.paths`` order) atomically.
+
+    Example:
+        >>> write_splits_csv(folder, run_dir / "splits.csv")  # doctest: +SKIP
+    """
+    from transferkit import files
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.write_csv(path, _CSV_COLUMNS, (
+        (rel, label, folder.class_names[label], split)
+        for rel, label, split in zip(folder.paths, folder.labels.tolist(), folder.splits, strict=True)
+    ))
+
+
+def read_splits_csv(
+    path: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ImageFolder:
+    """Read a file written by :func:`write_splits_csv` back into an :class:`ImageFolder`.
+
+    Args:
+        path: The ``splits.csv`` file.
+        root: The image folder the relative paths point into; defaults to the CSV's folder.
+        class_names: Full class order (e.g. from ``labels.txt``). Needed only when some class has no
+            row, since then the CSV alone cannot tell its name; when given, rows must agree with it.
+
+    Returns:
+        An :class:`ImageFolder` with ``split_source="csv"``, rows sorted by path.
+
+    Raises:
+        DataError: Missing file, wrong header, bad row, or labels that disagree with class names.
+
+    Example:
+        >>> folder = read_splits_csv("runs/exp1/splits.csv", root="photos")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Splits file '{path}' does not exist. Give the splits.csv of an earlier run.")
+    rows: list[tuple[str, int, str, str]] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header) != _CSV_COLUMNS:
+            raise DataError(f"Splits file '{path}' must start with the header {','.join(_CSV_COLUMNS)}; "
+                            f"got {','.join(header or [])!r}.")
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != 4:
+                raise DataError(f"Splits file '{path}' line {line}: expected 4 columns, got {len(row)}.")
+            rel, label_text, name, split = row
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise DataError(f"Splits file '{path}' line {line}: label {label_text!r} is not an "
+                                f"integer.") from None
+            if label < 0:
+                raise DataError(f"Splits file '{path}' line {line}: label {label} is negative.")
+            if split not in SPLITS:
+                raise DataError(f"Splits file '{path}' line {line}: split {split!r} is not one of "
+                                f"{', '.join(SPLITS)}.")
+            if not _is_inside(rel):
+                raise DataError(f"Splits file '{path}' line {line}: path {rel!r} leaves the image folder "
+                                f"(absolute, empty or with '..'); paths must be relative to it, e.g. cat/001.jpg.")
+            rows.append((rel, label, name, split))
+
+    mapping: dict[int, str] = {}
+    for _rel, label, name, _split in rows:
+        if mapping.setdefault(label, name) != name:
+            raise DataError(f"Splits file '{path}': label {label} is used for both "
+                            f"{mapping[label]!r} and {name!r}.")
+    if class_names is not None:
+        names = list(class_names)
+        for label, name in mapping.items():
+            if label >= len(names) or names[label] != name:
+                raise DataError(f"Splits file '{path}': label {label} is {name!r} in the file but the "
+                                f"given class names are {names}.")
+    else:
+        if mapping and sorted(mapping) != list(range(max(mapping) + 1)):
+            missing = sorted(set(range(max(mapping) + 1)) - set(mapping))
+            raise DataError(f"Splits file '{path}' has no row for label(s) {missing}, so their class "
+                            f"names are unknown; pass class_names (e.g. from labels.txt).")
+        names = [mapping[i] for i in range(len(mapping))]
+    if len(set(names)) != len(names):
+        raise DataError(f"Splits file '{path}': a class name appears under two labels: {names}.")
+    seen: set[str] = set()
+    for rel, *_ in rows:
+        if rel in seen:
+            raise DataError(f"Splits file '{path}' lists '{rel}' twice.")
+        seen.add(rel)
+
+    rows.sort(key=lambda r: r[0])
+    labels = np.asarray([r[1] for r in rows], dtype=np.int64)
+    labels.flags.writeable = False
+    return ImageFolder(root=Path(root) if root is not None else path.parent,
+                       class_names=tuple(names), paths=tuple(r[0] for r in rows), labels=labels,
+                       splits=tuple(r[3] for r in rows), split_source="csv")
+
+
+def _is_inside(rel: str) -> bool:
+    """Whether a relative path from a file stays inside the folder it is relative to.
+
+    Paths read from files (``splits.csv``) may come from someone else; ``root / "/etc/passwd"`` is
+    ``/etc/passwd`` in pathlib, so absolute paths, drive letters and ``..`` parts are refused.
+    """
+    if not rel or "\0" in rel:
+        return False
+    parts = rel.replace("\\", "/").split("/")
+    return not (rel.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts)
