@@ -255,7 +255,7 @@ def test_batch_size_auto_backs_off_on_out_of_memory(monkeypatch, tmp_path, folde
     monkeypatch.setattr(training, "extract_features", failing_above(
         16, training.extract_features, lambda *a, **k: k["batch_size"]))
     monkeypatch.setattr(training, "fine_tune_phase", failing_above(
-        8, training.fine_tune_phase, lambda config, *a: config.batch_size))
+        8, training.fine_tune_phase, lambda config, *a, **k: config.batch_size))
     result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1",
                          "--batch-size", "auto")
     assert result.exit_code == 0, result.output

@@ -102,7 +102,7 @@ def _tiny_model(seed=0):
     return spec, backbone, keras.Model(backbone.input, head(backbone.output))
 
 
-def _fit_once(train_bn: bool, tmp_path, rate=1e-2):
+def _fit_once(train_bn: bool, tmp_path, rate=1e-2, baseline=None):
     import tensorflow as tf
 
     from transferkit.finetune import fine_tune, set_trainable
@@ -118,9 +118,18 @@ def _fit_once(train_bn: bool, tmp_path, rate=1e-2):
     before = {w.path: w.numpy() for w in model.weights}
     config = TrainConfig("a", "b", fine_tune_epochs=1, fine_tune_learning_rate=rate, schedule="constant",
                          train_bn=train_bn, fine_tune_patience=0)
-    fine_tune(model, config, rates, data, data, steps_per_epoch=3, checkpoint_dir=tmp_path / "ckpt", verbose=0)
+    _, improved = fine_tune(model, config, rates, data, data, steps_per_epoch=3, checkpoint_dir=tmp_path / "ckpt",
+                            baseline=baseline, verbose=0)
     after = {w.path: w.numpy() for w in model.weights}
+    assert improved == (baseline is None)
     return model, before, after
+
+
+def test_fine_tuning_must_beat_the_head_phase_on_validation(tmp_path):
+    # A validation loss of 0 cannot be beaten: no best checkpoint, and fine_tune says so (the
+    # fine-tune phase then keeps the head phase's weights).
+    _fit_once(train_bn=False, tmp_path=tmp_path, baseline=0.0)
+    assert not (tmp_path / "ckpt" / "best.weights.h5").exists()
 
 
 def test_batchnorm_statistics_do_not_move_while_fine_tuning(tmp_path):

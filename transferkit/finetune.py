@@ -105,14 +105,20 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int, epochs: int):
 
 def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_data, val_data, *,
               steps_per_epoch: int, checkpoint_dir: Path, class_weight: dict | None = None,
-              verbose: int = 1, extra_callbacks: list | None = None) -> list[dict]:
+              baseline: float | None = None, verbose: int = 1,
+              extra_callbacks: list | None = None) -> tuple[list[dict], bool]:
     """Compile ``model`` for the fine-tune phase and fit it, resuming from ``checkpoint_dir``.
 
-    On return the model holds the weights of its best epoch (lowest validation loss).
+    On return the model holds the weights of its best epoch (lowest validation loss), if one
+    beat ``baseline``; otherwise the caller keeps the weights it started from.
+
+    Args:
+        baseline: the validation loss to beat (the head phase's), or None.
 
     Returns:
-        One dictionary per epoch run (``epoch``, ``loss``, ``accuracy``, ``val_loss``, ...),
-        including epochs finished before an interruption.
+        ``(rows, improved)``: one dictionary per epoch run (``epoch``, ``loss``, ``accuracy``,
+        ``val_loss``, ...), including epochs finished before an interruption, and whether an
+        epoch beat ``baseline`` (the model then holds the best one).
     """
     import keras
 
@@ -121,12 +127,14 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
     best_path = checkpoint_dir / "best.weights.h5"
     earlier = read_history(history_path)
     monitor = "val_loss" if val_data is not None else "loss"
+    best_so_far = [row[monitor] for row in earlier] + ([baseline] if baseline is not None and val_data is not None
+                                                      else [])
     model.compile(optimizer=make_optimizer(config, layer_rates, steps_per_epoch, config.fine_tune_epochs),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=config.xla or False)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False),
         keras.callbacks.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
-                                        initial_value_threshold=min((row[monitor] for row in earlier), default=None)),
+                                        initial_value_threshold=min(best_so_far, default=None)),
         _resumed_early_stopping(keras, monitor, config.fine_tune_patience, earlier),
         keras.callbacks.CSVLogger(str(history_path), append=bool(earlier)),
         *(extra_callbacks or []),
@@ -137,7 +145,7 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
               callbacks=callbacks, verbose=1 if verbose >= 2 else (2 if verbose else 0), shuffle=False)
     if best_path.is_file():
         model.load_weights(best_path)
-    return read_history(history_path)
+    return read_history(history_path), best_path.is_file()
 
 
 def _resumed_early_stopping(keras, monitor: str, patience: int, earlier: list[dict]):
@@ -198,12 +206,15 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, backbone, model, phase: Phase,
                     folder, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, checkpoint_dir: Path,
-                    class_weight: dict | None, distribution, verbose: int):
+                    class_weight: dict | None, distribution, verbose: int, baseline: float | None = None):
     """Phase 2: unfreeze the phase's blocks and train on live (augmented) images.
 
     The model is rebuilt under the mixed-precision policy and distribution strategy when asked
     (variables must be created inside both), with the head phase's weights copied in; the
     returned model is float32, uncompiled, and a plain functional model either way.
+
+    Fine-tuning must earn its place: when no epoch beats ``baseline`` (the head phase's best
+    validation loss, the same images through the same graph), the head phase's model is kept.
 
     Returns:
         ``(model, history rows, info for metrics.json)``.
@@ -250,16 +261,21 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
             rates["predictions"] = phase.rate_multipliers[0]
             trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
             log.info("Fine-tuning %d trainable weights in %d layers.", trainable, len(rates))
-            rows = fine_tune(tuned, config, rates, train_data, val_data,
-                             steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
-                             class_weight=class_weight, verbose=verbose)
+            head_weights = model.get_weights()
+            rows, improved = fine_tune(tuned, config, rates, train_data, val_data,
+                                       steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
+                                       class_weight=class_weight, baseline=baseline, verbose=verbose)
     finally:
         keras.config.set_dtype_policy(previous)
-    if tuned is not model:
+    if not improved:
+        log.warning("No fine-tune epoch beat the head phase's validation loss (%.4f, best fine-tune epoch %.4f): "
+                    "keeping the head phase's model.", baseline, min(row["val_loss"] for row in rows))
+        model.set_weights(head_weights)
+    elif tuned is not model:
         model.set_weights(tuned.get_weights())  # float32, outside any distribution scope
     # A new, uncompiled model on the same layers: the saved file needs no optimizer class to load.
     model = keras.Model(model.input, model.output, name=model.name)
     info = {"epochs_run": len(rows), "trainable_weights": trainable, "trained_layers": len(rates),
             "mixed_precision": policy or "none", "distribute": config.distribute,
-            "replicas": distribution.num_replicas_in_sync}
+            "replicas": distribution.num_replicas_in_sync, "kept": "fine-tune" if improved else "head"}
     return model, rows, info

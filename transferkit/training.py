@@ -244,12 +244,13 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
             probabilities = head.predict(features[eval_idx])
         else:
             head_weights = model.get_weights()
+            head_val_losses = [row["val_loss"] for row in head.history if "val_loss" in row]
 
             def tune(batch: int):
                 model.set_weights(head_weights)  # a retry after out-of-memory starts where the first did
                 return fine_tune_phase(config.replace(batch_size=batch), spec, image_size, backbone, model, phases[1],
                                        folder, labels, train_idx, val_idx, checkpoint_dir, weights_by_class,
-                                       distribution, verbose)
+                                       distribution, verbose, baseline=min(head_val_losses, default=None))
 
             (model, rows, fine_tune_info), tuned_batch = with_batch_backoff(
                 tune, config.batch_size, "the fine-tune phase")
@@ -263,7 +264,7 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
 
     test_metrics = classification_metrics(labels[eval_idx], probabilities, folder.class_names)
     test_metrics["split"] = eval_split
-    run_folder = _with_roles(folder, roles)
+    run_folder = with_roles(folder, roles)
     metrics = {
         "test": test_metrics,
         "backbone": spec.name,
@@ -546,7 +547,7 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int) -> np.ndarray:
     return roles
 
 
-def _with_roles(folder: ImageFolder, roles: np.ndarray) -> ImageFolder:
+def with_roles(folder: ImageFolder, roles: np.ndarray) -> ImageFolder:
     """The folder with each image's role in this run as its split; skipped images left out."""
     keep = roles != "skipped"
     return dataclasses.replace(
