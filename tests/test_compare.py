@@ -35,23 +35,38 @@ def four_classes(tmp_path):
     return make_image_folder(tmp_path / "photos", num_classes=4, images_per_class=15, image_size=32)
 
 
-def test_compare_end_to_end_through_the_cli(tmp_path, four_classes):
-    out = tmp_path / "cmp"
-    result = run("compare", four_classes, "-o", out, "--backbone", "tiny_test", "--weights", "none",
-                 "--heads", "softmax,linear-svm,logreg,knn", "-q")
+HEADS = ["softmax", "linear-svm", "logreg", "knn"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One tiny comparison through the CLI, shared by the tests of its outputs: (image folder, output, CLI result)."""
+    from transferkit.testing import make_image_folder
+
+    root = tmp_path_factory.mktemp("compare")
+    photos = make_image_folder(root / "photos", num_classes=4, images_per_class=15, image_size=32)
+    out = root / "cmp"
+    result = run("compare", photos, "-o", out, "--backbone", "tiny_test", "--weights", "none",
+                 "--heads", ",".join(HEADS), "--cache-dir", root / "cache", "-q")
     assert result.exit_code == 0, result.output
-    heads = ["softmax", "linear-svm", "logreg", "knn"]
-    for name in ["comparison.md", "comparison.csv", "comparison.json", "accuracy.png", "splits.csv",
-                 "skipped.csv", "config.yaml", "history-softmax.csv"] + [f"confusion-{h}.png" for h in heads]:
+    return photos, out, result
+
+
+def test_compare_end_to_end_through_the_cli(compared):
+    photos, out, result = compared
+    heads = HEADS
+    plots = ["accuracy.png"] + [f"confusion_{h}_{kind}.png" for h in heads for kind in ("counts", "normalized")]
+    for name in ["comparison.md", "comparison.csv", "comparison.json", "splits.csv", "skipped.csv", "config.yaml",
+                 "history-softmax.csv", "report.html", "report.md"] + [f"plots/{p}" for p in plots]:
         assert (out / name).is_file(), name
-    for name in ["accuracy.png"] + [f"confusion-{h}.png" for h in heads]:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in plots:
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The terminal table: every head, the McNemar column, the verdict.
     assert "McNemar p vs softmax" in result.output and "ms/image (head on features)" in result.output
     table_lines = [line for line in result.output.splitlines() if line.startswith("| ")]
     assert sorted(line.split("|")[1].strip() for line in table_lines[1:]) == sorted(heads)
-    assert "Verdict: " in result.output
+    assert "Verdict: " in result.output and f"Report: {out / 'report.html'}" in result.output
 
     summary = json.loads((out / "comparison.json").read_text())
     assert [row["head"] for row in summary["heads"]] == sorted(heads, key=lambda h: -next(
@@ -80,8 +95,35 @@ def test_compare_end_to_end_through_the_cli(tmp_path, four_classes):
     assert "**Verdict:**" in (out / "comparison.md").read_text()
 
     # The same folder again is refused without --overwrite, before any work.
-    again = run("compare", four_classes, "-o", out, "--backbone", "tiny_test", "--weights", "none")
+    again = run("compare", photos, "-o", out, "--backbone", "tiny_test", "--weights", "none")
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+COMPARE_SECTIONS = {"summary": "Summary", "config": "Configuration and versions", "dataset": "Dataset",
+                    "table": "Comparison table", "verdict": "Verdict", "accuracy": "Accuracy per head",
+                    "confusion": "Confusion matrices", "feature-map": "Feature map"}
+
+
+def test_compare_writes_a_self_contained_report(compared):
+    from tests.test_report import check_report
+
+    _, out, _ = compared
+    html, images = check_report(out, COMPARE_SECTIONS)
+    summary = json.loads((out / "comparison.json").read_text())
+    # The accuracy plot, counts and shares per head, the feature map.
+    assert len(images) == 1 + 2 * len(HEADS) + 1
+    assert 'alt="Feature map (PCA)"' in html and "--method both" in html
+    for text in ["95% CI", "top-3", "macro-F1", "bal. acc.", "log-loss", "fit s", "ms/image (head on features)",
+                 "McNemar p vs softmax", "(reference)", summary["verdict"]["text"].replace("'", "&#x27;"),
+                 "Versions the run was made with", "tensorflow", "scikit-learn", "Skipped (unreadable) files: 0",
+                 "transferkit compare --config"]:
+        assert text in html, text
+    for head in HEADS:
+        assert f"<td class=nw>{head}</td>" in html and f'alt="{head}, share of each true class"' in html
+    # Counts per class and split, as in comparison.json.
+    for split in ("train", "val", "test"):
+        assert sum(summary["counts"][split].values()) == summary["num_images"][split]
+    assert f"<td>class_0</td><td class=n>{summary['counts']['train']['class_0']}</td>" in html
 
 
 def test_seeds_vary_the_heads_not_the_split(tmp_path, four_classes):
@@ -204,5 +246,6 @@ def test_fine_tune_arm_is_scored_on_the_same_test_images(tmp_path, four_classes)
     assert tuned["latency_ms_per_image"] is None and tuned["mcnemar_p"] is not None
     assert np.sum(tuned["runs"][0]["confusion_matrix"]) == result.summary["num_images"]["test"]
     assert (result.output_dir / "fine-tune-top" / "model.keras").is_file()
-    assert (result.output_dir / "confusion-fine-tune-top.png").is_file()
+    assert (result.output_dir / "plots" / "confusion_fine-tune-top_normalized.png").is_file()
     assert "n/a for fine-tune-top" in (result.output_dir / "comparison.md").read_text()
+    assert "fine-tune-top/report.html" in (result.output_dir / "report.html").read_text()

@@ -48,27 +48,39 @@ def tiny_run(tmp_path_factory):
     return folder, result.run_dir
 
 
-def _embedded_images(html: str) -> list[bytes]:
+def embedded_images(html: str) -> list[bytes]:
+    """Every image of a report page, checked to be embedded (a data: URI), decoded."""
     sources = re.findall(r'<img src="([^"]*)"', html)
     assert all(s.startswith("data:image/png;base64,") for s in sources), [s[:40] for s in sources]
     return [base64.b64decode(s.split(",", 1)[1]) for s in sources]
 
 
-def test_report_has_every_section_and_embeds_every_image(tiny_run):
-    _, run_dir = tiny_run
-    html_path, md_path = write_report(run_dir)
-    html, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
-    for section_id, title in SECTIONS.items():
+def check_report(report_dir: Path, sections: dict[str, str]) -> tuple[str, list[bytes]]:
+    """report.html and report.md hold every section; every image is an embedded PNG / an existing PNG file.
+
+    Returns the HTML and its images.
+    """
+    html = (report_dir / "report.html").read_text(encoding="utf-8")
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    for section_id, title in sections.items():
         assert f'<section id="{section_id}">' in html
         assert f"## {title}" in md
-    images = _embedded_images(html)
-    # Curves, two confusion matrices and at least one thumbnail of a mistake (3 epochs: not perfect).
-    assert len(images) >= 4 and all(image.startswith(PNG_MAGIC) for image in images)
+    images = embedded_images(html)
+    assert all(image.startswith(PNG_MAGIC) for image in images)
     assert not re.search(r"<(script|link)\b|src=\"http|url\(", html)  # opens offline, nothing fetched
     references = re.findall(r"!\[[^\]]*\]\(<?([^)>]+)>?\)", md)
     assert len(references) == len(images)
     for ref in references:
-        assert (run_dir / ref).is_file() and (run_dir / ref).read_bytes().startswith(PNG_MAGIC), ref
+        assert (report_dir / ref).is_file() and (report_dir / ref).read_bytes().startswith(PNG_MAGIC), ref
+    return html, images
+
+
+def test_report_has_every_section_and_embeds_every_image(tiny_run):
+    _, run_dir = tiny_run
+    write_report(run_dir)
+    _, images = check_report(run_dir, SECTIONS)
+    # Curves, two confusion matrices and at least one thumbnail of a mistake (3 epochs: not perfect).
+    assert len(images) >= 4
     assert (run_dir / "plots" / "confusion_normalized.png").is_file()
 
 

@@ -763,7 +763,8 @@ _MISSING = {
 @main.command()
 @click.argument("image_dir", type=IMAGE_DIR_TYPE, required=False, metavar="IMAGE_DIR")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False),
-              help="Folder for the table (comparison.md/.csv/.json), the plots and the split (required).")
+              help="Folder for the report (report.html/.md), the table (comparison.md/.csv/.json), the plots and "
+                   "the split (required).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML recipe of these options (e.g. recipes/ants-bees-compare-heads.yaml, or a previous "
                    "OUTPUT_DIR/config.yaml); flags override it.")
@@ -819,7 +820,8 @@ def compare(image_dir, output_dir, config_path, quiet, **options) -> None:
         click.echo(f"Means over {config.num_seeds} seeds on one split; 95% CI of seed {config.seed}; "
                    "McNemar p: the largest over seeds.")
     click.echo("\n" + click.style("Verdict: ", bold=True) + result.verdict.text)
-    click.echo(f"\nWritten to {result.output_dir}: comparison.md/.csv/.json, accuracy.png, confusion-*.png")
+    click.echo(f"\nWritten to {result.output_dir}: comparison.md/.csv/.json, plots/"
+               f"\nReport: {result.output_dir / 'report.html'}")
 
 
 # ----------------------------------------------------------------------------- evaluate / predict

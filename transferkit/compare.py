@@ -52,7 +52,8 @@ log = logging.getLogger("transferkit")
 SOFTMAX = "softmax"
 FINE_TUNE = "fine-tune-top"
 #: Heads compared when ``--heads`` is not given: the softmax head, the three linear heads and kNN.
-#: Together they take about 0.3 s per 100 training images on a 2-core CPU (benchmarks/compare.py).
+#: benchmarks/compare.py, 3,000 images (2,539 to train on), 2-core CPU shared at load 4.5: the five fits took
+#: 162 s, 128 s of them logreg's grid search (2,062 images on a quieter machine: 38 s for the whole run).
 DEFAULT_HEADS = (SOFTMAX, "linear-svm", "logreg", "ridge", "knn")
 #: McNemar p-value below which a difference counts as significant.
 ALPHA = 0.05
@@ -471,6 +472,7 @@ def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResul
     """
     from transferkit import comparison_report
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+    from transferkit.training import with_roles
     from transferkit.training import assign_roles
     from transferkit.weights import load_backbone
 
@@ -522,9 +524,11 @@ def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResul
     correct = {name: [run.predicted == y_test for run in runs_] for name, runs_ in head_runs.items()}
     reference = SOFTMAX if SOFTMAX in correct else next(iter(correct))
     verdict = pick_winner(correct, reference)
+    run_folder = with_roles(folder, roles)
     summary = comparison_report.summarise(
         per_head, {name: paired_mcnemar(c, correct[reference]) for name, c in correct.items()}, reference, verdict,
-        plan=plan, extraction=extraction, roles=roles, skipped=skipped,
+        plan=plan, extraction=extraction, run_folder=run_folder, skipped=skipped,
         total_seconds=time.perf_counter() - started)
-    table = comparison_report.write_outputs(plan, summary, roles, skipped)
+    usable = roles != "skipped"
+    table = comparison_report.write_outputs(plan, summary, run_folder, skipped, features[usable], labels[usable])
     return ComparisonResult(out, summary, verdict, table)

@@ -1,44 +1,49 @@
-"""What ``transferkit compare`` writes: the table (Markdown, CSV, JSON), the plots and the split.
+"""What ``transferkit compare`` writes: the report, the table (Markdown, CSV, JSON), the plots and the split.
 
 OUTPUT_DIR::
 
+    report.html          the whole comparison in one self-contained page (images embedded), and
+    report.md            the same in Markdown: configuration and versions, dataset, the table,
+                         the verdict, the accuracy plot, every head's confusion matrix, the feature map
     comparison.md        the table, the verdict and how to read them
     comparison.csv       one row per head
     comparison.json      everything, per head and per seed
-    accuracy.png         accuracy with its bootstrap 95% interval per head
-    confusion-HEAD.png   per head: counts and share of each true class
+    plots/accuracy.png   accuracy with its bootstrap 95% interval per head
+    plots/confusion_HEAD_counts.png, plots/confusion_HEAD_normalized.png
+                         per head: counts and share of each true class
+    plots/feature_map.png, feature_map.json
+                         the cached features projected to 2-D (PCA), coloured by class
     splits.csv           every image with its role (train / val / test)
     skipped.csv          images that could not be used, with the reason
     config.yaml          the resolved settings
     history-softmax.csv  the softmax head's epochs (first seed)
 
-Figures are drawn on matplotlib's Agg canvas (no GUI, no global figure state) and stay legible
-from 2 to a few hundred classes.
+The report is made by :mod:`transferkit.report`'s machinery (the same sections, blocks and
+writer as a training run's report); the figures are :mod:`transferkit.plots`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferkit import files, runs
+from transferkit import files, plots, report, runs
 from transferkit.data import write_splits_csv
+from transferkit.report_data import collect_versions
+from transferkit.report_format import Cards, Image, Paragraph, Row, Section, Table
 
-#: Above this many classes a confusion matrix shows colours only, no number per cell.
-MAX_ANNOTATED_CLASSES = 30
-#: Class names longer than this are cut with an ellipsis in figures (full names are in the JSON).
-MAX_LABEL_CHARS = 24
-
+COMPARISON_JSON = "comparison.json"
+ACCURACY_PNG = "accuracy.png"
 FINE_TUNE_NAME = "fine-tune-top"
 _MEAN_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "log_loss", "ece", "fit_seconds", "latency_ms_per_image")
 
 
 def summarise(per_head: Mapping[str, Sequence[dict]], mcnemar_p: Mapping[str, float], reference: str, verdict,
-              *, plan, extraction, roles: np.ndarray, skipped, total_seconds: float) -> dict[str, Any]:
+              *, plan, extraction, run_folder, skipped, total_seconds: float) -> dict[str, Any]:
     """The content of ``comparison.json``: per head the mean over seeds and every seed's run.
 
     Heads are listed best first (mean accuracy). ``accuracy_ci`` is the bootstrap interval of the
@@ -62,7 +67,7 @@ def summarise(per_head: Mapping[str, Sequence[dict]], mcnemar_p: Mapping[str, fl
         row["runs"] = list(seeded)
         heads.append(row)
     heads.sort(key=lambda row: -row["accuracy"])
-    test = roles == "test"
+    roles = np.array(run_folder.splits, dtype=object)
     return {
         "image_dir": str(folder.root),
         "backbone": plan.spec.name,
@@ -70,9 +75,10 @@ def summarise(per_head: Mapping[str, Sequence[dict]], mcnemar_p: Mapping[str, fl
         "weights": plan.weights.source,
         "split_source": folder.split_source,
         "class_names": list(folder.class_names),
-        "num_images": {role: int((roles == role).sum()) for role in ("train", "val", "test", "skipped")},
-        "test_class_counts": {folder.class_names[c]: int(n) for c, n in
-                              enumerate(np.bincount(folder.labels[test], minlength=len(folder.class_names)))},
+        "num_images": {**{role: int((roles == role).sum()) for role in ("train", "val", "test")},
+                       "skipped": len(skipped)},
+        "counts": run_folder.counts(),
+        "num_ignored": folder.num_ignored,
         "seeds": list(config.seeds),
         "search": config.search,
         "calibrate": config.calibrate,
@@ -85,6 +91,7 @@ def summarise(per_head: Mapping[str, Sequence[dict]], mcnemar_p: Mapping[str, fl
                        "seconds": round(extraction.seconds, 2)},
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "total_seconds": round(total_seconds, 2),
+        "versions": collect_versions(),
     }
 
 
@@ -140,149 +147,154 @@ def _p_value(p: float | None) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def markdown_report(summary: Mapping[str, Any], table: str) -> str:
-    """``comparison.md``: what was compared, the table, the verdict and how the numbers were made."""
+def dataset_line(summary: Mapping[str, Any]) -> str:
+    """One sentence: classes, images per role, backbone and weights."""
     counts = summary["num_images"]
+    return (f"{len(summary['class_names'])} classes; {counts['train']} train, {counts['val']} val, "
+            f"{counts['test']} test images ({summary['split_source']} split); {counts['skipped']} skipped. "
+            f"Backbone {summary['backbone']} at {summary['image_size']} px, weights: {summary['weights']}.")
+
+
+def reading_notes(summary: Mapping[str, Any]) -> list[str]:
+    """How the table's numbers were made, one note per item (for ``comparison.md`` and the report)."""
     seeds = summary["seeds"]
-    lines = [
-        f"# Head comparison: {summary['backbone']} features of {summary['image_dir']}",
-        "",
-        f"{len(summary['class_names'])} classes; {counts['train']} train, {counts['val']} val, "
-        f"{counts['test']} test images ({summary['split_source']} split); {counts['skipped']} skipped. "
-        f"Backbone {summary['backbone']} at {summary['image_size']} px, weights: {summary['weights']}.",
-        "",
-        table,
-        "",
-        f"**Verdict:** {summary['verdict']['text']}",
-        "",
-        "How to read it:",
-        "",
-        f"- Every head was trained on the same cached features and scored on the same {counts['test']} test "
-        "images. scikit-learn heads train on train + val (their cross-validated grid search "
+    notes = [
+        f"Every head was trained on the same cached features and scored on the same {summary['num_images']['test']} "
+        "test images. scikit-learn heads train on train + val (their cross-validated grid search "
         f"{'is on' if summary['search'] else 'is off (--no-search)'}); the softmax head early-stops on val, then "
         "retrains on train + val for the best epoch count.",
-        "- bal. acc.: balanced accuracy (mean recall per class). 95% CI: percentile bootstrap of the test images. "
-        "McNemar p: exact or chi-square McNemar test of "
-        f"each head against {summary['reference']} on the same images; below 0.05 the difference is unlikely "
-        "to be chance.",
-        "- Log-loss and ECE (expected calibration error, 15 bins) need probabilities: n/a for heads that give "
+        "bal. acc.: balanced accuracy (mean recall per class). 95% CI: percentile bootstrap of the test images. "
+        f"McNemar p: exact or chi-square McNemar test of each head against {summary['reference']} on the same "
+        f"images; below {summary['alpha']:g} the difference is unlikely to be chance.",
+        "Log-loss and ECE (expected calibration error, 15 bins) need probabilities: n/a for heads that give "
         "decision scores (top-k accuracy uses those scores)"
         + (", SVMs and ridge were calibrated (--calibrate)." if summary["calibrate"] else
            "; --calibrate adds calibrated probabilities to SVMs and ridge (slower)."),
-        "- fit s: wall time of training, search included. ms/image: time to score cached features per image "
+        "fit s: wall time of training, search included. ms/image: time to score cached features per image "
         "(all test images in one call, fastest of 3), the backbone excluded"
         + (f"; n/a for {FINE_TUNE_NAME}, which runs the whole network on images." if any(
             row["head"] == FINE_TUNE_NAME for row in summary["heads"]) else "."),
     ]
     if len(seeds) > 1:
-        lines.append(f"- Seeds {seeds[0]} to {seeds[-1]}: the split stays fixed; each seed changes the heads' "
+        notes.append(f"Seeds {seeds[0]} to {seeds[-1]}: the split stays fixed; each seed changes the heads' "
                      "initialisation, shuffling, cross-validation folds and the bootstrap. Metrics are means over "
                      f"seeds (± sample standard deviation); the 95% CI is seed {seeds[0]}'s; the McNemar p is the "
                      "largest over seeds, so a difference counts as significant only if it is in every seed.")
-    lines += ["", "![accuracy per head](accuracy.png)", ""]
-    lines += [f"- [{row['head']}: confusion matrix](confusion-{row['head']}.png)" for row in summary["heads"]]
+    return notes
+
+
+def markdown_report(summary: Mapping[str, Any], table: str) -> str:
+    """``comparison.md``: what was compared, the table, the verdict and how the numbers were made."""
+    lines = [f"# Head comparison: {summary['backbone']} features of {summary['image_dir']}", "",
+             dataset_line(summary), "", table, "", f"**Verdict:** {summary['verdict']['text']}", "",
+             "How to read it:", ""]
+    lines += [f"- {note}" for note in reading_notes(summary)]
+    lines += ["", f"The whole comparison, with the plots of every head: [{report.REPORT_HTML}]({report.REPORT_HTML})"
+              f" ([{report.REPORT_MD}]({report.REPORT_MD})).", "",
+              f"![accuracy per head]({report.PLOTS_DIR}/{ACCURACY_PNG})"]
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- plots
+# ----------------------------------------------------------------------------- the report
 
 
-def accuracy_png(summary: Mapping[str, Any]) -> bytes:
-    """Accuracy per head (best at the top) with its bootstrap 95% interval; seeds as small dots."""
-    heads = summary["heads"]
-    n = len(heads)
-    fig = _figure(7.5, 1.2 + 0.45 * n)
-    ax = fig.add_subplot()
-    positions = np.arange(n)[::-1]
-    for y, row in zip(positions, heads, strict=True):
-        first = row["runs"][0]["accuracy"]
-        low, high = row["accuracy_ci"]
-        colour = "tab:blue" if row["head"] != summary["reference"] else "tab:orange"
-        ax.errorbar(first, y, xerr=[[first - low], [high - first]], fmt="o", color=colour, capsize=4)
-        if len(row["runs"]) > 1:
-            ax.plot([run["accuracy"] for run in row["runs"]], [y] * len(row["runs"]), "|", color="0.4", ms=9)
-        ax.annotate(f"{first:.3f}", (high, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=9)
-    reference = next(row for row in heads if row["head"] == summary["reference"])
-    ax.axvline(reference["runs"][0]["accuracy"], color="tab:orange", linestyle=":", linewidth=1)
-    ax.set_yticks(positions, [_short(row["head"]) for row in heads])
-    lows = [row["accuracy_ci"][0] for row in heads] + [run["accuracy"] for row in heads for run in row["runs"]]
-    left = max(0.0, min(lows) - 0.05)
-    ax.set_xlim(left, 1.0 + 0.12 * (1.0 - left))  # room for the value written right of each interval
-    ax.set_xlabel(f"test accuracy ({summary['num_images']['test']} images); bars: bootstrap 95% interval"
-                  + ("; ticks: each seed" if len(summary["seeds"]) > 1 else ""))
-    ax.set_title(f"Heads on {summary['backbone']} features (dotted: {summary['reference']})", fontsize=11)
-    ax.grid(axis="x", color="0.9")
-    return _png(fig)
+def report_sections(summary: Mapping[str, Any], settings: Mapping[str, Any], output_dir: Path,
+                    plot_folder: report.PlotFolder) -> list[Section]:
+    """The sections of the comparison's ``report.html`` / ``report.md``, drawing their plots into ``plot_folder``."""
+    header, rows = table_rows(summary)
+    names, heads, verdict = summary["class_names"], summary["heads"], summary["verdict"]
+    best = heads[0]
+    low, high = best["accuracy_ci"]
+    cards = [("best accuracy", f"{best['accuracy']:.3f} ({best['head']})"), ("its 95% CI", f"{low:.3f}–{high:.3f}"),
+             ("significant winner", verdict["winner"] or "none"), ("test images", str(summary["num_images"]["test"])),
+             ("classes", str(len(names))), ("heads", str(len(heads)))]
+    extraction = summary["extraction"]
+    summary_section = Section("summary", "Summary", [
+        Cards(cards), Paragraph(dataset_line(summary)),
+        Paragraph(f"Features: {extraction['computed']} computed, {extraction['cached']} from the cache; features, "
+                  f"training and scoring took {summary['total_seconds']:.1f} s."),
+        Paragraph(f"Verdict: {verdict['text']}")])
 
+    facts = {key: summary[key] for key in ("image_dir", "backbone", "image_size", "weights", "split_source",
+                                           "seeds", "reference", "alpha", "extraction", "total_seconds")}
+    config_section = Section("config", "Configuration and versions", [
+        Row([[Paragraph(f"Settings ({runs.CONFIG_FILE}):"), report.settings_table(["setting", "value"], settings,
+                                                                                  depth=3)],
+             [Paragraph(f"Run facts ({COMPARISON_JSON}):"), report.settings_table(["item", "value"], facts, depth=1)],
+             report.versions_blocks(summary.get("versions"), COMPARISON_JSON)]),
+        Paragraph(f"Repeat the comparison: transferkit compare --config {output_dir / runs.CONFIG_FILE} -o NEW_DIR",
+                  muted=True)])
 
-def confusion_png(matrix, class_names: Sequence[str], title: str) -> bytes:
-    """Counts and share of each true class side by side, via scikit-learn's ConfusionMatrixDisplay."""
-    from sklearn.metrics import ConfusionMatrixDisplay
+    dataset = report.dataset_section(names, summary["counts"], summary["skipped"],
+                                     split_source=summary["split_source"], num_ignored=summary.get("num_ignored"))
 
-    counts = np.asarray(matrix)
-    totals = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    n = len(class_names)
-    names = [_short(c) for c in class_names]
-    cell = float(np.clip(4.0 / max(n, 1), 0.16, 0.9))
-    label_room = 0.07 * max(map(len, names)) + 0.6
-    side = n * cell + label_room + 1.0
-    fig = _figure(2 * side + 0.6, side + 0.6)
-    font = float(np.clip(cell * 72 * 0.3, 5, 10))
-    tick_font = float(np.clip(cell * 72 * 0.6, 5, 10))
-    for ax_index, (values, fmt, subtitle) in enumerate(
-            ((counts, "d", "counts"), (shares, ".2f", "share of each true class"))):
-        ax = fig.add_subplot(1, 2, ax_index + 1)
-        display = ConfusionMatrixDisplay(values, display_labels=names)
-        display.plot(ax=ax, cmap="Blues", include_values=n <= MAX_ANNOTATED_CLASSES, values_format=fmt,
-                     xticks_rotation="vertical" if n > 4 else "horizontal", colorbar=False,
-                     text_kw={"fontsize": font})
-        ax.tick_params(labelsize=tick_font)
-        ax.set_title(subtitle, fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    return _png(fig)
+    table_blocks: list = [Paragraph("Best first."), Table(header, rows, numeric=range(1, len(header)), nowrap=[0])]
+    table_blocks += [Paragraph(note, muted=True) for note in reading_notes(summary)]
+    fine_tuned = [row for row in heads if row["head"] == FINE_TUNE_NAME]
+    if fine_tuned:
+        table_blocks.append(Paragraph(f"The {FINE_TUNE_NAME} arm is a training run of its own, with its own report: "
+                                      f"{FINE_TUNE_NAME}/{report.REPORT_HTML}."))
+    table_section = Section("table", "Comparison table", table_blocks)
 
+    rule = (f"A head is named the winner only when McNemar's test gives p < {summary['alpha']:g} against the "
+            f"runner-up and against {summary['reference']}"
+            + (", in every seed." if len(summary["seeds"]) > 1 else "."))
+    verdict_section = Section("verdict", "Verdict", [Paragraph(verdict["text"]), Paragraph(rule, muted=True)])
 
-def _short(name: str) -> str:
-    """A long class name cut in the middle, so names that differ only at the end stay distinct.
+    many_seeds = len(summary["seeds"]) > 1
+    accuracy = plot_folder.save(ACCURACY_PNG, plots.accuracy_intervals_png(
+        heads, summary["reference"],
+        f"test accuracy ({summary['num_images']['test']} images); bars: bootstrap 95% interval"
+        + ("; ticks: each seed" if many_seeds else ""),
+        f"Heads on {summary['backbone']} features (dotted: {summary['reference']})"))
+    accuracy_section = Section("accuracy", "Accuracy per head", [Image(
+        accuracy, "Accuracy per head with its bootstrap 95% interval",
+        "Best at the top; the dot is the accuracy" + (f" of seed {summary['seeds'][0]}" if many_seeds else "")
+        + ", the bar its bootstrap 95% interval. Intervals that overlap are no proof of a difference either way: "
+        "McNemar's test in the table compares heads on the same images.")])
 
-    Example:
-        >>> _short("golden_retriever_puppy_number_11")
-        'golden_retr…py_number_11'
-    """
-    name = " ".join(str(name).split())
-    if len(name) <= MAX_LABEL_CHARS:
-        return name
-    head = (MAX_LABEL_CHARS - 1) // 2
-    return name[:head] + "…" + name[len(name) - (MAX_LABEL_CHARS - 1 - head):]
+    confusion_blocks: list = [report.confusion_note(names)]
+    for row in heads:
+        first = row["runs"][0]
+        confusion_blocks.append(Paragraph(f"{row['head']}" + (f" (seed {first['seed']})" if many_seeds else "")
+                                          + f": accuracy {first['accuracy']:.3f}."))
+        confusion_blocks += report.confusion_blocks(plot_folder, first["confusion_matrix"], names,
+                                                    stem=f"confusion_{row['head']}", title=row["head"])
+    confusion_section = Section("confusion", "Confusion matrices", confusion_blocks)
 
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(min(width, 60), min(height, 60)), dpi=100, layout="constrained")
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    feature_map = report.feature_map_section(output_dir, plot_folder, names, (
+        "No feature map: none of the images' features could be projected. Draw one with 'transferkit features plot "
+        "IMAGE_DIR --backbone NAME -o map.png'."), note=(
+        "The comparison draws PCA only (t-SNE would take a good share of its time); 'transferkit features plot "
+        "IMAGE_DIR --backbone NAME --method both -o map.png' draws both from the same cached features."))
+    return [summary_section, config_section, dataset, table_section, verdict_section, accuracy_section,
+            confusion_section, feature_map]
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def write_outputs(plan, summary: dict[str, Any], roles: np.ndarray, skipped) -> str:
-    """Write every file of OUTPUT_DIR (see the module docstring); returns the Markdown table."""
+def write_outputs(plan, summary: dict[str, Any], run_folder, skipped, features: np.ndarray,
+                  feature_labels: np.ndarray) -> str:
+    """Write every file of OUTPUT_DIR (see the module docstring); returns the Markdown table.
+
+    Args:
+        plan: the comparison's plan.
+        summary: from :func:`summarise`.
+        run_folder: the image folder with each usable image's role as its split.
+        skipped: ``(path, reason)`` of every image left out.
+        features, feature_labels: the usable images' cached features and class indices, for the
+            feature map.
+    """
     import yaml
 
     from transferkit.heads import HEADS
 
-    out, folder, config = plan.output_dir, plan.folder, plan.config
+    out, config = plan.output_dir, plan.config
     header, rows = table_rows(summary)
     table = markdown_table(header, rows)
     files.write_text(out / "comparison.md", markdown_report(summary, table))
-    files.write_json(out / "comparison.json", summary)
+    files.write_json(out / COMPARISON_JSON, summary)
     files.write_csv(out / "comparison.csv", ["head", "accuracy", "accuracy_std", "accuracy_ci_low",
                                              "accuracy_ci_high", *(f"top_{k}_accuracy" for k in (3, 5)),
                                              "macro_f1", "balanced_accuracy", "log_loss", "ece", "fit_seconds",
@@ -293,17 +305,7 @@ def write_outputs(plan, summary: dict[str, Any], roles: np.ndarray, skipped) -> 
          row["log_loss"], row["ece"], row["fit_seconds"], row["latency_ms_per_image"], row["mcnemar_p"],
          row["score_kind"], row["num_runs"]]
         for row in summary["heads"]])
-    files.write_bytes(out / "accuracy.png", accuracy_png(summary))
-    for row in summary["heads"]:
-        first = row["runs"][0]
-        title = (f"{row['head']} (seed {first['seed']}): accuracy {first['accuracy']:.3f} on "
-                 f"{summary['num_images']['test']} test images")
-        files.write_bytes(out / f"confusion-{row['head']}.png",
-                          confusion_png(first["confusion_matrix"], folder.class_names, title))
-    keep = roles != "skipped"
-    write_splits_csv(dataclasses.replace(
-        folder, paths=tuple(p for p, k in zip(folder.paths, keep, strict=True) if k), labels=folder.labels[keep],
-        splits=tuple(str(r) for r in roles[keep])), out / runs.SPLITS_FILE)
+    write_splits_csv(run_folder, out / runs.SPLITS_FILE)
     files.write_csv(out / runs.SKIPPED_FILE, ["path", "reason"], skipped)
     settings = config.to_dict()
     settings["resolved"] = {
@@ -316,4 +318,12 @@ def write_outputs(plan, summary: dict[str, Any], roles: np.ndarray, skipped) -> 
                   for name in config.heads if name in HEADS} if config.search else {},
     }
     files.write_text(out / runs.CONFIG_FILE, yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+
+    if len(features) >= 3:  # PCA only: t-SNE of 2,000 images costs several seconds, up to half a minute
+        report.compute_feature_map(out, features, feature_labels, config.seed, methods=("pca",))
+    else:  # never draw the map of an earlier comparison in this folder (--overwrite)
+        (out / report.FEATURE_MAP_FILE).unlink(missing_ok=True)
+    sections = report_sections(summary, settings, out, report.PlotFolder(out))
+    report.write_document(out, f"transferkit compare: {summary['backbone']} features of "
+                          f"{Path(summary['image_dir']).name}", sections, f"Head comparison in {out.resolve()}")
     return table

@@ -1,4 +1,4 @@
-"""The report's figures as PNG bytes: training curves, confusion matrices, the feature map.
+"""The report's figures as PNG bytes: training curves, confusion matrices, accuracy intervals, the feature map.
 
 matplotlib draws headless (the Agg canvas, never ``pyplot``, so no GUI backend or global figure
 state is touched). Figures stay legible from 2 to a few hundred classes: the size grows with the
@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -86,7 +86,8 @@ def _figure(width: float, height: float):
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI)
+    # "tight": constrained layout alone can leave a title cut off above an equal-aspect heat map.
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)
     return buffer.getvalue()
 
 
@@ -145,12 +146,14 @@ def _mark_phases(ax, phases: Sequence[str] | None) -> None:
 # ----------------------------------------------------------------------------- confusion matrix
 
 
-def confusion_matrix_png(matrix, class_names: Sequence[str], normalize: bool = False) -> bytes:
+def confusion_matrix_png(matrix, class_names: Sequence[str], normalize: bool = False,
+                         title: str | None = None) -> bytes:
     """The confusion matrix as a heat map, rows the true class, columns the predicted one.
 
     With ``normalize`` each row is divided by its total, so a cell is the share of the true
     class predicted as that column and the diagonal is each class's recall. Zero cells stay
-    blank; numbers are printed in cells up to :data:`MAX_ANNOTATED_CLASSES` classes.
+    blank; numbers are printed in cells up to :data:`MAX_ANNOTATED_CLASSES` classes. ``title``
+    replaces the default one ("Confusion matrix, counts" or "..., share of each true class").
     """
     counts = np.asarray(matrix, dtype=float)
     n = len(class_names)
@@ -178,8 +181,9 @@ def confusion_matrix_png(matrix, class_names: Sequence[str], normalize: bool = F
     ax.set_yticks(range(n), names, fontsize=tick_font)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix, share of each true class" if normalize else "Confusion matrix, counts",
-                 fontsize=11)
+    if title is None:
+        title = "Confusion matrix, share of each true class" if normalize else "Confusion matrix, counts"
+    ax.set_title(title, fontsize=11)
     ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
     ax.grid(which="minor", color="0.92", linewidth=0.5)
@@ -190,6 +194,49 @@ def confusion_matrix_png(matrix, class_names: Sequence[str], normalize: bool = F
             text = f"{values[i, j]:.2f}" if normalize else f"{int(counts[i, j])}"
             ax.text(j, i, text, ha="center", va="center", fontsize=font,
                     color="white" if values[i, j] > 0.55 * vmax else "black")
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- accuracy intervals
+
+
+def accuracy_intervals_png(heads: Sequence[Mapping], reference: str, xlabel: str, title: str = "") -> bytes:
+    """Accuracy per head (in the given order, first at the top) with its 95% interval; seeds as ticks.
+
+    Args:
+        heads: per head a mapping with ``head`` (name), ``accuracy_ci`` (low, high) and ``runs``
+            (one mapping per seed with its ``accuracy``; the first run's is the dot).
+        reference: the head drawn in orange, with a dotted line at its accuracy.
+        xlabel: what the axis shows (e.g. the number of test images).
+
+    Example:
+        >>> accuracy_intervals_png([{"head": "knn", "accuracy_ci": [0.8, 0.9], "runs": [{"accuracy": 0.85}]}],
+        ...                        "knn", "test accuracy")[:4]
+        b'\\x89PNG'
+    """
+    n = len(heads)
+    fig = _figure(7.5, 1.2 + 0.45 * n)
+    ax = fig.add_subplot()
+    positions = np.arange(n)[::-1]
+    for y, row in zip(positions, heads, strict=True):
+        first = row["runs"][0]["accuracy"]
+        low, high = row["accuracy_ci"]
+        colour = "tab:orange" if row["head"] == reference else "tab:blue"
+        ax.errorbar(first, y, xerr=[[first - low], [high - first]], fmt="o", color=colour, capsize=4)
+        if len(row["runs"]) > 1:
+            ax.plot([run["accuracy"] for run in row["runs"]], [y] * len(row["runs"]), "|", color="0.4", ms=9)
+        ax.annotate(f"{first:.3f}", (high, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=9)
+    marked = [row for row in heads if row["head"] == reference]
+    if marked:
+        ax.axvline(marked[0]["runs"][0]["accuracy"], color="tab:orange", linestyle=":", linewidth=1)
+    ax.set_yticks(positions, short_labels([row["head"] for row in heads], 24))
+    lows = [row["accuracy_ci"][0] for row in heads] + [run["accuracy"] for row in heads for run in row["runs"]]
+    left = max(0.0, min(lows) - 0.05)
+    ax.set_xlim(left, 1.0 + 0.12 * (1.0 - left))  # room for the value written right of each interval
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=11)
+    ax.grid(axis="x", color="0.9")
     return _png(fig)
 
 

@@ -7,7 +7,10 @@ configuration and versions, dataset, training curves, metrics, per-class metrics
 matrix (counts and shares), most-confused pairs, the worst mistakes (highest-confidence wrong
 test images, as thumbnails), the feature map and Grad-CAM when given.
 
-Nothing here imports TensorFlow.
+Every report is written by :func:`write_document`, with plots saved through :class:`PlotFolder`;
+the sections any run has (:func:`dataset_section`, :func:`versions_blocks`, :func:`confusion_blocks`,
+:func:`feature_map_section`) are built here for ``transferkit compare``'s report too
+(:mod:`transferkit.comparison_report`). Nothing here imports TensorFlow.
 
 Example:
     >>> html_path, md_path = write_report("runs/first")  # doctest: +SKIP
@@ -20,7 +23,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,19 +80,140 @@ def write_report(run_dir: str | os.PathLike, *, features: np.ndarray | None = No
         InputError: the folder holds no ``metrics.json`` or it is not a report-able run.
     """
     run = RunFolder(Path(run_dir))
-    plot_dir = run.dir / PLOTS_DIR
-    plot_dir.mkdir(exist_ok=True)
-    builder = _Builder(run, plot_dir)
+    builder = _Builder(run, PlotFolder(run.dir))
     if features is not None and feature_labels is not None:
-        builder.compute_feature_map(np.asarray(features), np.asarray(feature_labels), seed)
-    sections = builder.sections(explainer)
+        compute_feature_map(run.dir, np.asarray(features), np.asarray(feature_labels), seed)
     title = f"transferkit report: {run.dir.resolve().name}"
-    subtitle = (f"{'Training run' if run.kind == 'train' else 'Evaluation'} in {run.dir.resolve()}; "
-                f"report made {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    html_path, md_path = run.dir / REPORT_HTML, run.dir / REPORT_MD
-    files.write_text(html_path, render_html(title, sections, run.dir, subtitle))
+    subtitle = f"{'Training run' if run.kind == 'train' else 'Evaluation'} in {run.dir.resolve()}"
+    return write_document(run.dir, title, builder.sections(explainer), subtitle)
+
+
+def write_document(report_dir: Path, title: str, sections: Sequence[Section], subtitle: str = "") -> tuple[Path, Path]:
+    """Write ``report.html`` (images embedded) and ``report.md`` of ``sections`` into ``report_dir``.
+
+    The one writer of every report (train, evaluate, compare): images are given relative to
+    ``report_dir`` (see :class:`PlotFolder`); the subtitle gets the time the report was made.
+
+    Example:
+        >>> doc = [Section("verdict", "Verdict", [Paragraph("A tie.")])]
+        >>> write_document(Path("cmp"), "Heads", doc)  # doctest: +SKIP
+        (PosixPath('cmp/report.html'), PosixPath('cmp/report.md'))
+    """
+    html_path, md_path = report_dir / REPORT_HTML, report_dir / REPORT_MD
+    made = f"report made {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+    subtitle = f"{subtitle}; {made}" if subtitle else made
+    files.write_text(html_path, render_html(title, sections, report_dir, subtitle))
     files.write_text(md_path, render_markdown(title, sections, subtitle))
     return html_path, md_path
+
+
+class PlotFolder:
+    """The ``plots/`` folder of a report: saves PNGs, returns their paths relative to the report.
+
+    Example:
+        >>> PlotFolder(Path("runs/first")).save("curves.png", png)  # doctest: +SKIP
+        'plots/curves.png'
+    """
+
+    def __init__(self, report_dir: Path):
+        self.dir = Path(report_dir) / PLOTS_DIR
+        self.dir.mkdir(exist_ok=True)
+
+    def save(self, name: str, png: bytes) -> str:
+        files.write_bytes(self.dir / name, png)
+        return f"{PLOTS_DIR}/{name}"
+
+
+# ----------------------------------------------------------------------------- sections shared by every report
+
+
+def versions_blocks(versions: dict | None, source: str) -> list:
+    """The versions table: those recorded in ``source``, else those installed now (and say so)."""
+    if versions:
+        return [Paragraph("Versions the run was made with:"), Table(["package", "version"], versions.items())]
+    return [Paragraph("Versions installed when this report was made:"),
+            Table(["package", "version"], collect_versions().items()),
+            Paragraph(f"{source} does not record the versions of the run itself.", muted=True)]
+
+
+def dataset_section(class_names: Sequence[str], counts: dict[str, dict[str, int]], skipped: Sequence[dict], *,
+                    split_source: str | None = None, num_ignored: int | None = None) -> Section:
+    """Images per class and split, and the skipped files (``path``, ``reason``) with their reasons."""
+    splits = [s for s in counts if any(counts[s].values())] or list(counts)
+    rows = [[name] + [counts[s].get(name, 0) for s in splits] + [sum(counts[s].get(name, 0) for s in splits)]
+            for name in class_names]
+    rows.append(["total"] + [sum(counts[s].values()) for s in splits] + [sum(r[-1] for r in rows)])
+    blocks = [Paragraph(f"{len(class_names)} classes; images per class and split"
+                        + (f" (split from {split_source})" if split_source else "") + "."),
+              Table(["class"] + splits + ["all"], rows, numeric=range(1, len(splits) + 2), scroll=len(rows) > 16)]
+    blocks.append(Paragraph(f"Skipped (unreadable) files: {len(skipped)}."
+                            + (f" Ignored entries (hidden, system or non-image files): {num_ignored}."
+                               if num_ignored is not None else "")))
+    if skipped:
+        shown = skipped[:_MAX_LISTED_SKIPPED]
+        blocks.append(Table(["file", "reason"], [[s.get("path", ""), s.get("reason", "")] for s in shown],
+                            scroll=len(shown) > 12))
+        if len(skipped) > len(shown):
+            blocks.append(Paragraph(f"... and {len(skipped) - len(shown)} more in {runs.SKIPPED_FILE}.", muted=True))
+    return Section("dataset", "Dataset", blocks)
+
+
+def confusion_blocks(plot_folder: PlotFolder, matrix, class_names: Sequence[str], *, stem: str = "confusion",
+                     title: str = "Confusion matrix") -> list:
+    """The confusion matrix as counts and as shares of each true class (``plots/STEM_counts.png``, ``_normalized``)."""
+    counts = plot_folder.save(f"{stem}_counts.png", plots.confusion_matrix_png(
+        matrix, class_names, title=f"{title}, counts"))
+    shares = plot_folder.save(f"{stem}_normalized.png", plots.confusion_matrix_png(
+        matrix, class_names, normalize=True, title=f"{title}, share of each true class"))
+    big = len(class_names) > 40
+    images = [Image(counts, f"{title}, counts", full_size=big),
+              Image(shares, f"{title}, share of each true class", "Each row divided by its total: the "
+                    "diagonal is each class's recall.", full_size=big)]
+    # Small matrices fit side by side; big ones need the page's whole width each.
+    return [Row(images, equal=True)] if len(class_names) <= 12 else images
+
+
+def confusion_note(class_names: Sequence[str]) -> Paragraph:
+    return Paragraph("Rows: true class; columns: predicted class." + (
+        " Too many classes to print numbers in cells; the tables hold them."
+        if len(class_names) > plots.MAX_ANNOTATED_CLASSES else "") + (
+        " Long class names are shortened with '…'." if any(len(n) > 18 for n in class_names) else ""))
+
+
+def compute_feature_map(report_dir: Path, features: np.ndarray, labels: np.ndarray, seed: int,
+                        methods: Sequence[str] = ("pca", "tsne")) -> None:
+    """Project ``features`` with each of ``methods`` and store the points in ``report_dir/feature_map.json``."""
+    projections = []
+    for method in methods:
+        points, y, info = plots.project_features(features, labels, method, seed=seed)
+        projections.append({"info": info, "labels": y.tolist(), "points": np.round(points, 4).tolist()})
+    files.write_json(Path(report_dir) / FEATURE_MAP_FILE, {"projections": projections})
+
+
+_PROJECTION_NOTES = {"pca": ("PCA", "PCA keeps the directions of largest variance (linear)"),
+                     "tsne": ("t-SNE", "t-SNE keeps neighbourhoods (distances between far clusters mean little)")}
+
+
+def feature_map_section(report_dir: Path, plot_folder: PlotFolder, class_names: Sequence[str], missing: str,
+                        note: str = "") -> Section:
+    """The feature map stored by :func:`compute_feature_map`, or ``missing`` (how to get one) without it."""
+    title = "Feature map"
+    try:
+        stored = json.loads((Path(report_dir) / FEATURE_MAP_FILE).read_text(encoding="utf-8"))["projections"]
+        projections = [(np.asarray(p["points"], dtype=float).reshape(-1, 2), np.asarray(p["labels"], dtype=int),
+                        p["info"]) for p in stored]
+        notes = [_PROJECTION_NOTES[info["method"]] for _, _, info in projections]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: draw without it
+        projections = []
+    if not projections:
+        return Section("feature-map", title, [Paragraph(missing, muted=True)])
+    path = plot_folder.save("feature_map.png", plots.feature_map_png(projections, class_names))
+    return Section("feature-map", title, [
+        Paragraph("The pretrained backbone's features of the images (as cached, before any fine-tuning), "
+                  "projected to 2-D and coloured by class: well separated clusters mean a head on the frozen "
+                  "backbone can tell the classes apart."),
+        Image(path, f"Feature map ({' and '.join(name for name, _ in notes)})",
+              "; ".join(text for _, text in notes) + "." + (f" {note}" if note else ""))])
 
 
 def gradcam_explainer(run) -> Explainer | None:
@@ -133,13 +257,8 @@ def gradcam_explainer(run) -> Explainer | None:
 
 
 class _Builder:
-    def __init__(self, run: RunFolder, plot_dir: Path):
-        self.run, self.plot_dir = run, plot_dir
-        self.rel = lambda name: f"{PLOTS_DIR}/{name}"
-
-    def _save(self, name: str, png: bytes) -> str:
-        files.write_bytes(self.plot_dir / name, png)
-        return self.rel(name)
+    def __init__(self, run: RunFolder, plot_folder: PlotFolder):
+        self.run, self.plots = run, plot_folder
 
     def sections(self, explainer: Explainer | None) -> list[Section]:
         errors = self._worst_errors()
@@ -171,21 +290,13 @@ class _Builder:
         config = self.run.config
         if config:
             columns.append([Paragraph(f"Settings ({self.run.config_source}):"),
-                            Table(["setting", "value"], [[k, _plain(v)] for k, v in config.items()])])
+                            settings_table(["setting", "value"], config)])
         skip = {"test", "counts", "skipped", "per_class", "confusion_matrix", "class_names", "versions", "tta",
                 "top_k_accuracy", "accuracy", "balanced_accuracy", "macro_f1", "num_examples", "split"}
-        facts = [[k, _plain(v)] for k, v in _flatten(self.run.metrics).items() if k.split(".")[0] not in skip]
-        if facts:
-            columns.append([Paragraph(f"Run facts ({runs.METRICS_FILE}):"), Table(["item", "value"], facts)])
-        versions = self.run.metrics.get("versions")
-        if versions:
-            columns.append([Paragraph("Versions the run was made with:"),
-                            Table(["package", "version"], versions.items())])
-        else:
-            columns.append([Paragraph("Versions installed when this report was made:"),
-                            Table(["package", "version"], collect_versions().items()),
-                            Paragraph(f"{runs.METRICS_FILE} does not record the versions of the run itself.",
-                                      muted=True)])
+        facts = settings_table(["item", "value"], self.run.metrics, depth=1, skip=skip)
+        if facts.rows:
+            columns.append([Paragraph(f"Run facts ({runs.METRICS_FILE}):"), facts])
+        columns.append(versions_blocks(self.run.metrics.get("versions"), runs.METRICS_FILE))
         blocks: list = [Row(columns)]
         if config and self.run.kind == "train":
             blocks.append(Paragraph(f"Repeat the run: transferkit train --config {self.run.dir / runs.CONFIG_FILE} "
@@ -193,33 +304,15 @@ class _Builder:
         return Section("config", "Configuration and versions", blocks)
 
     def dataset(self) -> Section:
-        names, m = self.run.class_names, self.run.metrics
-        counts = m.get("counts")
+        counts = self.run.metrics.get("counts")
         if not counts:  # evaluate folders: what was evaluated, from predictions.csv
-            evaluated = dict.fromkeys(names, 0)
+            evaluated = dict.fromkeys(self.run.class_names, 0)
             for row in self.run.predictions:
                 evaluated[row["label"]] = evaluated.get(row["label"], 0) + 1
             counts = {"evaluated": evaluated}
-        splits = [s for s in counts if any(counts[s].values())] or list(counts)
-        rows = [[name] + [counts[s].get(name, 0) for s in splits] + [sum(counts[s].get(name, 0) for s in splits)]
-                for name in names]
-        rows.append(["total"] + [sum(counts[s].values()) for s in splits] + [sum(r[-1] for r in rows)])
-        blocks = [Paragraph(f"{len(names)} classes; images per class and split"
-                            + (f" (split from {m['split_source']})" if m.get("split_source") else "") + "."),
-                  Table(["class"] + splits + ["all"], rows, numeric=range(1, len(splits) + 2), scroll=len(rows) > 16)]
-        skipped = self.run.skipped
-        ignored = m.get("num_ignored")
-        blocks.append(Paragraph(f"Skipped (unreadable) files: {len(skipped)}."
-                                + (f" Ignored entries (hidden, system or non-image files): {ignored}."
-                                   if ignored is not None else "")))
-        if skipped:
-            shown = skipped[:_MAX_LISTED_SKIPPED]
-            blocks.append(Table(["file", "reason"], [[s.get("path", ""), s.get("reason", "")] for s in shown],
-                                scroll=len(shown) > 12))
-            if len(skipped) > len(shown):
-                blocks.append(Paragraph(f"... and {len(skipped) - len(shown)} more in {runs.SKIPPED_FILE}.",
-                                        muted=True))
-        return Section("dataset", "Dataset", blocks)
+        return dataset_section(self.run.class_names, counts, self.run.skipped,
+                               split_source=self.run.metrics.get("split_source"),
+                               num_ignored=self.run.metrics.get("num_ignored"))
 
     def training(self) -> Section:
         history, phases = self.run.history, self.run.phases
@@ -227,7 +320,7 @@ class _Builder:
             why = "an evaluation has no training" if self.run.kind == "evaluate" else f"no {runs.HISTORY_FILE}"
             return Section("training", "Training curves", [Paragraph(f"No training history ({why}).", muted=True)])
         best = self.run.metrics.get("best_epoch")
-        path = self._save("training_curves.png", plots.training_curves_png(history, phases, best))
+        path = self.plots.save("training_curves.png", plots.training_curves_png(history, phases, best))
         notes = [f"{len(next(iter(history.values())))} epochs"]
         if phases:
             notes.append("phases: " + ", ".join(dict.fromkeys(phases)))
@@ -269,19 +362,8 @@ class _Builder:
         if not matrix:
             return Section("confusion", "Confusion matrix", [Paragraph("No confusion matrix recorded.", muted=True)])
         names = self.run.class_names
-        counts = self._save("confusion_counts.png", plots.confusion_matrix_png(matrix, names))
-        shares = self._save("confusion_normalized.png", plots.confusion_matrix_png(matrix, names, normalize=True))
-        note = ("Rows: true class; columns: predicted class." + (
-            " Too many classes to print numbers in cells; the tables hold them." if len(names) > plots.
-            MAX_ANNOTATED_CLASSES else "") + (" Long class names are shortened with '…'." if any(
-                len(n) > 18 for n in names) else ""))
-        big = len(names) > 40
-        images = [Image(counts, "Confusion matrix, counts", full_size=big),
-                  Image(shares, "Confusion matrix, share of each true class", "Each row divided by its total: the "
-                        "diagonal is each class's recall.", full_size=big)]
-        # Small matrices fit side by side; big ones need the page's whole width each.
         return Section("confusion", "Confusion matrix",
-                       [Paragraph(note)] + ([Row(images, equal=True)] if len(names) <= 12 else images))
+                       [confusion_note(names)] + confusion_blocks(self.plots, matrix, names))
 
     def confused_pairs(self, limit: int = 10) -> Section:
         matrix = np.asarray(self.run.test.get("confusion_matrix") or [[0]])
@@ -310,57 +392,40 @@ class _Builder:
             return Section("errors", title, [Paragraph(f"No {runs.PREDICTIONS_FILE} in this folder.", muted=True)])
         if not errors:
             return Section("errors", title, [Paragraph("No test image was misclassified.", muted=True)])
-        error_dir = self.plot_dir / "errors"
-        error_dir.mkdir(exist_ok=True)
-        items, written = [], set()
-        for rank, row in enumerate(errors, start=1):
-            caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
-                       _short_path(row["path"])]
-            try:
-                png = _thumbnail_png(self.run.image_path(row["path"]))
-            except (OSError, ValueError) as exc:
-                items.append((None, caption + [f"image not available: {exc}"]))
-                continue
-            name = f"error_{rank:02d}.png"
-            files.write_bytes(error_dir / name, png)
-            written.add(name)
-            items.append((self.rel(f"errors/{name}"), caption))
-        for old in error_dir.glob("error_*.png"):  # thumbnails of an earlier, longer report
-            if old.name not in written:
-                old.unlink()
+        items = self._thumbnails(errors, "errors", "error", _thumbnail_png, "image not available")
         wrong = sum(1 for r in self.run.predictions if str(r.get("correct")) in ("0", "False", "false"))
         return Section("errors", title, [
             Paragraph(f"The {len(errors)} misclassified images with the highest confidence in the wrong class "
                       f"({wrong} of {len(self.run.predictions)} images were misclassified)."), Gallery(items)])
 
-    def compute_feature_map(self, features: np.ndarray, labels: np.ndarray, seed: int) -> None:
-        projections = []
-        for method in ("pca", "tsne"):
-            points, y, info = plots.project_features(features, labels, method, seed=seed)
-            projections.append({"info": info, "labels": y.tolist(),
-                                "points": np.round(points, 4).tolist()})
-        files.write_json(self.run.dir / FEATURE_MAP_FILE, {"projections": projections})
+    def _thumbnails(self, errors: list[dict], subdir: str, prefix: str, make_png: Callable[[Path], bytes],
+                    failure: str) -> list:
+        """Gallery items of ``errors``: ``make_png(image path)`` saved as ``plots/SUBDIR/PREFIX_NN.png``."""
+        folder = self.plots.dir / subdir
+        folder.mkdir(exist_ok=True)
+        items, written = [], set()
+        for rank, row in enumerate(errors, start=1):
+            caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
+                       _short_path(row["path"])]
+            try:
+                png = make_png(self.run.image_path(row["path"]))
+            except (OSError, ValueError) as exc:
+                items.append((None, caption + [f"{failure}: {exc}"]))
+                continue
+            name = f"{prefix}_{rank:02d}.png"
+            files.write_bytes(folder / name, png)
+            written.add(name)
+            items.append((f"{PLOTS_DIR}/{subdir}/{name}", caption))
+        for old in folder.glob(f"{prefix}_*.png"):  # images of an earlier, longer report
+            if old.name not in written:
+                old.unlink()
+        return items
 
     def feature_map(self) -> Section:
-        title = "Feature map"
-        try:
-            stored = json.loads((self.run.dir / FEATURE_MAP_FILE).read_text(encoding="utf-8"))["projections"]
-            projections = [(np.asarray(p["points"], dtype=float).reshape(-1, 2), np.asarray(p["labels"], dtype=int),
-                            p["info"]) for p in stored]
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: draw without it
-            projections = []
-        if not projections:
-            return Section("feature-map", title, [Paragraph(
-                "No feature map: it needs the run's bottleneck features. Draw one with "
-                "'transferkit features plot IMAGE_DIR --backbone NAME -o map.png', or redraw this report with "
-                "'transferkit report RUN_DIR --feature-map' (features come from the cache).", muted=True)])
-        path = self._save("feature_map.png", plots.feature_map_png(projections, self.run.class_names))
-        return Section("feature-map", title, [
-            Paragraph("The pretrained backbone's features of the images (as cached, before any fine-tuning), "
-                      "projected to 2-D and coloured by class: well separated clusters mean a head on the frozen "
-                      "backbone can tell the classes apart."),
-            Image(path, "Feature map (PCA and t-SNE)", "PCA keeps the directions of largest variance (linear); "
-                  "t-SNE keeps neighbourhoods (distances between far clusters mean little).")])
+        return feature_map_section(self.run.dir, self.plots, self.run.class_names, (
+            "No feature map: it needs the run's bottleneck features. Draw one with "
+            "'transferkit features plot IMAGE_DIR --backbone NAME -o map.png', or redraw this report with "
+            "'transferkit report RUN_DIR --feature-map' (features come from the cache)."))
 
     def gradcam(self, errors: list[dict], explainer: Explainer | None) -> Section:
         title = "Grad-CAM of mistakes"
@@ -368,19 +433,7 @@ class _Builder:
             return Section("gradcam", title, [Paragraph(
                 "No Grad-CAM overlays in this report (they need the model; the report was drawn from the run's "
                 "files only).", muted=True)])
-        gradcam_dir = self.plot_dir / "gradcam"
-        gradcam_dir.mkdir(exist_ok=True)
-        items = []
-        for rank, row in enumerate(errors[:NUM_GRADCAM], start=1):
-            caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
-                       _short_path(row["path"])]
-            try:
-                png = explainer(self.run.image_path(row["path"]))
-            except (OSError, ValueError) as exc:
-                items.append((None, caption + [f"no overlay: {exc}"]))
-                continue
-            files.write_bytes(gradcam_dir / f"gradcam_{rank:02d}.png", png)
-            items.append((self.rel(f"gradcam/gradcam_{rank:02d}.png"), caption))
+        items = self._thumbnails(errors[:NUM_GRADCAM], "gradcam", "gradcam", explainer, "no overlay")
         if not items:
             return Section("gradcam", title, [Paragraph("No test image was misclassified.", muted=True)])
         return Section("gradcam", title, [
@@ -406,11 +459,22 @@ def _short_path(path: str, keep: int = 2) -> str:
     return ("…/" if len(parts) > keep else "") + "/".join(parts[-keep:])
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def settings_table(header: Sequence[str], data: dict, *, depth: int = 0, skip: Sequence[str] = ()) -> Table:
+    """Two columns of ``data``: nested keys joined with dots down to ``depth`` levels, values made readable.
+
+    Example:
+        >>> settings_table(["setting", "value"], {"a": {"b": 1.5}}, depth=1).rows
+        [['a.b', '1.5']]
+    """
+    flat = _flatten(data, depth=depth)
+    return Table(header, [[k, _plain(v)] for k, v in flat.items() if k.split(".")[0] not in skip])
+
+
+def _flatten(data: dict, prefix: str = "", depth: int = 1) -> dict:
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and not prefix:
-            out.update(_flatten(value, f"{key}."))
+        if isinstance(value, dict) and depth > 0:
+            out.update(_flatten(value, f"{prefix}{key}.", depth - 1))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -33,6 +33,8 @@ class Table:
     rows: Sequence[Sequence]
     #: Columns (by index) holding numbers: right-aligned.
     numeric: Sequence[int] = ()
+    #: Columns (by index) of short names never broken across lines in HTML (e.g. the compared heads).
+    nowrap: Sequence[int] = ()
     #: Long tables scroll inside a box in HTML instead of pushing the rest of the page down.
     scroll: bool = False
 
@@ -102,7 +104,9 @@ table { border-collapse: collapse; font-size: 14px; margin: 8px 0; }
 th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top;
          max-width: 520px; overflow-wrap: anywhere; }
 th { background: var(--bg2); position: sticky; top: 0; }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th { overflow-wrap: break-word; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n, td.nw { white-space: nowrap; }
 tr:nth-child(even) td { background: #fbfcfd; }
 .scroll { max-height: 460px; overflow: auto; display: inline-block; max-width: 100%;
           border-bottom: 1px solid var(--line); }
@@ -159,9 +163,14 @@ def _html_block(block, base_dir: Path) -> str:
                         for k, v in block.items)
         return f'<div class="cards">{cards}</div>'
     if isinstance(block, Table):
+        def css(i, tag):
+            if i in block.numeric:
+                return " class=n"
+            return " class=nw" if i in block.nowrap and tag == "td" else ""
+
         def cells(row, tag):
-            return "".join(f'<{tag}{" class=n" if i in block.numeric else ""}>{e(_text(v))}</{tag}>'
-                           for i, v in enumerate(row))
+            return "".join(f'<{tag}{css(i, tag)}>{e(_text(v))}</{tag}>' for i, v in enumerate(row))
+
         body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in block.rows)
         table = f"<table><thead><tr>{cells(block.header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
         return f'<div class="scroll">{table}</div>' if block.scroll else table
