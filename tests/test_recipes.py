@@ -40,7 +40,7 @@ def _header(recipe: Path) -> tuple[bool, str]:
 
 def test_the_recipe_library_covers_the_documented_experiments():
     names = {recipe.stem for recipe in RECIPES}
-    assert {"demo", "smoke-tiny-backbone", "ants-bees-compare-heads", "ants-bees-multi-gpu",
+    assert {"demo", "smoke-tiny-backbone", "ants-bees-compare-heads", "ants-bees-multi-gpu", "ants-bees-multi-worker",
             "ants-bees-export-features", "smoke-export-features", "tf-flowers-freeze-all"} <= names
     strategies = {load_settings(r).get("strategy") for r in RECIPES if _header(r)[1] == "train"}
     assert {"freeze-all", "fine-tune-top", "full-retrain"} <= strategies

@@ -311,8 +311,11 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         return TrainResult(run_dir, metrics)
     from transferkit.report import gradcam_explainer, write_report
 
+    # Grad-CAM follows the model in memory (no reload); a scikit-learn head has no gradient to follow.
+    explainer = None if (run_dir / runs.HEAD_FILE).exists() else gradcam_explainer(
+        runs.Run(run_dir, model, folder.class_names, config.to_dict()))
     html, _ = write_report(run_dir, features=features[extraction.ok], feature_labels=labels[extraction.ok],
-                           explainer=gradcam_explainer(run_dir), seed=config.seed)
+                           explainer=explainer, seed=config.seed)
     log.info("Report: %s", html)
     return TrainResult(run_dir, metrics)
 
