@@ -49,6 +49,19 @@ def test_fine_tune_top_writes_a_two_phase_run(tmp_path, folder):
     # The saved model is one flat float32 graph that evaluate can load (safe mode).
     evaluated = CliRunner().invoke(main, ["evaluate", str(run), str(folder), "-o", str(tmp_path / "eval"), "-q"])
     assert evaluated.exit_code == 0, evaluated.output
+    _explains_and_exports(tmp_path, run, folder)
+
+
+def _explains_and_exports(tmp_path, run, folder):
+    """Grad-CAM and a parity-checked export work on a fine-tuned model, as on a freeze-all one."""
+    image = next((folder / "class_0").iterdir())
+    explained = CliRunner().invoke(main, ["explain", str(run), str(image), "-o", str(tmp_path / "cams")])
+    assert explained.exit_code == 0, explained.output
+    assert (tmp_path / "cams" / image.name).is_file()
+    exported = CliRunner().invoke(main, ["export", str(run), "--format", "saved-model", "-o", str(tmp_path / "sm")])
+    assert exported.exit_code == 0, exported.output
+    card = json.loads((tmp_path / "sm" / "model_card.json").read_text())
+    assert card["parity"]["top1_agreement"] == 1.0 and card["parity"]["max_abs_diff"] <= 1e-4
 
 
 def test_auto_says_what_it_picked_and_why(tmp_path, folder):
@@ -68,6 +81,7 @@ def test_full_retrain_with_mixed_precision_saves_float32(tmp_path, folder):
     model = keras.saving.load_model(run / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     assert json.loads((run / "metrics.json").read_text())["fine_tune"]["distribute"] == "mirrored"
+    _explains_and_exports(tmp_path, run, folder)
 
 
 def test_resume_refuses_finished_and_foreign_folders(tmp_path, folder):

@@ -107,6 +107,11 @@ def test_tf_flowers_trains_and_exports_through_the_cli(mock_tfds, tmp_path, isol
     # tfds:NAME:SPLIT names the same TFDS split, so it shares the written folder
     assert evaluated.exit_code == 0 and "(40 images)" in evaluated.output, evaluated.output
     assert "reusing the images" in evaluated.output
+    # export's parity check finds the run's test images in the written folder, not in "tfds:..."
+    model_export = run("export", run_dir, "--format", "keras", "-o", tmp_path / "exported")
+    assert model_export.exit_code == 0, model_export.output
+    card = json.loads((tmp_path / "exported" / "model_card.json").read_text())
+    assert card["parity"]["source"].startswith("test split of") and str(folder.resolve()) in card["parity"]["source"]
 
 
 def test_mnist_keeps_tfds_train_and_test_splits(mock_tfds, tmp_path, isolated_homes):

@@ -472,8 +472,7 @@ def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResul
     """
     from transferkit import comparison_report
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
-    from transferkit.training import with_roles
-    from transferkit.training import assign_roles
+    from transferkit.training import assign_roles, with_roles
     from transferkit.weights import load_backbone
 
     started = time.perf_counter()

@@ -39,8 +39,7 @@ def evaluation_images(loaded: Sequence, image_dir=None) -> tuple[list[Path], np.
         folder = scan_folder(image_dir, class_names=class_names)
         return [folder.abs_path(p) for p in folder.paths], np.asarray(folder.labels), str(folder.root), \
             list(folder.skipped)
-    roots = {str(Path(run.config.get("image_dir") or "").resolve()) if run.config.get("image_dir") else None
-             for run in loaded}
+    roots = {str(Path(run.image_root).resolve()) if run.image_root else None for run in loaded}
     root = next(iter(roots))
     problem = None
     if len(roots) != 1 or root is None:

@@ -271,7 +271,7 @@ def sample_images(run, splits: tuple[str, ...], count: int, image_dir=None, *,
     size = run.image_size
     candidates: list[tuple[Path, int | None]] = []
     source = ""
-    root = run.config.get("image_dir")
+    root = run.image_root
     splits_csv = run.run_dir / runs.SPLITS_FILE
     if image_dir is None and root and Path(root).is_dir() and splits_csv.is_file():
         folder = read_splits_csv(splits_csv, root=root, class_names=run.class_names)

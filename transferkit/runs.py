@@ -122,6 +122,17 @@ class Run:
     def image_size(self) -> int:
         return int(self.model.input_shape[1])
 
+    @property
+    def image_root(self) -> str | None:
+        """The folder the run's images are in: ``metrics.json`` records the one actually read
+        (for a ``tfds:`` input, where TFDS's images were written), else ``config.yaml``'s."""
+        metrics = self.run_dir / METRICS_FILE
+        if metrics.is_file():
+            recorded = json.loads(metrics.read_text(encoding="utf-8")).get("image_dir")
+            if recorded:
+                return recorded
+        return self.config.get("image_dir")
+
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """Refuse a folder that is not a finished run, before anything slow starts."""
