@@ -41,6 +41,10 @@ def test_fine_tune_top_writes_a_two_phase_run(tmp_path, folder):
     assert metrics["strategy"] == "fine-tune-top" and metrics["fine_tune"]["epochs_run"] == 2
     assert [p["name"] for p in metrics["phases"]] == ["head", "fine-tune"]
     assert "random resized crop" in metrics["augmentation"]
+    # No --fine-tune-learning-rate: 1e-3 scaled to the 60 x 70% training images, and said so.
+    train_images = sum(metrics["counts"]["train"].values())
+    assert metrics["fine_tune"]["learning_rate"] == pytest.approx(1e-3 * train_images / 1000)
+    assert f"{train_images} training images (< 1000)" in result.output
     assert set(metrics["class_weight"]) == {"class_0", "class_1", "class_2"}
     phases = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
     assert phases.count("fine-tune") == 2 and phases[0] == "head"

@@ -187,3 +187,12 @@ def test_class_weights_balance_counts():
 
     weights = class_weights(np.array([0] * 30 + [1] * 10), 3)
     assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 1.0
+
+
+def test_the_fine_tune_rate_follows_the_amount_of_data_unless_given():
+    from transferkit.strategies import fine_tune_rate
+
+    assert fine_tune_rate(5000) == (1e-3, "5000 training images (>= 1000)")
+    rate, why = fine_tune_rate(206)
+    assert rate == pytest.approx(2.06e-4) and "scaled down in proportion" in why
+    assert fine_tune_rate(206, 5e-4) == (5e-4, "--fine-tune-learning-rate")

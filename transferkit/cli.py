@@ -631,9 +631,9 @@ def cache_merge(sources, cache_dir) -> None:
               help="fine-tune-top: how many top blocks of the backbone train. [default: about 20% of the blocks]")
 @click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=_default("fine_tune_epochs"),
               show_default=True, help="Epochs of the fine-tune phase (best epoch kept, early stopping on val).")
-@click.option("--fine-tune-learning-rate", type=click.FloatRange(min=0, min_open=True),
-              default=_default("fine_tune_learning_rate"), show_default=True,
-              help="Peak rate of the head in the fine-tune phase; the top block gets 1/10, deeper blocks 1/100.")
+@click.option("--fine-tune-learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak rate of the head in the fine-tune phase; the top block gets 1/10, deeper blocks 1/100. "
+                   "[default: 1e-3, scaled down in proportion below 1,000 training images]")
 @click.option("--fine-tune-patience", type=click.IntRange(min=0), default=_default("fine_tune_patience"),
               show_default=True, help="Stop fine-tuning after this many epochs without improvement (0 = never).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_default("schedule"), show_default=True,

@@ -52,7 +52,7 @@ class TrainConfig:
     search: bool = True
     unfreeze_blocks: int | None = None
     fine_tune_epochs: int = 20
-    fine_tune_learning_rate: float = 1e-3
+    fine_tune_learning_rate: float | None = None  # None: strategies.fine_tune_rate decides from the data
     fine_tune_patience: int = 0
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
@@ -91,8 +91,8 @@ class TrainConfig:
         _check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "unfreeze_blocks", "an integer >= 1",
                self.unfreeze_blocks)
         _check(self.fine_tune_epochs >= 1, "fine_tune_epochs", "an integer >= 1", self.fine_tune_epochs)
-        _check(0 < self.fine_tune_learning_rate < 10, "fine_tune_learning_rate", "a number between 0 and 10",
-               self.fine_tune_learning_rate)
+        _check(self.fine_tune_learning_rate is None or 0 < self.fine_tune_learning_rate < 10,
+               "fine_tune_learning_rate", "a number between 0 and 10", self.fine_tune_learning_rate)
         _check(self.fine_tune_patience >= 0, "fine_tune_patience", "an integer >= 0", self.fine_tune_patience)
         _check(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _check(self.warmup_epochs >= 0, "warmup_epochs", "a number >= 0", self.warmup_epochs)

@@ -31,7 +31,7 @@ from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
 from transferkit.finetune import class_weights, fine_tune_phase
 from transferkit.runtime import AUTO_BATCH_START, with_batch_backoff
-from transferkit.strategies import choose_strategy, plan_phases
+from transferkit.strategies import choose_strategy, fine_tune_rate, plan_phases
 from transferkit.views import with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
 
@@ -214,10 +214,14 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     train_idx, val_idx, test_idx = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
     num_classes = len(folder.class_names)
     strategy, why = resolve_strategy(config, np.bincount(labels[train_idx], minlength=num_classes))
+    rate, rate_reason = fine_tune_rate(len(train_idx), config.fine_tune_learning_rate)
+    config = config.replace(fine_tune_learning_rate=rate)  # config.yaml keeps the setting as given
     phases = plan_phases(strategy, num_blocks=len(block_boundaries(spec, backbone)),
                          unfreeze_blocks=config.unfreeze_blocks)
     log.info("Strategy %s%s: %s.", strategy, f" ({why})" if why else "",
              " then ".join(_describe_phase(p, config) for p in phases))
+    if len(phases) > 1 and config.head == "softmax":
+        log.info("Fine-tune rate %g: %s.", rate, rate_reason)
     weights_by_class = class_weights(labels[train_idx], num_classes) if config.class_weight == "auto" else None
     checkpoint_dir = run_dir / runs.CHECKPOINT_DIR
     eval_idx, eval_split = (test_idx, "test") if len(test_idx) else (val_idx, "val")
@@ -254,7 +258,7 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
 
             (model, rows, fine_tune_info), tuned_batch = with_batch_backoff(
                 tune, config.batch_size, "the fine-tune phase")
-            fine_tune_info["batch_size"] = tuned_batch
+            fine_tune_info.update(batch_size=tuned_batch, learning_rate=rate, learning_rate_reason=rate_reason)
             history += [{"phase": "fine-tune", **row} for row in rows]
             probabilities, _ = with_batch_backoff(
                 lambda batch: _predict_images(model, [paths[i] for i in eval_idx], batch), config.batch_size,
