@@ -215,6 +215,7 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
 
     Fine-tuning must earn its place: when no epoch beats ``baseline`` (the head phase's best
     validation loss, the same images through the same graph), the head phase's model is kept.
+    If the phase fails (out of memory, interrupted), ``model`` is left with the head phase's weights.
 
     Returns:
         ``(model, history rows, info for metrics.json)``.
@@ -237,6 +238,7 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
         [folder.abs_path(folder.paths[i]) for i in val_idx], labels[val_idx], image_size, batch, config=config,
         shuffle=False, seed=config.seed)) if len(val_idx) else None
 
+    head_weights = model.get_weights()
     previous = keras.config.dtype_policy()
     if policy:
         keras.config.set_dtype_policy(policy)
@@ -251,7 +253,7 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
                     x = layer(x)
                 tuned = training_model(tuned_backbone.input, x, name=model.name, strategy=distribution,
                                        batch_spec=train_data.element_spec)
-                tuned.set_weights(model.get_weights())
+                tuned.set_weights(head_weights)
                 sync_weights(tuned, distribution)
             else:
                 tuned, tuned_backbone = model, backbone  # the same layer objects
@@ -261,10 +263,12 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
             rates["predictions"] = phase.rate_multipliers[0]
             trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
             log.info("Fine-tuning %d trainable weights in %d layers.", trainable, len(rates))
-            head_weights = model.get_weights()
             rows, improved = fine_tune(tuned, config, rates, train_data, val_data,
                                        steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
                                        class_weight=class_weight, baseline=baseline, verbose=verbose)
+    except BaseException:
+        model.set_weights(head_weights)  # a retry (--batch-size auto) starts where this attempt did
+        raise
     finally:
         keras.config.set_dtype_policy(previous)
     if not improved:

@@ -247,11 +247,9 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         if len(phases) == 1:
             probabilities = head.predict(features[eval_idx])
         else:
-            head_weights = model.get_weights()
             head_val_losses = [row["val_loss"] for row in head.history if "val_loss" in row]
 
             def tune(batch: int):
-                model.set_weights(head_weights)  # a retry after out-of-memory starts where the first did
                 return fine_tune_phase(config.replace(batch_size=batch), spec, image_size, backbone, model, phases[1],
                                        folder, labels, train_idx, val_idx, checkpoint_dir, weights_by_class,
                                        distribution, verbose, baseline=min(head_val_losses, default=None))
