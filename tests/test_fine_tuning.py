@@ -110,8 +110,9 @@ def test_sklearn_head_folds_into_the_saved_model(tmp_path, folder):
 
 
 def test_resume_after_sigkill_reaches_the_same_epochs(tmp_path):
-    # Kill a fine-tuning run as soon as its first fine-tune epoch is checkpointed, resume it, and
-    # compare with the epochs an uninterrupted run would run (all of them: early stopping is off).
+    # Kill a fine-tuning run once two fine-tune epochs are checkpointed (early stopping replays
+    # them on resume), resume it, and compare with the epochs an uninterrupted run would run (all
+    # of them: early stopping is off).
     folder = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=60, image_size=32)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "transferkit.cli", "train", str(folder), "-o", str(run), "--cache-dir",
@@ -121,14 +122,14 @@ def test_resume_after_sigkill_reaches_the_same_epochs(tmp_path):
     history = run / "checkpoints" / "history-fine-tune.csv"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if history.is_file() and len(history.read_text().splitlines()) >= 2:  # header + one epoch
+        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # header + two epochs
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done_before = len(history.read_text().splitlines()) - 1
-    assert 1 <= done_before < 12
+    assert 2 <= done_before < 12
     assert json.loads((run / "status.json").read_text())["state"] == "running"  # killed: never updated
     resumed = subprocess.run([sys.executable, "-m", "transferkit.cli", "train", "--resume", str(run), "-q"],
                              capture_output=True, text=True, timeout=300)
@@ -140,6 +141,22 @@ def test_resume_after_sigkill_reaches_the_same_epochs(tmp_path):
               if line.startswith("fine-tune")]
     assert epochs == list(range(12))  # each epoch once: resumed after the last checkpoint, none repeated
     assert np.isfinite(metrics["test"]["accuracy"])
+
+
+def test_overwrite_starts_afresh(tmp_path, folder):
+    """--overwrite replaces the run in a folder: nothing of the previous run is resumed or loaded."""
+    result, run = _train(tmp_path, folder, "--head", "knn")
+    assert result.exit_code == 0, result.output
+    assert (run / "head.skops").is_file()
+    for epochs in ("2", "3"):  # the second replaces a finished fine-tune run, checkpoints and all
+        result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", epochs,
+                             "--overwrite")
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["fine_tune"]["epochs_run"] == int(epochs)
+        assert not (run / "head.skops").exists() and not (run / "head.json").exists()
+        rows = (run / "checkpoints" / "history-fine-tune.csv").read_text().splitlines()[1:]
+        assert [int(row.split(",")[0]) for row in rows] == list(range(int(epochs)))
 
 
 def test_lr_find_plots_and_suggests_a_rate_inside_the_sweep(tmp_path, folder):

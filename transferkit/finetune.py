@@ -154,6 +154,8 @@ def _resumed_early_stopping(keras, monitor: str, patience: int, earlier: list[di
     class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
+            if self.monitor_op is None:
+                self._set_monitor_op()  # Keras sets it at the first epoch's end; the rows below need it now
             for row in earlier:
                 value = row[monitor]
                 if self._is_improvement(value, self.best):
@@ -161,7 +163,7 @@ def _resumed_early_stopping(keras, monitor: str, patience: int, earlier: list[di
                 else:
                     self.wait += 1
 
-    return ResumedEarlyStopping(monitor=monitor, patience=patience or 10**9, restore_best_weights=False)
+    return ResumedEarlyStopping(monitor=monitor, mode="min", patience=patience or 10**9, restore_best_weights=False)
 
 
 def read_history(path: Path) -> list[dict]:

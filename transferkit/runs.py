@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,17 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option:
         )
     check_writable_dir(path, option)
     return path
+
+
+def clear_previous_run(run_dir: str | os.PathLike) -> None:
+    """Before a new (not resumed) run in an ``--overwrite`` folder: remove the files of the previous
+    run that this one would otherwise read as its own. Its checkpoints would be resumed by the
+    fine-tune phase, and a ``head.skops`` would make a softmax run load as a scikit-learn one.
+    Every other file is rewritten by the new run."""
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    for name in (HEAD_FILE, Path(HEAD_FILE).with_suffix(".json").name):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def check_writable_dir(path: str | os.PathLike, option: str) -> Path:

@@ -159,6 +159,8 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1, resume: bool = False) 
     hashes = FileHashes(config.cache_dir or default_cache_dir()).hashes([folder.abs_path(p) for p in folder.paths])
     for message in dataset_warnings(folder, hashes):
         log.warning(message)
+    if not resume:
+        runs.clear_previous_run(run_dir)
     save_config(config, run_dir / runs.CONFIG_FILE)  # first, so an interrupted run can resume
     _write_status(run_dir, "running")
     try:
