@@ -56,6 +56,41 @@ def test_fine_tune_top_writes_a_two_phase_run(tmp_path, folder):
     _explains_and_exports(tmp_path, run, folder)
 
 
+def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
+    """The saved model's head is LogisticRegression(C=1/regularization) fitted on the fine-tuned
+    backbone's features of train + val, and the reported predictions are that model's."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+
+    from transferkit.runs import load_run
+    from transferkit.splits import read_splits_csv
+    from transferkit.training import _predict_images
+
+    result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    roles = read_splits_csv(run / "splits.csv", root=folder)
+    trval = [i for i, split in enumerate(roles.splits) if split in ("train", "val")]
+    test = [i for i, split in enumerate(roles.splits) if split == "test"]
+    assert metrics["fine_tune"]["head_refit"]["images"] == len(trval) > sum(metrics["counts"]["train"].values())
+    assert "refitted on the fine-tuned features of train + val" in (run / "report.md").read_text()
+    model = load_run(run).model
+    features = _predict_images(keras.Model(model.input, model.get_layer("predictions").input),
+                               [str(folder / roles.paths[i]) for i in trval + test], 8)
+    expected = LogisticRegression(C=1.0, max_iter=2000).fit(features[:len(trval)], roles.labels[trval])
+    probabilities = expected.predict_proba(features[len(trval):])
+    np.testing.assert_allclose(_predict_images(model, [str(folder / roles.paths[i]) for i in test], 8),
+                               probabilities, atol=1e-4)
+    rows = {r.split(",")[0]: r.split(",") for r in (run / "predictions.csv").read_text().splitlines()[1:]}
+    reported = np.array([float(rows[roles.paths[i]][3]) for i in test])
+    np.testing.assert_allclose(reported, probabilities.max(1), atol=1e-4)
+
+    result, run = _train(tmp_path / "no-refit", folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1",
+                         "--no-refit")
+    assert result.exit_code == 0, result.output
+    assert "head_refit" not in json.loads((run / "metrics.json").read_text())["fine_tune"]
+
+
 def _explains_and_exports(tmp_path, run, folder):
     """Grad-CAM and a parity-checked export work on a fine-tuned model, as on a freeze-all one."""
     image = next((folder / "class_0").iterdir())

@@ -626,7 +626,8 @@ def cache_merge(sources, cache_dir) -> None:
 @click.option("--regularization", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="L2 penalty on the head, as 1/C of scikit-learn's LogisticRegression (0 = none).")
 @click.option("--refit/--no-refit", default=True, show_default=True,
-              help="After early stopping, retrain the head on train + val for the best epoch count.")
+              help="Retrain the head on train + val at the end: freeze-all for the early-stopping epoch count; "
+                   "after fine-tuning as logistic regression on the fine-tuned features.")
 @click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=None,
               help="fine-tune-top: how many top blocks of the backbone train. [default: about 20% of the blocks]")
 @click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=_default("fine_tune_epochs"),

@@ -329,6 +329,10 @@ class _Builder:
         if self.run.metrics.get("refit_epochs"):
             notes.append(f"then the head was retrained on train + val for {self.run.metrics['refit_epochs']} epochs "
                          "(not plotted)")
+        refit = (self.run.metrics.get("fine_tune") or {}).get("head_refit")
+        if refit:
+            notes.append(f"then the head was refitted on the fine-tuned features of train + val ({refit['images']} "
+                         "images; not plotted)")
         return Section("training", "Training curves", [
             Image(path, "Loss and accuracy per epoch", "; ".join(notes) + ". Solid: training; dashed: validation.")])
 

@@ -260,9 +260,14 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
                 tune, config.batch_size, "the fine-tune phase")
             fine_tune_info.update(batch_size=tuned_batch, learning_rate=rate, learning_rate_reason=rate_reason)
             history += [{"phase": "fine-tune", **row} for row in rows]
-            probabilities, _ = with_batch_backoff(
-                lambda batch: _predict_images(model, [paths[i] for i in eval_idx], batch), config.batch_size,
-                "prediction")
+            if refits(config, val_idx, test_idx):
+                probabilities, fine_tune_info["head_refit"] = refit_tuned_head(
+                    model, backbone, paths, labels, np.concatenate([train_idx, val_idx]), eval_idx, config,
+                    weights_by_class)
+            else:
+                probabilities, _ = with_batch_backoff(
+                    lambda batch: _predict_images(model, [paths[i] for i in eval_idx], batch), config.batch_size,
+                    "prediction")
     fit_seconds = time.perf_counter() - fit_started
     runs.save_model(model, run_dir / runs.MODEL_FILE)
 
@@ -395,7 +400,7 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
     rows = [{"epoch": i, **{k: float(v[i]) for k, v in fitted.history.items()}} for i in range(len(losses))]
     log.info("Head trained: %d epochs, best epoch %d (%s %.4f).", len(losses), best_epoch, monitor, min(losses))
     refit_epochs = 0
-    if config.refit and len(val_idx) and len(test_idx):
+    if refits(config, val_idx, test_idx):
         # Early stopping chose the epoch count; now use every labelled non-test image for it.
         # Measured with patience 10: +0.6 points on ants/bees, +3.6 on all sign digits (compare
         # benchmarks/head_defaults.py with and without refit=false).
@@ -406,6 +411,47 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
         refit_epochs = best_epoch
         log.info("Refit on train + val (%d images) for %d epochs.", len(trval_idx), best_epoch)
     return SoftmaxHead(head, head_model, len(losses), best_epoch, refit_epochs, time.perf_counter() - started, rows)
+
+
+def refits(config: TrainConfig, val_idx: np.ndarray, test_idx: np.ndarray) -> bool:
+    """Whether the final head is refitted on train + val: ``--refit`` (the default), and only when a
+    test split is reported (refitting on val would otherwise test on training data)."""
+    return bool(config.refit and len(val_idx) and len(test_idx))
+
+
+def refit_tuned_head(model, backbone, paths: list[str], labels: np.ndarray, trval_idx: np.ndarray, eval_idx: np.ndarray,
+                     config: TrainConfig, class_weight: dict | None) -> tuple[np.ndarray, dict]:
+    """After the fine-tune phase, refit the model's ``predictions`` layer on the train + val images'
+    features through the fine-tuned ``backbone`` (whose layers ``model`` shares), as freeze-all
+    refits its head: every labelled non-test image counts, the early-stopping images included.
+
+    The fit is scikit-learn's ``LogisticRegression(C=1 / regularization)``, the optimum the Keras
+    head's L2 penalty defines (see :func:`_compiled_head`), found exactly by L-BFGS: no epoch count
+    has to be chosen for features the head phase never saw. It is folded into the layer in place,
+    so the saved graph is unchanged. Measured with mobilenet_v2 (README, Results): on the same
+    fine-tuned models, ants/bees seeds 0-2 0.954/0.948/0.941 against 0.941/0.941/0.928 without;
+    sign digits 0.979 against 0.981.
+
+    Returns:
+        ``(probabilities of the eval_idx images, info for metrics.json)``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from transferkit.heads import fold_linear_head
+
+    started = time.perf_counter()
+    index = np.concatenate([trval_idx, eval_idx])
+    features, _ = with_batch_backoff(lambda batch: _predict_images(backbone, [paths[i] for i in index], batch),
+                                     config.batch_size, "prediction")
+    # Every class has training images (assign_roles), so the columns follow the class indices.
+    fitted = LogisticRegression(C=1 / config.regularization if config.regularization else np.inf, max_iter=2000,
+                                class_weight=class_weight).fit(features[:len(trval_idx)], labels[trval_idx])
+    kernel, bias = fold_linear_head(fitted)
+    layer = model.get_layer("predictions")  # on the backbone's output (the dropout before it passes inputs through)
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    probabilities = np.asarray(layer(features[len(trval_idx):].astype(np.float32)))
+    log.info("Head refit on the fine-tuned features of train + val (%d images).", len(trval_idx))
+    return probabilities, {"images": len(trval_idx), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoint_dir: Path, *, refit: bool,
