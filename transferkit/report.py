@@ -293,7 +293,7 @@ class _Builder:
                             settings_table(["setting", "value"], config)])
         skip = {"test", "counts", "skipped", "per_class", "confusion_matrix", "class_names", "versions", "tta",
                 "top_k_accuracy", "accuracy", "balanced_accuracy", "macro_f1", "num_examples", "split"}
-        facts = settings_table(["item", "value"], self.run.metrics, depth=1, skip=skip)
+        facts = settings_table(["item", "value"], self.run.metrics, depth=2, skip=skip)
         if facts.rows:
             columns.append([Paragraph(f"Run facts ({runs.METRICS_FILE}):"), facts])
         columns.append(versions_blocks(self.run.metrics.get("versions"), runs.METRICS_FILE))
