@@ -293,7 +293,10 @@ class _Builder:
                             settings_table(["setting", "value"], config)])
         skip = {"test", "counts", "skipped", "per_class", "confusion_matrix", "class_names", "versions", "tta",
                 "top_k_accuracy", "accuracy", "balanced_accuracy", "macro_f1", "num_examples", "split"}
-        facts = settings_table(["item", "value"], self.run.metrics, depth=2, skip=skip)
+        metrics = dict(self.run.metrics)
+        if isinstance(metrics.get("phases"), list):
+            metrics["phases"] = "; ".join(_describe_phase(p) for p in metrics["phases"] if isinstance(p, dict))
+        facts = settings_table(["item", "value"], metrics, depth=2, skip=skip)
         if facts.rows:
             columns.append([Paragraph(f"Run facts ({runs.METRICS_FILE}):"), facts])
         columns.append(versions_blocks(self.run.metrics.get("versions"), runs.METRICS_FILE))
@@ -456,6 +459,21 @@ def _thumbnail_png(path: Path) -> bytes:
         buffer = io.BytesIO()
         img.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def _describe_phase(phase: dict) -> str:
+    """One ``metrics.json`` phase in words.
+
+    Example:
+        >>> _describe_phase({"name": "fine-tune", "unfreeze_blocks": 4, "on_features": False,
+        ...                  "rate_multipliers": [1.0, 0.1, 0.01]})
+        'fine-tune: 4 top block(s) train, rates x1 head / x0.1 top / x0.01 deeper'
+    """
+    if phase.get("on_features"):
+        return f"{phase.get('name')}: on cached features, backbone frozen"
+    head, top, deeper = phase.get("rate_multipliers") or (1, 1, 1)
+    return (f"{phase.get('name')}: {phase.get('unfreeze_blocks')} top block(s) train, rates x{head:g} head / "
+            f"x{top:g} top / x{deeper:g} deeper")
 
 
 def _short_path(path: str, keep: int = 2) -> str:
