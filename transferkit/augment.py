@@ -29,9 +29,42 @@ MAX_CACHED_BYTES = 3 << 30
 
 
 def describe_augmentation(config: TrainConfig) -> str:
-    """One line naming the augmentations a config turns on (``none`` when ``--augment`` is off)."""
-    if not config.augment:
-        return "none"
+    """One line naming the augmentations the fine-tune phase applies (``none`` when ``--augment`` is off)."""
+    parts = _augmentation_parts(config) if config.augment else []
+    return ", ".join(parts) or "none"
+
+
+def describe_views(config: TrainConfig) -> str:
+    """What the head trains on with ``--augment-views K`` (views use the strengths whatever ``--augment``
+    says, see :func:`augmented_view`), or ``""`` without views.
+
+    Example:
+        >>> describe_views(TrainConfig("photos", "run", augment_views=2, augment_rotation=0))[:55]
+        'each training image and 2 cached augmented views of it'
+    """
+    if not config.augment_views:
+        return ""
+    return (f"each training image and {config.augment_views} cached augmented view{'s' * (config.augment_views > 1)} "
+            f"of it ({', '.join(_augmentation_parts(config)) or 'no augmentation: every strength is 0'})")
+
+
+def describe_run_augmentation(config: TrainConfig, fine_tunes: bool) -> str:
+    """``metrics.json``'s ``augmentation``: what each phase of a run trained on.
+
+    Example:
+        >>> describe_run_augmentation(TrainConfig("photos", "run"), fine_tunes=False)
+        'none (the head trains on the cached features of the images as they are)'
+    """
+    views = describe_views(config)
+    head = f"head: {views}" if views else ""
+    if not fine_tunes:
+        return head or "none (the head trains on the cached features of the images as they are)"
+    live = describe_augmentation(config)
+    return f"{head}; fine-tune phase: {live}" if head else live
+
+
+def _augmentation_parts(config: TrainConfig) -> list[str]:
+    """The augmentations the config's strengths turn on, in words (the ``augment`` switch aside)."""
     parts = []
     if config.augment_flip:
         parts.append("horizontal flip")
@@ -41,7 +74,7 @@ def describe_augmentation(config: TrainConfig) -> str:
         value = getattr(config, f"augment_{name}")
         if value:
             parts.append(f"{'PCA colour' if name == 'pca' else name} {value:g}")
-    return ", ".join(parts) or "none"
+    return parts
 
 
 def batch_augmentation(config: TrainConfig, seed: int) -> Callable | None:
@@ -99,16 +132,21 @@ def pca_colour_shift(images, strength: float, seed: int):
     return tf.clip_by_value(images + shift[:, None, None, :], 0.0, 255.0)
 
 
-def random_resized_crop(image, size: int, min_scale: float, seed: int):
-    """Crop a random region (``min_scale``-100% of the area, aspect 3/4-4/3) and resize it to ``size``."""
+def random_resized_crop(image, min_scale: float, seed):
+    """Crop a random region (``min_scale``-100% of the area, aspect 3/4-4/3) and resize it back to
+    the image's size.
+
+    Stateless (``seed`` is a shape ``(2,)`` integer tensor): the stateful
+    ``tf.image.sample_distorted_bounding_box`` treats an op seed of 0 (the default ``--seed``) as
+    "no seed", so its crops could not repeat, and it refuses to run under ``--deterministic``.
+    """
     import tensorflow as tf
 
-    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(min_scale, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True, seed=seed)
-    crop = tf.slice(image, begin, crop_size)
-    return tf.image.resize(crop, (size, size), method="bilinear")
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(min_scale, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return tf.image.resize(tf.slice(image, begin, crop_size), tf.shape(image)[:2], method="bilinear")
 
 
 def training_images(paths: Sequence[str], labels: np.ndarray, size: int, batch_size: int, *, config: TrainConfig,
@@ -149,14 +187,15 @@ def training_images(paths: Sequence[str], labels: np.ndarray, size: int, batch_s
         dataset = dataset.shuffle(min(len(paths), 4096), seed=seed, reshuffle_each_iteration=True)
     augment = config.augment and shuffle
     crop_scale = config.augment_crop
-
-    def _per_image(image, label, *rest):
-        image = tf.cast(image, tf.float32)
-        if augment and crop_scale < 1:
-            image = random_resized_crop(image, size, crop_scale, seed)
-        return (image, label, *rest)
-
-    dataset = dataset.map(_per_image, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    dataset = dataset.map(lambda image, *rest: (tf.cast(image, tf.float32), *rest),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    if augment and crop_scale < 1:
+        # One stateless seed pair per image, new every epoch and the same on every rerun.
+        crop_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, crop_seeds).map(
+            lambda element, crop_seed: (random_resized_crop(element[0], crop_scale, crop_seed), *element[1:]),
+            num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
     batch_augment = batch_augmentation(config, seed) if augment else None
     if batch_augment is not None:
         dataset = dataset.map(lambda image, *rest: (batch_augment(image), *rest),
@@ -202,11 +241,7 @@ def augmented_view(image, seed, config: TrainConfig):
     image = tf.convert_to_tensor(image, tf.float32)
     height_width = tf.shape(image)[:2]
     if config.augment_crop < 1:
-        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
-            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(config.augment_crop, 1.0),
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
-        image = tf.image.resize(tf.slice(image, begin, crop_size), height_width, method="bilinear")
+        image = random_resized_crop(image, config.augment_crop, seeds[0])
     if config.augment_flip:
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
     if config.augment_rotation or config.augment_zoom or config.augment_translation:

@@ -142,7 +142,8 @@ _cache_dtype_option = click.option(
 _augment_views_option = click.option(
     "--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
     help="Also cache K augmented views per image (random crop, flip, rotation, brightness, contrast, PCA "
-         "colour at --augment's strengths, seeded by --seed), so a head can train with augmentation.",
+         "colour at train's default augmentation strengths, seeded by --seed), so a head can train with "
+         "augmentation.",
 )
 
 
@@ -502,7 +503,7 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
 
 @main.group()
 def cache() -> None:
-    """Inspect and maintain the feature cache (see --cache-dir of extract/train)."""
+    """Inspect and maintain the feature cache (the folder of extract --cache-dir and train --cache-dir)."""
 
 
 def _cache_root(cache_dir: str | None) -> Path:
@@ -582,7 +583,7 @@ def cache_prune(cache_dir, missing, older_than) -> None:
 @_cache_dir_option
 @_handle_errors
 def cache_merge(sources, cache_dir) -> None:
-    """Copy the shards of other caches (e.g. one per worker of --num-shards) into this one."""
+    """Copy the shards of other caches (e.g. one per worker of extract --num-shards) into this one."""
     from transferkit.cache import merge_caches
 
     root = _cache_root(cache_dir)
@@ -862,12 +863,13 @@ def evaluate(run_dir, image_dir, output_dir, batch_size, tta, quiet) -> None:
 @click.argument("run_dir", type=click.Path(exists=True), metavar="RUN_DIR|MODEL")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to show per image.")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the predictions to FILE.csv or FILE.json.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_batch_size_option
 @_tta_option
 @_handle_errors
-def predict(run_dir, paths, top_k, output_path, batch_size, tta) -> None:
+def predict(run_dir, paths, top_k, output_path, overwrite, batch_size, tta) -> None:
     """Classify image files and folders (searched recursively) with a run's model or an exported one.
 
     RUN_DIR|MODEL is a run folder, a 'transferkit export' folder, or a .keras file, .tflite
@@ -877,9 +879,11 @@ def predict(run_dir, paths, top_k, output_path, batch_size, tta) -> None:
     from transferkit import files, predictors, runs
 
     if output_path and Path(output_path).suffix.lower() not in (".csv", ".json"):
-        raise click.BadParameter("must end in .csv or .json", param_hint="--output")
+        raise click.BadParameter("must end in .csv or .json", param_hint="-o/--output")
+    if output_path and Path(output_path).exists() and not overwrite:
+        raise click.BadParameter(f"'{output_path}' exists; pass --overwrite to replace it", param_hint="-o/--output")
     if output_path and not Path(output_path).resolve().parent.is_dir():
-        raise click.BadParameter(f"folder '{Path(output_path).parent}' does not exist", param_hint="--output")
+        raise click.BadParameter(f"folder '{Path(output_path).parent}' does not exist", param_hint="-o/--output")
     if not predictors.is_artifact(run_dir):
         runs.check_run_dir(run_dir)
     runtime.start_tensorflow()

@@ -24,6 +24,8 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec, block_boundaries
 from transferkit.config import TrainConfig
+from transferkit.progress import keras_verbose
+from transferkit.runtime import XLA_ON_CPU_NOTE, xla_device
 from transferkit.strategies import Phase, layer_rates
 
 log = logging.getLogger("transferkit")
@@ -131,6 +133,7 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
                                                       else [])
     model.compile(optimizer=make_optimizer(config, layer_rates, steps_per_epoch, config.fine_tune_epochs),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=config.xla or False)
+    _say_xla(config, model)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False),
         keras.callbacks.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
@@ -139,13 +142,51 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
         keras.callbacks.CSVLogger(str(history_path), append=bool(earlier)),
         *(extra_callbacks or []),
     ]
-    if config.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(str(checkpoint_dir.parent / "logs" / "fine-tune")))
+    callbacks += tensorboard_callbacks(config, checkpoint_dir, "fine-tune", resumed=bool(earlier))
     model.fit(train_data, validation_data=val_data, epochs=config.fine_tune_epochs, class_weight=class_weight,
-              callbacks=callbacks, verbose=1 if verbose >= 2 else (2 if verbose else 0), shuffle=False)
+              callbacks=callbacks, verbose=keras_verbose(1 if verbose >= 2 else (2 if verbose else 0)),
+              shuffle=False)
     if best_path.is_file():
         model.load_weights(best_path)
     return read_history(history_path), best_path.is_file()
+
+
+def _say_xla(config: TrainConfig, model) -> None:
+    """``--xla``, after ``compile``: say when Keras declined it (it does under op determinism and for
+    layers XLA cannot compile), and warn on a CPU, before the first step.
+
+    Honoured on a CPU rather than dropped: the flag was asked for by name, and the run says what
+    it costs; ``metrics.json`` records what was used (``fine_tune.xla``, ``fine_tune.device``).
+    """
+    if not config.xla:
+        return
+    if not model.jit_compile:
+        log.warning("WARNING: --xla: Keras compiled the fine-tune step without XLA (it does not with --deterministic, "
+                    "or when a layer of the model cannot be compiled by XLA).")
+    elif xla_device() == "CPU":
+        log.warning("WARNING: --xla on a machine without a GPU or TPU: %s. Going on with XLA as asked; drop --xla "
+                    "to train faster.", XLA_ON_CPU_NOTE)
+
+
+def tensorboard_callbacks(config: TrainConfig, checkpoint_dir: Path, phase: str, *, resumed: bool = False) -> list:
+    """``--tensorboard``: Keras' TensorBoard callback for one phase's fit, writing to
+    ``RUN_DIR/checkpoints/logs/<phase>`` (``tensorboard --logdir RUN_DIR/checkpoints/logs`` shows
+    every phase); no callback without the flag. The package was checked before any work
+    (:func:`transferkit.runtime.check_optional_flags`).
+
+    A phase that starts afresh (not ``resumed``) first removes the event files an earlier run
+    in this folder wrote there (``--overwrite``), whose curves would otherwise mix with its own.
+    """
+    if not config.tensorboard:
+        return []
+    import keras
+
+    log_dir = checkpoint_dir / "logs" / phase
+    if not resumed:
+        for old in log_dir.glob("*/events.out.tfevents.*"):  # Keras writes <phase>/train and <phase>/validation
+            if old.is_file() and not old.is_symlink():
+                old.unlink()
+    return [keras.callbacks.TensorBoard(str(log_dir))]
 
 
 def _resumed_early_stopping(keras, monitor: str, patience: int, earlier: list[dict]):
@@ -282,6 +323,7 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
     # A new, uncompiled model on the same layers: the saved file needs no optimizer class to load.
     model = keras.Model(model.input, model.output, name=model.name)
     info = {"epochs_run": len(rows), "trainable_weights": trainable, "trained_layers": len(rates),
-            "mixed_precision": policy or "none", "distribute": config.distribute,
+            "mixed_precision": policy or "none", "xla": bool(tuned.jit_compile), "device": xla_device(),
+            "distribute": config.distribute,
             "replicas": distribution.num_replicas_in_sync, "kept": "fine-tune" if improved else "head"}
     return model, rows, info

@@ -44,6 +44,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from transferkit import files
 from transferkit.errors import DataError, InputError
+from transferkit.progress import SearchProgress
 
 #: Most cross-validation folds a search uses; fewer when the smallest class has fewer images.
 MAX_FOLDS = 5
@@ -260,6 +261,8 @@ def fit_head(name: str, X, y, search: bool = True, seed: int = 0, calibrate: boo
     model = make_head(spec.name, search=searching, seed=seed, num_folds=max(num_folds, 2))
     # A search fold trains on about (k-1)/k of the rows; the refit and calibration on all of them.
     _fit_to_size(model, len(y) - -(-len(y) // num_folds) if searching else len(y))
+    if isinstance(model, GridSearchCV):
+        SearchProgress.attach(model, spec.name, len(y))  # a search can take minutes: say how far it is
     model.fit(X, y)
     if isinstance(model, GridSearchCV):
         pipeline, best, cv_score, used_folds = model.best_estimator_, dict(model.best_params_), \

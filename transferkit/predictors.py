@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import InputError
+from transferkit.progress import keras_verbose
 from transferkit.runtime import native_stderr_quiet
 
 CARD_FILE = "model_card.json"
@@ -295,7 +296,7 @@ def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: boo
     plain = np.zeros((n, num_classes), dtype=np.float32) if tta else None
     ok = np.ones(n, dtype=bool)
     errors: dict[int, str] = {}
-    progress = keras.utils.Progbar(n, unit_name="image", verbose=verbose)
+    progress = keras.utils.Progbar(n, unit_name="image", verbose=keras_verbose(verbose))
     start = 0
     for images, flags in image_dataset(paths, predictor.image_size, batch_size):
         flags = flags.numpy()

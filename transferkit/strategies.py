@@ -31,7 +31,8 @@ from transferkit.errors import InputError
 STRATEGIES = ("freeze-all", "fine-tune-top", "full-retrain", "auto")
 
 #: Share of a backbone's blocks ``fine-tune-top`` unfreezes by default (at least one): ResNet50's
-#: last stage (3 of 16), MobileNetV2's last 3 inverted residuals, VGG's block5, Inception's last 2.
+#: last stage (3 of 16), MobileNetV2's last 3 inverted residuals and its final 1x1 convolution
+#: (4 of 18), VGG's block5 (1 of 5), InceptionV3's last 2 (of 11).
 DEFAULT_UNFREEZE_SHARE = 0.2
 
 #: Rate of the topmost unfrozen block and of deeper blocks, as fractions of the head's rate.

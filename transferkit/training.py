@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files, report_data, runs
-from transferkit.augment import describe_augmentation
+from transferkit.augment import describe_augmentation, describe_run_augmentation, describe_views
 from transferkit.backbones import BackboneSpec, block_boundaries, check_image_size, get_backbone
 from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, default_cache_dir, extract_features
 from transferkit.checks import check_strict, dataset_warnings
@@ -29,8 +29,8 @@ from transferkit.data import ImageFolder, scan_folder, stable_fraction, write_sp
 from transferkit.distribute import make_strategy, output_dir_for
 from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
-from transferkit.finetune import class_weights, fine_tune_phase
-from transferkit.runtime import AUTO_BATCH_START, with_batch_backoff
+from transferkit.finetune import class_weights, fine_tune_phase, tensorboard_callbacks
+from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff
 from transferkit.strategies import choose_strategy, fine_tune_rate, plan_phases
 from transferkit.views import with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
@@ -108,6 +108,7 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     Raises:
         InputError, WeightsError, DataError: with a message naming the option or file.
     """
+    check_optional_flags(config)  # first: seconds, before the folder scan and any weights download
     spec, image_size, folder, weights, _ = check_inputs(config, strict=config.strict)
     if config.head != "softmax":
         from transferkit.heads import get_head
@@ -285,8 +286,7 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         "head": config.head,
         **head_info,
         "fine_tune": fine_tune_info,
-        "augmentation": describe_augmentation(config) if len(phases) > 1 else "none (the head trains on cached "
-                        "features)",
+        "augmentation": describe_run_augmentation(config, fine_tunes=len(phases) > 1),
         "class_weight": weights_by_class and {folder.class_names[c]: round(w, 4) for c, w in weights_by_class.items()},
         "image_dir": str(folder.root.resolve()),
         "split_source": folder.split_source,
@@ -330,16 +330,33 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
 
 
 def resolve_strategy(config: TrainConfig, train_counts: np.ndarray) -> tuple[str, str]:
-    """The strategy to run and why (``auto`` decides from the training images per class)."""
-    if config.strategy != "auto":
-        return config.strategy, ""
-    return choose_strategy(train_counts.tolist(), fine_tune_from=config.auto_fine_tune_from,
-                           full_retrain_from=config.auto_full_retrain_from)
+    """The strategy to run and why (``auto`` decides from the training images per class).
+
+    Flags that only shape the fine-tune phase are named when the strategy has none, so that no
+    flag is silently without effect.
+    """
+    strategy, why = config.strategy, ""
+    if strategy == "auto":
+        strategy, why = choose_strategy(train_counts.tolist(), fine_tune_from=config.auto_fine_tune_from,
+                                        full_retrain_from=config.auto_full_retrain_from)
+    if strategy == "freeze-all":
+        moot = [flag for flag, given in (("--xla", config.xla), ("--mixed-precision", config.mixed_precision))
+                if given]
+        if moot:
+            log.warning("WARNING: %s only shape%s the fine-tune phase; freeze-all has none, so %s not used.",
+                        " and ".join(moot), "s" if len(moot) == 1 else "", "it is" if len(moot) == 1 else "they are")
+    return strategy, why
 
 
 def _describe_phase(phase, config: TrainConfig) -> str:
+    """The phase in words, as it will run: a scikit-learn head has no epochs or rate to show."""
     if phase.on_features:
-        return f"head on cached features (up to {config.epochs} epochs, rate {config.learning_rate:g})"
+        views = describe_views(config)
+        rows = f"; trains on {views}" if views else ""
+        if config.head != "softmax":
+            fit = "grid search by cross-validation, then a refit" if config.search else "default hyper-parameters"
+            return f"scikit-learn head {config.head} on the cached features of train + val ({fit}{rows})"
+        return f"head on cached features (up to {config.epochs} epochs, rate {config.learning_rate:g}{rows})"
     return (f"{phase.unfreeze_blocks} top block(s) with the head on live images ({config.fine_tune_epochs} epochs, "
             f"{config.schedule} schedule, rates {config.fine_tune_learning_rate:g} head / "
             f"{config.fine_tune_learning_rate * phase.rate_multipliers[1]:g} top block / "
@@ -371,9 +388,12 @@ class SoftmaxHead:
 
 def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                      test_idx: np.ndarray, config: TrainConfig, *, history_path: str | os.PathLike | None = None,
-                     class_weight: dict | None = None, verbose: int = 0) -> SoftmaxHead:
+                     class_weight: dict | None = None, verbose: int = 0,
+                     extra_callbacks: list | None = None) -> SoftmaxHead:
     """Train the softmax head on features: early stopping on ``val_idx``, then (``config.refit``)
     a refit on train + val for the best epoch count.
+
+    ``extra_callbacks`` join the early-stopped fit (e.g. ``--tensorboard``'s).
 
     No refit when there is no test split: val is then the reported split, and refitting on it
     would test on training data.
@@ -389,6 +409,7 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
     callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience, restore_best_weights=True)]
     if history_path is not None:
         callbacks.append(keras.callbacks.CSVLogger(str(history_path)))
+    callbacks += extra_callbacks or []
     fitted = head_model.fit(
         _feature_dataset(features, labels, train_idx, config, shuffle=True),
         validation_data=_feature_dataset(features, labels, val_idx, config) if len(val_idx) else None,
@@ -469,7 +490,8 @@ def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoi
         log.info("Resumed: head phase restored from %s.", saved)
         return SoftmaxHead(head, model, info["epochs_run"], info["best_epoch"], 0, 0.0, info["history"])
     result = fit_softmax_head(features, labels, train_idx, val_idx, test_idx,
-                              config.replace(refit=config.refit and refit), class_weight=class_weight, verbose=verbose)
+                              config.replace(refit=config.refit and refit), class_weight=class_weight, verbose=verbose,
+                              extra_callbacks=tensorboard_callbacks(config, checkpoint_dir, "head"))
     if not refit:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with files.atomic_path(saved, suffix=".weights.h5") as tmp:

@@ -30,6 +30,7 @@ import numpy as np
 from transferkit.augment import augmented_view, view_seed
 from transferkit.cache import ExtractionResult, FeatureCache, extraction, hash_file
 from transferkit.config import TrainConfig
+from transferkit.progress import keras_verbose
 
 #: Bumped whenever :func:`transferkit.augment.augmented_view` changes the pixels it makes: part of
 #: every view's key, so cached views of the old algorithm stop matching.
@@ -94,7 +95,7 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
         seeds = np.stack([[view_seed(digests[i], k + 1, config.seed) for k in range(views)] for i in todo])
         dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config)
         predict = extraction.compiled_predict(model)
-        progress = keras.utils.Progbar(len(pairs), unit_name="view", verbose=verbose)
+        progress = keras.utils.Progbar(len(pairs), unit_name="view", verbose=keras_verbose(verbose))
         done = 0
         with extraction.PendingVectors(flush_every).kept() as pending:  # one shard per view's cache
             for batch, flags in dataset:

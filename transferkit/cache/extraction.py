@@ -23,6 +23,7 @@ import numpy as np
 from transferkit import files, runtime
 from transferkit.cache.keys import FileHashes
 from transferkit.cache.store import LAST_RUN_FILE, FeatureCache, write_error
+from transferkit.progress import keras_verbose
 
 if TYPE_CHECKING:  # pragma: no cover
     from transferkit.config import TrainConfig
@@ -192,7 +193,7 @@ def extract_features(
     if missing:
         predict = compiled_predict(model)
         dataset = image_dataset([paths[i] for i in missing], image_size, batch_size)
-        progress = keras.utils.Progbar(len(missing), unit_name="image", verbose=verbose)
+        progress = keras.utils.Progbar(len(missing), unit_name="image", verbose=keras_verbose(verbose))
         done = 0
         # Ctrl-C acts between batches (never swallowed inside TensorFlow), after the vectors are saved.
         with runtime.interrupt_checkpoints() as check, PendingVectors(flush_every).kept() as pending:
