@@ -41,13 +41,38 @@ def last_conv_layer(model):
 
     from transferkit.layers import Preprocess
 
+    calls = _calls_in(model)
     for layer in reversed(model.layers):
         if isinstance(layer, (keras.layers.InputLayer, Preprocess)):
             break  # reached the pixels: no convolution after them
-        output = getattr(layer, "output", None)
-        if output is not None and not isinstance(output, (list, tuple)) and len(output.shape) == 4:
+        node = calls.get(id(layer))
+        outputs = node.output_tensors if node is not None else []
+        if len(outputs) == 1 and len(outputs[0].shape) == 4:
             return layer
     raise InputError(f"Model '{model.name}' has no convolutional feature map for Grad-CAM.")
+
+
+def _calls_in(model) -> dict:
+    """Each layer's call (Keras node) inside ``model``'s own graph, by ``id(layer)``.
+
+    ``layer.input`` and ``layer.output`` are those of the layer's *first* call. A layer called in
+    two graphs has two calls: a run's head layers are trained on cached features (first call, a
+    graph whose input is a feature vector) and then applied to the backbone's output (the call
+    ``model`` holds). Building a sub-model from the first call fails with "Output ... is not
+    connected to inputs"; walking back from ``model.outputs`` finds the right call for any model,
+    in memory or reloaded.
+    """
+    calls: dict = {}
+    pending, seen = list(model.outputs), set()
+    while pending:
+        operation, node_index, _ = pending.pop()._keras_history
+        node = operation._inbound_nodes[node_index]
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        calls.setdefault(id(operation), node)
+        pending.extend(node.input_tensors)
+    return calls
 
 
 def _score_model(model):
@@ -56,14 +81,16 @@ def _score_model(model):
 
     conv = last_conv_layer(model)
     final = model.layers[-1]
+    calls = _calls_in(model)
+    feature_map = calls[id(conv)].output_tensors[0]
     if isinstance(final, keras.layers.Dense) and final.get_config().get("activation") == "softmax":
-        inner = keras.Model(model.inputs, [conv.output, final.input])
+        inner = keras.Model(model.inputs, [feature_map, calls[id(final)].input_tensors[0]])
 
         def scores(images):
             feature_map, features = inner(images, training=False)
             return feature_map, keras.ops.matmul(features, final.kernel) + final.bias
     else:  # any other head: log-probabilities differ from logits by a per-image constant only
-        inner = keras.Model(model.inputs, [conv.output, model.output])
+        inner = keras.Model(model.inputs, [feature_map, model.outputs[0]])
 
         def scores(images):
             feature_map, probabilities = inner(images, training=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -41,6 +42,8 @@ from transferkit.report_format import (
     render_html,
     render_markdown,
 )
+
+log = logging.getLogger("transferkit")
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -399,25 +402,32 @@ class _Builder:
             return Section("errors", title, [Paragraph(f"No {runs.PREDICTIONS_FILE} in this folder.", muted=True)])
         if not errors:
             return Section("errors", title, [Paragraph("No test image was misclassified.", muted=True)])
-        items = self._thumbnails(errors, "errors", "error", _thumbnail_png, "image not available")
+        items, failed = self._thumbnails(errors, "errors", "error", _thumbnail_png, "image not available")
         wrong = sum(1 for r in self.run.predictions if str(r.get("correct")) in ("0", "False", "false"))
         return Section("errors", title, [
             Paragraph(f"The {len(errors)} misclassified images with the highest confidence in the wrong class "
-                      f"({wrong} of {len(self.run.predictions)} images were misclassified)."), Gallery(items)])
+                      f"({wrong} of {len(self.run.predictions)} images were misclassified).")]
+            + _failure_note("thumbnails", failed, len(errors)) + [Gallery(items)])
 
     def _thumbnails(self, errors: list[dict], subdir: str, prefix: str, make_png: Callable[[Path], bytes],
-                    failure: str) -> list:
-        """Gallery items of ``errors``: ``make_png(image path)`` saved as ``plots/SUBDIR/PREFIX_NN.png``."""
+                    failure: str) -> tuple[list, list[str]]:
+        """Gallery items of ``errors``: ``make_png(image path)`` saved as ``plots/SUBDIR/PREFIX_NN.png``.
+
+        Returns:
+            ``(items, failures)``: the gallery items, and why each image that got no PNG failed.
+        """
         folder = self.plots.dir / subdir
         folder.mkdir(exist_ok=True)
-        items, written = [], set()
+        items, written, failures = [], set(), []
         for rank, row in enumerate(errors, start=1):
             caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
                        _short_path(row["path"])]
             try:
                 png = make_png(self.run.image_path(row["path"]))
-            except (OSError, ValueError) as exc:
-                items.append((None, caption + [f"{failure}: {exc}"]))
+            except Exception as exc:  # noqa: BLE001 - one failed picture must not cost the report; said below
+                reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+                items.append((None, caption + [f"{failure}: {reason}"]))
+                failures.append(reason)
                 continue
             name = f"{prefix}_{rank:02d}.png"
             files.write_bytes(folder / name, png)
@@ -426,7 +436,7 @@ class _Builder:
         for old in folder.glob(f"{prefix}_*.png"):  # images of an earlier, longer report
             if old.name not in written:
                 old.unlink()
-        return items
+        return items, failures
 
     def feature_map(self) -> Section:
         return feature_map_section(self.run.dir, self.plots, self.run.class_names, (
@@ -440,12 +450,25 @@ class _Builder:
             return Section("gradcam", title, [Paragraph(
                 "No Grad-CAM overlays in this report (they need the model; the report was drawn from the run's "
                 "files only).", muted=True)])
-        items = self._thumbnails(errors[:NUM_GRADCAM], "gradcam", "gradcam", explainer, "no overlay")
+        items, failed = self._thumbnails(errors[:NUM_GRADCAM], "gradcam", "gradcam", explainer, "no overlay")
         if not items:
             return Section("gradcam", title, [Paragraph("No test image was misclassified.", muted=True)])
         return Section("gradcam", title, [
             Paragraph("Where the model looked for its (wrong) prediction: Grad-CAM on the last convolutional block, "
-                      "warm colours weigh most."), Gallery(items)])
+                      "warm colours weigh most.")] + _failure_note("Grad-CAM overlays", failed, len(items))
+            + [Gallery(items)])
+
+
+def _failure_note(what: str, failures: list[str], total: int) -> list:
+    """A section's pictures that failed, said in the report and on the console (never silently)."""
+    if not failures:
+        return []
+    reasons = list(dict.fromkeys(failures))  # the same fault for every image is said once
+    message = (f"Report: {what} failed for {len(failures)} of {total} images: {reasons[0]}"
+               + (f" (and {len(reasons) - 1} other reason(s))" if len(reasons) > 1 else "") + ".")
+    log.warning(message)
+    text = message.removeprefix("Report: ")
+    return [Paragraph(text[0].upper() + text[1:])]
 
 
 def _thumbnail_png(path: Path) -> bytes:
