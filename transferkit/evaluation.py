@@ -106,9 +106,13 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     from transferkit.report_data import collect_versions
     from transferkit.tta import TTA_DESCRIPTION
 
+    # Resolved once, here: metrics.json, predictions.csv and the report then name the same files
+    # whatever folder a later 'transferkit report' runs in (a relative image folder was joined to
+    # itself by the report, so its thumbnails and Grad-CAM found no image).
+    run_dir, image_dir = Path(run_dir).resolve(), Path(image_dir).resolve()
     run = runs.load_run(run_dir)
     folder = scan_folder(image_dir, class_names=run.class_names)
-    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / Path(image_dir).resolve().name
+    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / image_dir.name
     output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite)
     started = time.perf_counter()
     result = predict_paths(run.predictor(batch_size),
