@@ -308,7 +308,7 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
-    folder = scan_folder(image_dir)
+    folder = scan_folder(image_dir, seed=seed)  # the hash split of train with the same --seed
     if strict:
         check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]
@@ -395,6 +395,13 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
         log.warning(message)
     index = {p: i for i, p in enumerate(folder.paths)}
     rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
+    from transferkit.training import assign_roles
+
+    used = np.zeros(len(folder.paths), dtype=bool)
+    used[rows] = True
+    # Train's rule, not the folders' names: a train/val folder's val/ is train's test split (and a
+    # share of train/ its early-stopping val), so the split column is the split train uses.
+    roles = assign_roles(folder, used, config.seed, check=False)
     vectors, views = result.vectors[result.ok], None
     if augment_views:  # K + 1 rows per image, image by image: view 0 (the image), then its views 1..K
         vectors = np.concatenate([vectors[:, None], result.view_vectors[result.ok]], axis=1)
@@ -402,7 +409,7 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
         rows = np.repeat(rows, augment_views + 1).tolist()
         views = np.tile(np.arange(augment_views + 1), len(rows) // (augment_views + 1))
     write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
-                   [folder.splits[i] for i in rows], vectors, views=views)
+                   [str(roles[i]) for i in rows], vectors, views=views)
     click.echo(f"Wrote {len(rows)} rows x {result.vectors.shape[1]} features to {output} ({file_format}).")
 
 

@@ -590,13 +590,28 @@ def _feature_dataset(features: np.ndarray, labels: np.ndarray, index: np.ndarray
     return dataset.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int) -> np.ndarray:
+def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int, *, check: bool = True) -> np.ndarray:
     """The role of each image in this run: ``train``, ``val`` (early stopping), ``test`` or ``skipped``.
+
+    The one rule for a run's splits: ``train`` uses it, and so does ``features export``, whose
+    ``split`` column is therefore the split ``train`` would use with the same seed.
 
     A folder split as ``train/`` + ``val/`` without ``test/`` uses its ``val/`` images as the test
     split, so the reported accuracy is on images that chose nothing (not even the epoch), and
     early stopping uses a stable share of ``train/`` instead (the same hash rule as the folder
     split).  ``train/`` + ``test/`` without ``val/`` carves early-stopping images the same way.
+
+    Args:
+        folder: the scanned folder (its ``splits`` as found on disk or hashed with ``seed``).
+        ok: ``(n,)`` False for images that could not be used (their role is ``skipped``).
+        seed: seed of the early-stopping share carved from ``train/``.
+        check: refuse roles a run cannot train on (a class without training images, nothing held
+            out); ``features export`` labels any folder and passes False.
+
+    Example:
+        >>> roles = assign_roles(folder, np.ones(len(folder.paths), bool), seed=0)  # doctest: +SKIP
+        >>> with_roles(folder, roles).counts()["test"]  # doctest: +SKIP
+        {'ants': 70, 'bees': 83}
     """
     roles = np.array(folder.splits, dtype=object)
     if folder.split_source == "folders":
@@ -607,6 +622,8 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int) -> np.ndarray:
                 if roles[i] == "train" and stable_fraction(rel, seed) < EARLY_STOPPING_FRACTION:
                     roles[i] = "val"
     roles[~ok] = "skipped"
+    if not check:
+        return roles
     train_classes = set(folder.labels[roles == "train"].tolist())
     missing = [folder.class_names[c] for c in range(len(folder.class_names)) if c not in train_classes]
     if missing:
