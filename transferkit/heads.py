@@ -4,7 +4,9 @@ A *head* is a scikit-learn classifier trained on the pooled features of a frozen
 registry entry is a ``Pipeline`` (with a ``StandardScaler`` where the estimator is sensitive to
 feature scale) plus a small hyper-parameter grid, searched by stratified cross-validation on the
 training features only. Linear heads (``linear-svm``, ``logreg``, ``ridge``) fold, scaler
-included, into one Keras ``Dense`` layer, so they export and serve exactly like the softmax head.
+included, into one Keras ``Dense`` layer, so they export and serve exactly like the softmax head;
+SVM and ridge margins are no probabilities, so calibrating them fits a softmax temperature on
+held-out margins that folds into the same layer (:func:`fit_temperature`).
 Fitted heads are saved with skops (no pickle), with the backbone identity in a JSON sidecar.
 
 Nothing here imports TensorFlow at module level.
@@ -190,6 +192,9 @@ class FittedHead:
         fit_seconds_: wall time of search, refit and calibration.
         num_folds_: cross-validation folds of the search (0 = no search).
         cv_score_: mean cross-validated accuracy of the best grid point (None without search).
+        temperature_: for a calibrated linear head without probabilities (``linear-svm``,
+            ``ridge``): its probabilities are ``softmax(logits / temperature_)``, the logits being
+            the folded decision scores (:func:`fit_temperature`); None otherwise.
     """
 
     name: str
@@ -198,6 +203,7 @@ class FittedHead:
     fit_seconds_: float
     num_folds_: int = 0
     cv_score_: float | None = None
+    temperature_: float | None = None
 
     @property
     def pipeline_(self) -> Pipeline:
@@ -213,8 +219,13 @@ class FittedHead:
         return self.pipeline_.predict(X)
 
     def scores(self, X) -> tuple[np.ndarray, str]:
-        """See :func:`head_scores`."""
-        return head_scores(self.estimator_, X)
+        """See :func:`head_scores`; a head with a temperature gives its calibrated probabilities."""
+        scores, kind = head_scores(self.estimator_, X)
+        if self.temperature_ is None or kind == "proba":
+            return scores, kind
+        from scipy.special import softmax
+
+        return softmax(scores / self.temperature_, axis=1), "proba"
 
 
 def base_pipeline(estimator) -> Pipeline:
@@ -230,8 +241,10 @@ def fit_head(name: str, X, y, search: bool = True, seed: int = 0, calibrate: boo
 
     The search uses ``min(MAX_FOLDS, smallest class count)`` stratified folds and is skipped
     (defaults used) when a class has fewer than 2 images. ``calibrate`` gives heads without
-    probabilities (SVMs, ridge) sigmoid-calibrated ones from out-of-fold decision scores; the
-    decision rule itself is the pipeline refitted on all of ``X``.
+    probabilities calibrated ones from out-of-fold decision scores: a softmax temperature for the
+    linear ones (``linear-svm``, ``ridge``; it folds into their Dense layer and leaves every
+    decision as it was), sigmoid calibration for ``rbf-svm``. The decision rule itself is the
+    pipeline refitted on all of ``X``.
 
     Args:
         name: a key of :data:`HEADS`.
@@ -270,14 +283,56 @@ def fit_head(name: str, X, y, search: bool = True, seed: int = 0, calibrate: boo
     else:
         pipeline, cv_score, used_folds = model, None, 0
         best = {key: pipeline.get_params()[key] for key in spec.grid}
-    estimator = pipeline
+    estimator, temperature = pipeline, None
     if calibrate and not hasattr(pipeline, "predict_proba"):
         if num_folds < 2:
             raise DataError("Cannot calibrate: every class needs at least 2 training images "
                             f"(smallest has {counts.min()}). Train without calibration.")
         cv = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-        estimator = CalibratedClassifierCV(clone(pipeline), method="sigmoid", cv=cv, ensemble=False).fit(X, y)
-    return FittedHead(spec.name, estimator, best, time.perf_counter() - start, used_folds, cv_score)
+        if spec.linear:
+            temperature = fit_temperature(pipeline, X, y, cv)
+        else:
+            estimator = CalibratedClassifierCV(clone(pipeline), method="sigmoid", cv=cv, ensemble=False).fit(X, y)
+    return FittedHead(spec.name, estimator, best, time.perf_counter() - start, used_folds, cv_score, temperature)
+
+
+def fit_temperature(pipeline, X, y, cv) -> float:
+    """The softmax temperature that turns a fitted linear head's decision scores into calibrated probabilities.
+
+    Temperature scaling (Guo et al., 2017): ``softmax(logits / T)`` with the one ``T`` that
+    minimises the log-loss of held-out logits, here each image's decision scores from the fold
+    that did not train on it (``cross_val_predict``, the pipeline's own settings). One positive
+    scalar changes no argmax, so the head decides exactly as before (accuracy unchanged), and it
+    folds into the Dense layer (kernel and bias divided by ``T``), so the exported model outputs
+    probabilities. The logits are those of :func:`fold_linear_head` (``[-d/2, d/2]`` for a binary
+    head, whose softmax is then Platt's ``sigmoid(d / T)``).
+
+    Returns:
+        ``T`` > 0 (below 1 sharpens margins such as an SVM's, which sit near +-1).
+
+    Example:
+        >>> from sklearn.datasets import make_classification
+        >>> X, y = make_classification(60, 8, random_state=0)
+        >>> head = fit_head("ridge", X, y, search=False)
+        >>> fit_temperature(head.pipeline_, X, y, StratifiedKFold(3)) > 0
+        True
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+    from sklearn.model_selection import cross_val_predict
+
+    decision = np.asarray(cross_val_predict(clone(pipeline), X, y, cv=cv, method="decision_function"), np.float64)
+    logits = np.column_stack([-decision / 2, decision / 2]) if decision.ndim == 1 else decision
+    target = np.searchsorted(np.unique(y), y)  # columns follow the sorted classes, as classes_ does
+    rows = np.arange(len(target))
+
+    def log_loss(log_inverse: float) -> float:
+        return float(-log_softmax(logits * np.exp(log_inverse), axis=1)[rows, target].mean())
+
+    # The log-loss is convex in 1 / T; searched on its logarithm, within T = e^-12 .. e^12, so
+    # held-out margins that separate every image cannot push T to zero.
+    best = minimize_scalar(log_loss, bounds=(-12.0, 12.0), method="bounded")
+    return float(np.exp(-best.x))
 
 
 def _fit_to_size(model, num_train: int) -> None:
@@ -370,10 +425,13 @@ def fold_linear_head(pipeline) -> tuple[np.ndarray, np.ndarray]:
 
 
 def keras_head_layer(pipeline, name: str = "predictions"):
-    """A built Keras Dense layer computing a linear head: softmax for ``logreg``, linear otherwise.
+    """A built Keras Dense layer computing a linear head: probabilities where the head has them.
 
-    ``logreg`` gives ``predict_proba`` (multinomial, or binary via ``[-d/2, d/2]``); SVM and ridge
-    give their decision scores, whose argmax is sklearn's ``predict``.
+    ``logreg`` gives ``predict_proba`` (multinomial, or binary via ``[-d/2, d/2]``); a calibrated
+    SVM or ridge head (``fit_head(..., calibrate=True)``) gives ``softmax(decision / T)``, its
+    temperature folded into the kernel and bias. An SVM or ridge head fitted without calibration
+    gives its raw decision scores (linear activation), which are no probabilities. The argmax is
+    always sklearn's ``predict``.
 
     Example:
         >>> layer = keras_head_layer(fit_head("logreg", X, y, search=False))  # doctest: +SKIP
@@ -385,7 +443,10 @@ def keras_head_layer(pipeline, name: str = "predictions"):
     kernel, bias = fold_linear_head(pipeline)
     clf = base_pipeline(pipeline.estimator_ if isinstance(pipeline, FittedHead) else pipeline)
     clf = clf.steps[-1][1] if isinstance(clf, Pipeline) else clf
-    activation = "softmax" if isinstance(clf, LogisticRegression) else "linear"
+    temperature = pipeline.temperature_ if isinstance(pipeline, FittedHead) else None
+    if temperature is not None and not isinstance(clf, LogisticRegression):
+        kernel, bias = kernel / temperature, bias / temperature  # softmax(logits / T), folded
+    activation = "softmax" if isinstance(clf, LogisticRegression) or temperature is not None else "linear"
     layer = keras.layers.Dense(kernel.shape[1], activation=activation, name=name, dtype="float32")
     layer.build((None, kernel.shape[0]))
     layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
@@ -447,6 +508,7 @@ def save_head(head: FittedHead, path: str | os.PathLike, backbone: Mapping[str, 
         "fit_seconds": head.fit_seconds_,
         "num_folds": head.num_folds_,
         "cv_score": head.cv_score_,
+        "temperature": head.temperature_,
         "classes": [_jsonable(c) for c in classes.tolist()],
         "backbone": {key: _jsonable(value) for key, value in backbone.items()},
         "sklearn_version": sklearn.__version__,
@@ -486,8 +548,12 @@ def load_head(path: str | os.PathLike, trust: bool = False) -> tuple[FittedHead,
                          f"{', '.join(untrusted)}. Load it only if you trust its source, with trust=True (--trust).")
     estimator = sio.loads(data, trusted=sorted(set(sio.get_untrusted_types(data=data))))
     info = json.loads(sidecar.read_text(encoding="utf-8"))
+    temperature = info.get("temperature")
+    if temperature is not None and not (isinstance(temperature, int | float) and 0 < temperature < float("inf")):
+        raise InputError(f"Saved head sidecar '{sidecar}' has temperature {str(temperature)[:40]!r}; expected a "
+                         "positive number or null. Train the head again.")
     head = FittedHead(info["head"], estimator, dict(info.get("best_params", {})), float(info.get("fit_seconds", 0.0)),
-                      int(info.get("num_folds", 0)), info.get("cv_score"))
+                      int(info.get("num_folds", 0)), info.get("cv_score"), temperature)
     return head, dict(info["backbone"])
 
 

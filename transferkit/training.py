@@ -514,6 +514,9 @@ def _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx, 
     A linear head is folded into a Dense layer on the backbone, so ``model.keras`` serves exactly
     like a softmax run (the fold is checked against scikit-learn on the evaluation split). Other
     heads are saved with skops as ``head.skops`` next to the backbone, which then outputs features.
+    Every head outputs probabilities: heads without them are calibrated on held-out decision
+    scores (SVM and ridge margins by a softmax temperature folded into the layer, which changes
+    no prediction; see :func:`transferkit.heads.fit_temperature`).
     """
     import keras
 
@@ -521,14 +524,28 @@ def _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx, 
 
     spec = heads.get_head(config.head)
     trval_idx = np.concatenate([train_idx, val_idx])
+    counts = np.bincount(labels[trval_idx])
+    # Calibration holds images out (cross-validation), so every class needs two; a linear head
+    # can still serve softmax(decision scores) without it, said below.
+    calibrate = not spec.linear or counts[counts > 0].min() >= 2
     fitted = heads.fit_head(config.head, features[trval_idx], labels[trval_idx], search=config.search,
-                            seed=config.seed, calibrate=not spec.linear)
+                            seed=config.seed, calibrate=calibrate)
     log.info("Head %s fitted on %d images in %.1f s (%s).", config.head, len(trval_idx), fitted.fit_seconds_,
              ", ".join(f"{k.removeprefix('clf__')}={v}" for k, v in fitted.best_params_.items()) or "defaults")
     eval_features = features[eval_idx]
     info = {"head_params": {k.removeprefix("clf__"): v for k, v in fitted.best_params_.items()},
             "head_cv_accuracy": fitted.cv_score_, "head_fit_seconds": round(fitted.fit_seconds_, 3)}
     if spec.linear:
+        if fitted.temperature_ is not None:
+            info["head_calibration"] = (f"softmax temperature {fitted.temperature_:.4g}, fitted on held-out "
+                                        "(cross-validated) decision scores")
+            log.info("Head %s: decision scores calibrated into probabilities (%s).", config.head,
+                     info["head_calibration"])
+        elif not calibrate:
+            fitted.temperature_ = 1.0  # a distribution still, but nothing held out to calibrate it on
+            info["head_calibration"] = "none (a class has fewer than 2 training images): softmax of the decision scores"
+            log.warning("WARNING: head %s: a class has fewer than 2 training images, so its probabilities are "
+                        "the softmax of its decision scores, not calibrated.", config.head)
         layer = heads.keras_head_layer(fitted)
         outputs = np.asarray(layer(eval_features.astype(np.float32)))
         agreement = float(np.mean(outputs.argmax(1) == fitted.predict(eval_features)))
