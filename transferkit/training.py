@@ -465,8 +465,13 @@ def refit_tuned_head(model, backbone, paths: list[str], labels: np.ndarray, trva
     features, _ = with_batch_backoff(lambda batch: _predict_images(backbone, [paths[i] for i in index], batch),
                                      config.batch_size, "prediction")
     # Every class has training images (assign_roles), so the columns follow the class indices.
+    # In float64 and to a gradient of 1e-8: the optimum itself, not wherever L-BFGS stopped at its
+    # default tol (1e-4, on float32 features whose loss changes vanish below float32 resolution
+    # there), which left the probabilities up to ~1e-4 from it, differently on every machine.
+    # Without regularization the optimum may not exist (separable classes): the default tol then.
     fitted = LogisticRegression(C=1 / config.regularization if config.regularization else np.inf, max_iter=2000,
-                                class_weight=class_weight).fit(features[:len(trval_idx)], labels[trval_idx])
+                                tol=1e-8 if config.regularization else 1e-4, class_weight=class_weight).fit(
+        features[:len(trval_idx)].astype(np.float64), labels[trval_idx])
     kernel, bias = fold_linear_head(fitted)
     layer = model.get_layer("predictions")  # on the backbone's output (the dropout before it passes inputs through)
     layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
