@@ -7,6 +7,7 @@ and ``transferkit backbones`` answer at once.  Exit codes: 0 success, 1 runtime 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import logging
@@ -38,6 +39,31 @@ class _ClickHandler(logging.Handler):
         if record.levelno >= logging.WARNING:
             message = click.style(message, fg="yellow")
         click.echo(message, err=True)
+
+
+def _console_escape(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler for the console: what cannot be printed is shown as an escape, never an error.
+
+    A file name's bytes that are not UTF-8 (surrogates) show as ``\\xNN`` (as files.display_name), any
+    other character the terminal's encoding lacks as ``\\uNNNN``.
+    """
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+                    if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}" for c in exc.object[exc.start:exc.end])
+    return shown, exc.end
+
+
+codecs.register_error("transferkit.console", _console_escape)
+
+
+def _console_never_fails() -> None:
+    """Printing a file name (or anything) must not crash a command: the streams escape what they cannot encode."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="transferkit.console")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's stream): leave it
+            pass
 
 
 def _handle_errors(func):
@@ -83,6 +109,7 @@ def main(debug: bool) -> None:
     Start here:   transferkit demo
     Your data:    transferkit train PHOTOS_DIR -o runs/first
     """
+    _console_never_fails()
     logging.basicConfig(level=logging.WARNING)
     log.handlers[:] = [_ClickHandler()]
     log.setLevel(logging.INFO)

@@ -204,9 +204,18 @@ def _list_subdirs(folder: Path, ignored: _Counter) -> list[str]:
         for entry in entries:
             if _is_ignored_name(entry.name) or _is_loop(entry, real):
                 ignored.add()
-            elif entry.is_dir():  # follows a symlinked class folder, on purpose
+            elif _is_dir(entry):  # follows a symlinked class folder, on purpose
                 names.append(entry.name)
     return sorted(names)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``, False for a link that cannot be followed: DirEntry raises for a link to
+    itself (ELOOP) where it returns False for a broken one; the file is then skipped with its reason."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _is_loop(entry: os.DirEntry, *folders: str) -> bool:
@@ -214,7 +223,7 @@ def _is_loop(entry: os.DirEntry, *folders: str) -> bool:
 
     Following it would walk those folders again, e.g. another class's images under this class.
     """
-    if not entry.is_symlink() or not entry.is_dir():
+    if not entry.is_symlink() or not _is_dir(entry):
         return False
     try:
         target = os.path.realpath(entry.path)
@@ -229,7 +238,7 @@ def _count_loose_files(folder: Path, ignored: _Counter) -> None:
     """Files next to the class folders belong to no class: ignore them (hidden ones were counted)."""
     with os.scandir(folder) as entries:
         for entry in entries:
-            if not _is_ignored_name(entry.name) and not entry.is_dir():
+            if not _is_ignored_name(entry.name) and not _is_dir(entry):
                 ignored.add()
 
 
@@ -311,7 +320,7 @@ def _walk_images(root: Path, rel_dir: str, ignored: _Counter,
             child = f"{rel}/{entry.name}"
             if _is_ignored_name(entry.name) or _is_loop(entry, real_start, real_root):
                 ignored.add()
-            elif entry.is_dir():
+            elif _is_dir(entry):
                 stack.append(child)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 out.append(child)

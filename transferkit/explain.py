@@ -183,16 +183,14 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, heatmap: np.ndarray
 
 
 def display_image(path: str | os.PathLike, max_side: int = DISPLAY_SIZE) -> np.ndarray:
-    """The photo as the user sees it (EXIF orientation applied, RGB), longest side ``max_side``."""
-    from PIL import Image, ImageOps
+    """The photo as the user sees it (EXIF orientation applied, RGB), longest side ``max_side``.
 
-    from transferkit.images import to_rgb
+    Read through the one safe opener (:func:`transferkit.images.display_image`); raises ``ValueError``
+    with the reason for a file that is not a readable image.
+    """
+    from transferkit.images import display_image as read_display_image
 
-    with Image.open(path) as img:
-        img.seek(0)
-        img = to_rgb(ImageOps.exif_transpose(img))
-        img.thumbnail((max_side, max_side), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+    return read_display_image(path, max_side)
 
 
 def explain_files(run, paths: Sequence[str | os.PathLike], output_dir: str | os.PathLike, *,
@@ -210,7 +208,7 @@ def explain_files(run, paths: Sequence[str | os.PathLike], output_dir: str | os.
     Returns:
         One row per image: ``{"path", "ok", "error", "predicted", "score", "explained", "overlay"}``.
     """
-    from transferkit.data import load_image
+    from transferkit.images import decode_image, display_image_bytes, read_image_bytes
 
     if class_name is not None and class_name not in run.class_names:
         raise InputError(f"Unknown class '{class_name}' (--class); the model's classes: "
@@ -220,10 +218,13 @@ def explain_files(run, paths: Sequence[str | os.PathLike], output_dir: str | os.
     rows, used = [], set()
     for start in range(0, len(paths), batch_size):
         batch_paths = [Path(p) for p in paths[start:start + batch_size]]
-        images, good = [], []
+        images, photos, good = [], [], []
         for path in batch_paths:
             try:
-                images.append(load_image(path, size))
+                # One read per file: the model's input and the photo shown come from the same bytes.
+                data = read_image_bytes(path)
+                images.append(decode_image(data, size))
+                photos.append(data)
                 good.append(path)
             except ValueError as exc:
                 rows.append({"path": str(path), "ok": False, "error": str(exc)})
@@ -233,7 +234,7 @@ def explain_files(run, paths: Sequence[str | os.PathLike], output_dir: str | os.
         probabilities = np.asarray(run.model(pixels, training=False))
         target = None if class_name is None else run.class_names.index(class_name)
         heatmaps = gradcam(run.model, pixels, target)
-        for path, probs, heatmap in zip(good, probabilities, heatmaps, strict=True):
+        for path, data, probs, heatmap in zip(good, photos, probabilities, heatmaps, strict=True):
             predicted = int(probs.argmax())
             explained = predicted if target is None else target
             name = _unique_name(path.stem, used)
@@ -241,7 +242,8 @@ def explain_files(run, paths: Sequence[str | os.PathLike], output_dir: str | os.
             if explained != predicted:
                 title += f"; explaining: {run.class_names[explained]} ({probs[explained]:.2f})"
             out = output_dir / f"{name}.png"
-            save_overlay(out, display_image(path), heatmap, title, caption=path.name)
+            save_overlay(out, display_image_bytes(data, DISPLAY_SIZE), heatmap, title,
+                         caption=files.display_name(path.name))  # matplotlib draws no undecodable byte
             rows.append({"path": str(path), "ok": True, "error": "", "predicted": run.class_names[predicted],
                          "score": float(probs[predicted]), "explained": run.class_names[explained],
                          "overlay": str(out)})

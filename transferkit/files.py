@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,7 +38,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         ...     model.save(tmp)
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
+    # The start of the name only: a name near the 255-byte limit must leave room for the rest.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=suffix or ".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -63,11 +65,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    """UTF-8, except that a file name's bytes that are not UTF-8 are written as they are (see below)."""
+    write_bytes(path, text.encode("utf-8", NAME_ERRORS))
 
 
 def write_json(path: str | os.PathLike, data) -> None:
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    r"""JSON in UTF-8; a file name's bytes that are not UTF-8 become ``\udcXX`` escapes (see below)."""
+    text = utf8_view(json.dumps(data, indent=2, ensure_ascii=False))
+    # JSON text must be Unicode: the lone surrogates left stand for undecodable bytes; escaped, they
+    # are still valid JSON and json.loads gives back the very string (and so the file name).
+    write_text(path, _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -76,3 +83,65 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     writer.writerow(header)
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------ file names in files
+#
+# A file name is bytes on POSIX; Python shows bytes that are not valid in the file system encoding
+# (a Latin-1 name such as b"caf\xe9.jpg", or any non-ASCII name when Python runs in the ASCII
+# "C" locale) as lone surrogates ("caf\udce9.jpg"). Every file transferkit writes keeps such names
+# so that they lead back to the file:
+#
+# * text files (CSV such as splits.csv, predictions.csv, skipped.csv, predict --output; labels.txt)
+#   hold the name's bytes as they are: UTF-8 for every valid name, the raw bytes otherwise. Read them
+#   with ``open_text`` (or ``errors="surrogateescape"``, e.g. pandas' ``encoding_errors=``);
+# * JSON holds each undecodable byte as the escape ``\udcXX`` (XX its value), which json.loads turns
+#   back into the same string;
+# * npz holds the same strings; Parquet, whose strings must be UTF-8, holds a ``path_bytes`` column
+#   with each name's exact bytes when some name is not UTF-8 (see transferkit.cache.feature_files).
+
+#: The codec error handler that writes (and reads back) the bytes a lone surrogate stands for.
+NAME_ERRORS = "surrogateescape"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_view(text: str) -> str:
+    r"""``text`` with file-name bytes that are valid UTF-8 shown as their characters (only bytes that are
+    not UTF-8 stay surrogates): one spelling whatever the locale Python runs in.
+
+    Example:
+        >>> utf8_view("caf\udcc3\udca9.jpg")  # a UTF-8 name as read in the C locale
+        'café.jpg'
+    """
+    try:
+        return text.encode("utf-8", NAME_ERRORS).decode("utf-8", NAME_ERRORS)
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: leave the text alone
+        return text
+
+
+def native_name(text: str) -> str:
+    """A file name read from a transferkit file, spelled as this Python's ``os`` functions expect.
+
+    The inverse of :func:`utf8_view`: the same under a UTF-8 locale; in the ASCII C locale, "café"
+    becomes the surrogates that stand for its bytes, so ``open`` finds the file.
+    """
+    try:
+        return os.fsdecode(text.encode("utf-8", NAME_ERRORS))
+    except UnicodeEncodeError:
+        return text
+
+
+def display_name(text: str) -> str:
+    r"""A file name for people: bytes that are not UTF-8 shown as ``\xNN``, so it prints anywhere.
+
+    Example:
+        >>> display_name("caf\udce9.jpg")
+        'caf\\xe9.jpg'
+    """
+    return _SURROGATE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}" if 0xDC80 <= ord(m.group()) <= 0xDCFF
+                          else f"\\u{ord(m.group()):04x}", utf8_view(text))
+
+
+def open_text(path: str | os.PathLike):
+    """Open a text file transferkit wrote (CSV, labels.txt) for reading: names come back as written."""
+    return open(path, encoding="utf-8", errors=NAME_ERRORS, newline="")

@@ -3,10 +3,16 @@
 One decoder serves every path into a model (feature extraction, augmented views, fine-tuning,
 prediction, Grad-CAM), so training and serving see the same pixels: JPEGs decode at reduced scale
 when much larger than the model's input (``draft``), EXIF orientation is applied, any mode becomes
-8-bit RGB, and the image is squashed to ``size x size`` with a bilinear filter. Files over Pillow's
-decompression-bomb limit are refused before decoding. Example::
+8-bit RGB, and the image is squashed to ``size x size`` with a bilinear filter.
+
+Every image file is opened by :func:`open_image_file` (regular files only, so a FIFO, socket or device
+named ``*.jpg`` is refused at once instead of blocking; at most ``MAX_FILE_BYTES``), and images over
+Pillow's pixel limit are refused from their header, before decoding. A refused file gives a short
+reason, never a hang. Example::
 
     pixels = load_image("photos/cat/001.jpg", 224)           # uint8 (224, 224, 3)
+    data = read_image_bytes("photos/cat/001.jpg")            # hash these bytes, then decode the same
+    pixels = decode_image(data, 224)
     ds = image_dataset(["photos/cat/001.jpg"], 224, 32)     # (images, ok) batches
 
 TensorFlow is imported only inside the ``tf.data`` functions, so checking a file stays cheap.
@@ -14,12 +20,15 @@ TensorFlow is imported only inside the ``tf.data`` functions, so checking a file
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,24 +40,138 @@ if TYPE_CHECKING:  # pragma: no cover
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+#: Largest image file read, in bytes: bigger files are refused unread, as ``PIL.Image.MAX_IMAGE_PIXELS``
+#: refuses images with more pixels (raise both for giant scans). 256 MiB holds any photo Pillow's
+#: pixel limit lets through, even an uncompressed 8-bit RGB one.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+class ImageFileError(ValueError):
+    """A file refused as an image; ``str()`` is the short reason (``"not a regular file: a socket"``)."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _check_stat(st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+        raise ImageFileError(f"not a regular file: {kind}")
+    if st.st_size == 0:
+        raise ImageFileError("empty file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageFileError(_too_big(st.st_size))
+
+
+def _too_big(num_bytes: int) -> str:
+    return (f"file too large: {num_bytes:,} bytes, more than {MAX_FILE_BYTES:,} "
+            f"(transferkit.images.MAX_FILE_BYTES); not read")
+
+
+@contextlib.contextmanager
+def open_image_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a file for reading as an image: regular files only, not empty, at most ``MAX_FILE_BYTES``.
+
+    The one way transferkit opens an image file (scan, decode, thumbnails, Grad-CAM). A FIFO, socket,
+    device or folder named ``*.jpg`` is refused without blocking: ``stat`` sees what the name points at
+    without opening it (opening a device can act on it; opening a FIFO waits for a writer), then the
+    file is opened non-blocking and ``fstat`` checks what was actually opened, so a file swapped for a
+    FIFO in between is refused too.
+
+    Raises:
+        ImageFileError: A ``ValueError`` whose message is the short reason (``"empty file"``,
+            ``"not a regular file: a named pipe (FIFO)"``, ``"permission denied"``, ...).
+
+    Example:
+        >>> with open_image_file("photos/cat/001.jpg") as handle:  # doctest: +SKIP
+        ...     header = handle.read(16)
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        _check_stat(os.stat(path))
+        fd = os.open(path, flags)
+    except ImageFileError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise ImageFileError(_os_reason(exc)) from exc
+    try:
+        _check_stat(os.fstat(fd))
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found (broken link?)"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if isinstance(exc, OSError) and exc.errno == errno.ENXIO:
+        return "not a regular file: a socket or a device without a driver"
+    if isinstance(exc, OSError):
+        return f"cannot read file: {exc.strerror or short_message(exc)}"
+    return f"cannot read file: {short_message(exc)}"
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """All the bytes of an image file, read once through :func:`open_image_file`.
+
+    Raises:
+        ImageFileError: Not a regular file, empty, over ``MAX_FILE_BYTES`` (also when it grew while
+            being read), or unreadable; the message is the short reason.
+
+    Example:
+        >>> pixels = decode_image(read_image_bytes("photos/cat/001.jpg"), 224)  # doctest: +SKIP
+    """
+    return read_image_file(path)[0]
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[bytes, os.stat_result | None]:
+    """An image file's bytes, read once through :func:`open_image_file`, and its status when nothing
+    changed it while it was read (else ``None``).
+
+    For callers that must hash and decode the same bytes (the feature cache): hash ``data``, decode it
+    with :func:`decode_image`, and remember the hash for the status only when it is not ``None``.
+
+    Raises:
+        ImageFileError: As :func:`read_image_bytes`.
+
+    Example:
+        >>> data, status = read_image_file("photos/cat/001.jpg")  # doctest: +SKIP
+    """
+    with open_image_file(path) as handle:
+        try:
+            before = os.fstat(handle.fileno())
+            data = handle.read(MAX_FILE_BYTES + 1)
+            after = os.fstat(handle.fileno())
+        except OSError as exc:
+            raise ImageFileError(_os_reason(exc)) from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageFileError(_too_big(len(data)))
+    if not data:
+        raise ImageFileError("empty file")
+    unchanged = len(data) == before.st_size and _signature(before) == _signature(after)
+    return data, before if unchanged else None
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
 def unreadable_reason(path: Path) -> str | None:
     """``None`` when Pillow can open the file's header, else a short reason."""
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return "not a regular file"
-        if st.st_size == 0:
-            return "empty file"
-        with warnings.catch_warnings():
-            # Pillow only warns between its limit and twice it; the check below refuses those too.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                size = img.size  # the header is parsed by open(); no pixel is decoded
+        with open_image_file(path) as handle, _pillow_open(handle) as img:
+            size = img.size  # the header is parsed by open(); no pixel is decoded
         return _bomb_reason(size)
-    except PermissionError:
-        return "permission denied"
-    except FileNotFoundError:
-        return "file not found (broken link?)"
+    except ImageFileError as exc:
+        return str(exc)
     except Image.DecompressionBombError as exc:
         return f"{BOMB_REASON}: {short_message(exc)}"
     except UnidentifiedImageError:
@@ -58,6 +181,18 @@ def unreadable_reason(path: Path) -> str | None:
         return f"not an image Pillow can read: {short_message(exc)}"
     except Exception as exc:  # noqa: BLE001 - a malformed file may make a Pillow plugin raise anything
         return f"not an image Pillow can read: {type(exc).__name__}: {short_message(exc)}"
+
+
+@contextlib.contextmanager
+def _pillow_open(source: BinaryIO | bytes) -> Iterator[Image.Image]:
+    """Pillow's ``Image.open`` of an open file or of bytes, without its decompression-bomb warning
+    (:func:`_bomb_reason` refuses those images anyway)."""
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice it; _bomb_reason refuses those too.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    with img:
+        yield img
 
 
 #: The start of the reason a file over Pillow's pixel limit is refused with.
@@ -84,28 +219,58 @@ def short_message(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode an image into a ``uint8`` array of shape ``(size, size, 3)``.
+def load_image(path: str | os.PathLike | BinaryIO, size: int) -> np.ndarray:
+    """Decode an image file into a ``uint8`` array of shape ``(size, size, 3)``.
 
-    JPEGs decode at a reduced scale when much larger than ``size`` (``draft``), EXIF orientation is
-    applied, animated images give their first frame, any mode (palette, grayscale, CMYK, 16-bit) becomes
-    8-bit RGB, and transparency is composited onto white.
+    The file is read by :func:`read_image_bytes` (regular files only, size limit) and decoded by
+    :func:`decode_image`; an open binary file (``io.BytesIO`` of bytes already read) is decoded as is.
 
     Raises:
-        ValueError: The file cannot be decoded (truncated, corrupt, missing, or over Pillow's
-            decompression-bomb limit, refused before decoding); the message says why.
+        ValueError: The file cannot be read or decoded (not a regular file, too large, truncated,
+            corrupt, missing, or over Pillow's decompression-bomb limit, refused before decoding):
+            ``"Cannot decode image '<path>': <reason>"``, raised from an exception whose message is
+            the reason alone.
 
     Example:
         >>> load_image("photos/cat/001.jpg", 224).shape  # doctest: +SKIP
         (224, 224, 3)
     """
+    _check_size(size)
+    try:
+        if hasattr(path, "read"):  # an open binary file or BytesIO: bytes already read by the caller
+            return decode_image(path.read(MAX_FILE_BYTES + 1), size)
+        return decode_image(read_image_bytes(path), size)
+    except ImageFileError as exc:
+        name = getattr(path, "name", None) or "image bytes" if hasattr(path, "read") else path
+        raise ValueError(f"Cannot decode image '{name}': {exc}") from exc
+
+
+def _check_size(size) -> None:
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}.")
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Decode an image file's bytes into a ``uint8`` array of shape ``(size, size, 3)``.
+
+    JPEGs decode at a reduced scale when much larger than ``size`` (``draft``), EXIF orientation is
+    applied, animated images give their first frame, any mode (palette, grayscale, CMYK, 16-bit) becomes
+    8-bit RGB, and transparency is composited onto white. Images over Pillow's pixel limit are refused
+    from their header, before any pixel is decoded.
+
+    Raises:
+        ImageFileError: The bytes cannot be decoded; the message is the short reason.
+
+    Example:
+        >>> decode_image(read_image_bytes("photos/cat/001.jpg"), 224).shape  # doctest: +SKIP
+        (224, 224, 3)
+    """
+    _check_size(size)
     size = int(size)
     try:
-        with Image.open(path) as img:
+        with _pillow_open(data) as img:
             if (reason := _bomb_reason(img.size)) is not None:
-                raise ValueError(reason)
+                raise ImageFileError(reason)
             if img.format == "JPEG":
                 # Decode at 1/2, 1/4 or 1/8 scale while still >= size on both sides: much faster for
                 # big photos. The pixels differ slightly from a full decode (cache keys must say so).
@@ -118,16 +283,61 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
             # filter antialiases when shrinking, so values are close to but not identical with tf.image.
             img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
+    except ImageFileError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"Cannot decode image '{path}': {BOMB_REASON}: {short_message(exc)}") from exc
+        raise ImageFileError(f"{BOMB_REASON}: {short_message(exc)}") from exc
     except (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError) as exc:
-        raise ValueError(f"Cannot decode image '{path}': {short_message(exc)}") from exc
+        raise ImageFileError(short_message(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - malformed data can make Pillow raise anything; one bad file
         # must not stop a tf.data pipeline of thousands
-        raise ValueError(f"Cannot decode image '{path}': {type(exc).__name__}: {short_message(exc)}") from exc
+        raise ImageFileError(f"{type(exc).__name__}: {short_message(exc)}") from exc
     if arr.shape != (size, size, 3):  # pragma: no cover - defensive
-        raise ValueError(f"Cannot decode image '{path}': got shape {arr.shape}.")
+        raise ImageFileError(f"got shape {arr.shape}")
     return arr
+
+
+def display_image(path: str | os.PathLike, max_side: int) -> np.ndarray:
+    """The photo as a person sees it, for thumbnails and overlays: ``uint8`` RGB, EXIF orientation
+    applied, first frame, longest side at most ``max_side`` (aspect ratio kept).
+
+    Read and checked as :func:`load_image` reads (regular files, size and pixel limits).
+
+    Raises:
+        ValueError: As :func:`load_image`.
+
+    Example:
+        >>> display_image("photos/cat/001.jpg", 448).shape  # doctest: +SKIP
+        (336, 448, 3)
+    """
+    try:
+        return display_image_bytes(read_image_bytes(path), max_side)
+    except ImageFileError as exc:
+        raise ValueError(f"Cannot decode image '{path}': {exc}") from exc
+
+
+def display_image_bytes(data: bytes, max_side: int) -> np.ndarray:
+    """:func:`display_image` of a file's bytes (from :func:`read_image_bytes`).
+
+    Raises:
+        ImageFileError: The bytes cannot be decoded; the message is the short reason.
+    """
+    try:
+        with _pillow_open(data) as img:
+            if (reason := _bomb_reason(img.size)) is not None:
+                raise ImageFileError(reason)
+            if img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))  # at least max_side on both sides: no visible loss
+            img.seek(0)
+            img = to_rgb(ImageOps.exif_transpose(img))
+            img.thumbnail((max_side, max_side), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except ImageFileError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageFileError(f"{BOMB_REASON}: {short_message(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - malformed data can make Pillow raise anything
+        raise ImageFileError(short_message(exc)) from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -154,7 +154,8 @@ def dataset_section(class_names: Sequence[str], counts: dict[str, dict[str, int]
                                if num_ignored is not None else "")))
     if skipped:
         shown = skipped[:_MAX_LISTED_SKIPPED]
-        blocks.append(Table(["file", "reason"], [[s.get("path", ""), s.get("reason", "")] for s in shown],
+        blocks.append(Table(["file", "reason"], [[files.display_name(str(s.get("path") or "")),
+                                                   files.display_name(str(s.get("reason") or ""))] for s in shown],
                             scroll=len(shown) > 12))
         if len(skipped) > len(shown):
             blocks.append(Paragraph(f"... and {len(skipped) - len(shown)} more in {runs.SKIPPED_FILE}.", muted=True))
@@ -239,7 +240,7 @@ def gradcam_explainer(run) -> Explainer | None:
         return None
     from PIL import Image as PILImage
 
-    from transferkit.data import load_image
+    from transferkit.images import ImageFileError, decode_image, display_image_bytes, read_image_bytes
 
     if not hasattr(run, "model"):
         folder = RunFolder(Path(run))
@@ -249,9 +250,14 @@ def gradcam_explainer(run) -> Explainer | None:
         return None  # a scikit-learn head has no gradient to follow
 
     def explain_image(path: Path) -> bytes:
-        pixels = load_image(path, run.image_size)[None].astype(np.float32)
+        try:
+            data = read_image_bytes(path)  # once: the model's input and the photo come from the same bytes
+            pixels = decode_image(data, run.image_size)[None].astype(np.float32)
+            photo = display_image_bytes(data, _THUMBNAIL_PX * 2)
+        except ImageFileError as exc:
+            raise ValueError(f"Cannot decode image '{path}': {exc}") from exc
         heatmap = explain.gradcam(run.model, pixels)[0]
-        blended = explain.overlay(explain.display_image(path, _THUMBNAIL_PX * 2), heatmap)
+        blended = explain.overlay(photo, heatmap)
         buffer = io.BytesIO()
         PILImage.fromarray(blended).save(buffer, format="PNG", optimize=True)
         return buffer.getvalue()
@@ -420,12 +426,18 @@ class _Builder:
         folder.mkdir(exist_ok=True)
         items, written, failures = [], set(), []
         for rank, row in enumerate(errors, start=1):
-            caption = [f"true: {row['label']}", f"predicted: {row['predicted']} ({to_float(row['confidence']):.2f})",
-                       _short_path(row["path"])]
+            # predictions.csv may be damaged or come from elsewhere: missing cells read as empty.
+            path = row.get("path") or ""
+            caption = [f"true: {row.get('label') or '?'}",
+                       f"predicted: {row.get('predicted') or '?'} ({to_float(row.get('confidence')):.2f})",
+                       _short_path(files.display_name(path))]
             try:
-                png = make_png(self.run.image_path(row["path"]))
+                png = make_png(self.run.image_path(path))
             except Exception as exc:  # noqa: BLE001 - one failed picture must not cost the report; said below
                 reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc.__cause__, ValueError):  # "Cannot decode image '<path>': <why>": path shown above
+                    reason = str(exc.__cause__)
+                reason = files.display_name(reason)
                 items.append((None, caption + [f"{failure}: {reason}"]))
                 failures.append(reason)
                 continue
@@ -473,14 +485,11 @@ def _failure_note(what: str, failures: list[str], total: int) -> list:
 
 def _thumbnail_png(path: Path) -> bytes:
     from PIL import Image as PILImage
-    from PIL import ImageOps
 
-    with PILImage.open(path) as img:
-        img.draft("RGB", (_THUMBNAIL_PX * 2, _THUMBNAIL_PX * 2))
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        img.thumbnail((_THUMBNAIL_PX, _THUMBNAIL_PX))
-        buffer = io.BytesIO()
-        img.save(buffer, format="PNG", optimize=True)
+    from transferkit.images import display_image
+
+    buffer = io.BytesIO()
+    PILImage.fromarray(display_image(path, _THUMBNAIL_PX)).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 

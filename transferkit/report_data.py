@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import runs
+from transferkit import files, runs
 from transferkit.errors import InputError
 
 
@@ -114,12 +114,26 @@ class RunFolder:
             return {}
 
     def image_path(self, rel: str) -> Path:
-        """Where an image of ``predictions.csv`` is: absolute already, or under the run's image folder."""
-        path = Path(rel)
-        if path.is_absolute():
-            return path
-        root = self.metrics.get("image_dir") or self.config.get("image_dir") or "."
-        return Path(root) / path
+        """Where an image of ``predictions.csv`` is: relative to, or absolute inside, the run's image folder.
+
+        ``predictions.csv`` may come from someone else: a path that leaves the image folder (``..``,
+        another absolute path, a NUL) is refused, so a report never shows a file from elsewhere.
+
+        Raises:
+            ValueError: the path is outside the image folder, or the folder does not record one; the
+                message is the reason.
+        """
+        root = self.metrics.get("image_dir") or self.config.get("image_dir")
+        if not isinstance(root, str) or not root or "\0" in root:
+            raise ValueError(f"the folder's {runs.METRICS_FILE} records no image folder, so its images "
+                             "cannot be found")
+        if not isinstance(rel, str) or not rel or "\0" in rel:
+            raise ValueError(f"no usable path in {runs.PREDICTIONS_FILE}")
+        base = os.path.abspath(files.native_name(root))
+        path = os.path.abspath(os.path.join(base, files.native_name(rel)))  # an absolute rel stays itself
+        if os.path.commonpath([base, path]) != base:
+            raise ValueError(f"outside the run's image folder '{files.display_name(root)}'; not read")
+        return Path(path)
 
 
 def read_history(path: Path) -> tuple[dict[str, list[float]], list[str] | None]:
@@ -164,7 +178,8 @@ def to_float(value) -> float:
 
 
 def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV the run wrote (file names that are not UTF-8 come back as written); ``[]`` if absent."""
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with files.open_text(path) as handle:
         return list(csv.DictReader(handle))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit import files
 from transferkit.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -104,7 +105,8 @@ def stable_fraction(rel: str, seed: int) -> float:
         >>> stable_fraction("cat/1.jpg", 0) == stable_fraction("cat/1.jpg", 0)
         True
     """
-    key = f"{seed}\0{unicodedata.normalize('NFC', rel)}".encode()
+    # A name's bytes, whatever the locale: names that are not UTF-8 (surrogates) hash too.
+    key = f"{seed}\0{unicodedata.normalize('NFC', files.utf8_view(rel))}".encode("utf-8", files.NAME_ERRORS)
     return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
 
 
@@ -139,11 +141,12 @@ def hash_splits(paths: tuple[str, ...], labels: np.ndarray, seed: int,
 def write_splits_csv(folder: ImageFolder, path: str | os.PathLike) -> None:
     """Write ``path,label,class_name,split`` rows (one per image, in ``folder.paths`` order) atomically.
 
+    File names that are not UTF-8 are written as their bytes (:mod:`transferkit.files`), so
+    :func:`read_splits_csv` finds the same files.
+
     Example:
         >>> write_splits_csv(folder, run_dir / "splits.csv")  # doctest: +SKIP
     """
-    from transferkit import files
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     files.write_csv(path, _CSV_COLUMNS, (
         (rel, label, folder.class_names[label], split)
@@ -178,7 +181,7 @@ def read_splits_csv(
     if not path.is_file():
         raise DataError(f"Splits file '{path}' does not exist. Give the splits.csv of an earlier run.")
     rows: list[tuple[str, int, str, str]] = []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with files.open_text(path) as fh:  # file names that are not UTF-8 come back as written
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header) != _CSV_COLUMNS:
@@ -203,7 +206,7 @@ def read_splits_csv(
             if not _is_inside(rel):
                 raise DataError(f"Splits file '{path}' line {line}: path {rel!r} leaves the image folder "
                                 f"(absolute, empty or with '..'); paths must be relative to it, e.g. cat/001.jpg.")
-            rows.append((rel, label, name, split))
+            rows.append((files.native_name(rel), label, name, split))
 
     mapping: dict[int, str] = {}
     for _rel, label, name, _split in rows:

@@ -27,6 +27,11 @@ def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequenc
     tool reads). With ``views`` (0 = the image itself, 1..K its augmented views), npz also holds
     ``views`` and the other formats a ``view`` column after ``split``.
 
+    File names that are not UTF-8 (see :mod:`transferkit.files`) round-trip: CSV holds their bytes,
+    npz Python's strings for them (``s.encode("utf-8", "surrogateescape")`` gives back the bytes). Parquet strings
+    must be UTF-8, so there such a name's ``path`` shows each undecodable byte as ``\\xNN`` and a
+    ``path_bytes`` column (binary, only when some name needs it) holds every name's exact bytes.
+
     Example:
         >>> write_features("f.npz", "npz", ["a/1.jpg"], np.array([0]), ["a"], ["train"], np.ones((1, 2)))
         ... # doctest: +SKIP
@@ -38,7 +43,7 @@ def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequenc
     if file_format == "npz":
         with files.atomic_path(path, suffix=".npz") as tmp:
             extra = {} if views is None else {"views": np.asarray(views, dtype=np.int64)}
-            np.savez(tmp, paths=np.asarray(rel_paths, dtype=str), labels=labels,
+            np.savez(tmp, paths=np.asarray([files.utf8_view(p) for p in rel_paths], dtype=str), labels=labels,
                      class_names=np.asarray(class_names, dtype=str), splits=np.asarray(splits, dtype=str),
                      features=vectors, **extra)
         return
@@ -51,6 +56,11 @@ def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequenc
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        shown = [files.display_name(p) for p in columns["path"]]
+        if shown != [files.utf8_view(p) for p in columns["path"]]:  # some name is not UTF-8
+            columns = {"path": shown, "path_bytes": [p.encode("utf-8", files.NAME_ERRORS) for p in columns["path"]],
+                       **{k: v for k, v in columns.items() if k != "path"}}
+        columns["class_name"] = [files.display_name(c) for c in columns["class_name"]]
         with files.atomic_path(path, suffix=".parquet") as tmp:
             pq.write_table(pa.table(columns), tmp)
     else:
