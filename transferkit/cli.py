@@ -576,21 +576,51 @@ def cache_info(cache_dir, as_json) -> None:
 
 @cache.command("verify")
 @_cache_dir_option
+@click.option("--deep", is_flag=True,
+              help="Also recompute a sample of vectors from their images and compare them with the cached ones.")
+@click.option("--sample", type=click.IntRange(min=1), default=None,
+              help="With --deep: vectors recomputed per backbone setting.  [default: 100]")
+@click.option("--weights", default=None,
+              help="With --deep: the weights the vectors were built with (imagenet, none, or a file). "
+                   "Default: whichever of imagenet and none matches the cache's weights fingerprint.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="With --deep and --weights none: the seed the vectors were built with.")
 @_handle_errors
-def cache_verify(cache_dir) -> None:
+def cache_verify(cache_dir, deep, sample, weights, seed) -> None:
     """Re-read every shard against its checksums; exit 1 if any is damaged.
 
     Damaged shards are never read as numbers: the next extraction sets them aside and
     computes their vectors again (or run 'transferkit cache prune' to drop them now).
+    With --deep, also recompute a random sample of vectors from their images (found
+    through the cache's file-hash index, used only while they still have the same
+    bytes) and exit 1 if any cached vector differs.
     """
     from transferkit.cache import verify_cache
 
+    if not deep and (sample is not None or weights is not None):
+        raise click.UsageError("--sample and --weights go with --deep.")
     root = _cache_root(cache_dir)
     checked, damaged = verify_cache(root)
     for shard, reason in damaged:
         click.echo(click.style("Damaged: ", fg="red") + f"{shard}: {reason}")
     click.echo(f"Checked {checked} shards in {root}: {len(damaged)} damaged.")
-    if damaged:
+    mismatches = []
+    if deep:
+        from transferkit.cache import verify_vectors
+
+        runtime.start_tensorflow()
+        report = verify_vectors(root, sample=sample or 100, weights=weights, seed=seed)
+        mismatches = report["mismatches"]
+        for spec_dir, reason in report["not_checked"]:
+            log.warning("Not checked: %s: %s", spec_dir, reason)
+        for path, spec_dir, detail in mismatches:
+            click.echo(click.style("Mismatch: ", fg="red") + f"{path}: {spec_dir.name}: {detail}")
+        gone = f"; {report['no_source']} sampled vectors have no unchanged image left" if report["no_source"] else ""
+        click.echo(f"Recomputed {report['checked']} sampled vectors from their images: {len(mismatches)} "
+                   f"differ{gone}.")
+        if mismatches:
+            click.echo("Delete the folders named above (transferkit recomputes their vectors on the next run).")
+    if damaged or mismatches:
         sys.exit(1)
 
 

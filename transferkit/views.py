@@ -64,7 +64,8 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
     Called by :func:`transferkit.cache.extract_features` after the images' own vectors; computes
     only the (image, view) pairs missing from the cache, writing them as it goes (every
     ``flush_every`` views, and on an interruption), so a killed run resumes where it stopped.
-    ``hashes`` are the content hashes extract_features read (``None`` where it had no cache).
+    ``hashes`` are the content hashes of the bytes extract_features decoded; each image is read
+    again here and its views are stored only if its bytes still have that hash.
     """
     import keras
 
@@ -93,7 +94,8 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
     if pairs:
         todo = [i for i in range(n) if missing[i].any()]
         seeds = np.stack([[view_seed(digests[i], k + 1, config.seed) for k in range(views)] for i in todo])
-        dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config)
+        dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config,
+                               digests=[digests[i] for i in todo])
         predict = extraction.compiled_predict(model)
         progress = keras.utils.Progbar(len(pairs), unit_name="view", verbose=keras_verbose(verbose))
         done = 0
@@ -102,9 +104,9 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
                 batch_vectors = predict(batch).numpy()
                 for (i, k), vector, good in zip(pairs[done:done + len(batch_vectors)], batch_vectors,
                                                 flags.numpy(), strict=True):
-                    if not good:  # decoded for the images' own vectors, not now: changed meanwhile
+                    if not good:  # its bytes now are not the ones its own vector (and seeds) came from
                         result.ok[i] = False
-                        result.errors.setdefault(i, "cannot decode image (it changed during extraction)")
+                        result.errors.setdefault(i, "the file changed during extraction; run again")
                         continue
                     computed += 1
                     if keep_vectors:
@@ -119,25 +121,37 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
 
 
 def view_dataset(paths: Sequence[str | os.PathLike], seeds: np.ndarray, wanted: np.ndarray, size: int,
-                 batch_size: int, config: TrainConfig):
+                 batch_size: int, config: TrainConfig, *, digests: Sequence[str] | None = None):
     """A ``tf.data.Dataset`` of ``(views, ok)`` batches: for each image in order, the views ``k``
-    where ``wanted[i, k]``, made with ``seeds[i, k]`` (each image is decoded once).
+    where ``wanted[i, k]``, made with ``seeds[i, k]`` (each image is read and decoded once).
 
-    Images are decoded by :func:`transferkit.data.load_image`, as for the cache's own vectors; an
-    image that fails gives blank views with ``ok`` False.
+    Images are read once and decoded by :func:`transferkit.cache.extraction.read_image` (the
+    decoder of the cache's own vectors). With ``digests``, an image whose bytes no longer hash to
+    ``digests[i]`` (the key its views are stored under, and their seeds' source) gives ``ok``
+    False, like an image that fails to decode: its views are blank and must not be stored.
     """
     import tensorflow as tf
 
-    from transferkit.data import decode_in_graph, path_strings
-
     views = int(seeds.shape[1])
-    def _views(raw_path, image_seeds, image_wanted):
-        image, ok = decode_in_graph(raw_path, size)
+    blank = np.zeros((size, size, 3), dtype=np.float32)
+
+    def _decode(position) -> tuple[np.ndarray, np.bool_]:
+        position = int(position)
+        image, read = extraction.read_image(paths[position], size)
+        if image is None or (digests is not None and read.digest != digests[position]):
+            return blank, np.bool_(False)
+        return image.astype(np.float32), np.bool_(True)
+
+    def _views(position, image_seeds, image_wanted):
+        image, ok = tf.numpy_function(_decode, [position], [tf.float32, tf.bool], stateful=False)
+        image.set_shape((size, size, 3))
+        ok.set_shape(())
         made = tf.map_fn(lambda seed: augmented_view(image, seed, config), image_seeds,
                          fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
         return made, image_wanted, tf.fill([views], ok)
 
-    return (tf.data.Dataset.from_tensor_slices((path_strings(paths), seeds.astype(np.int64), wanted.astype(bool)))
+    positions = np.arange(len(paths), dtype=np.int64)
+    return (tf.data.Dataset.from_tensor_slices((positions, seeds.astype(np.int64), wanted.astype(bool)))
             .map(_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .unbatch()
             .filter(lambda _view, want, _ok: want)

@@ -5,12 +5,13 @@ lives in the module that owns its part:
 
 * :mod:`transferkit.cache.keys` - what identifies a vector: :class:`FeatureSpec` (settings and
   format version), :func:`hash_file` (image bytes), :class:`FileHashes` (hashes remembered by
-  path + size + mtime);
+  path and file status: size, nanosecond mtime and ctime, inode, device);
 * :mod:`transferkit.cache.store` - the on-disk layout and :class:`FeatureCache`: content-named,
   checksummed HDF5 shards written atomically, damaged shards set aside;
-* :mod:`transferkit.cache.extraction` - :func:`extract_features`: look up, run the backbone over
-  what is missing, write as it goes so an interrupted run resumes;
-* :mod:`transferkit.cache.maintenance` - ``cache info|verify|prune|merge``;
+* :mod:`transferkit.cache.extraction` - :func:`extract_features`: look up, read each missing image
+  once (the bytes hashed are the bytes decoded), run the backbone, write as it goes so an
+  interrupted run resumes;
+* :mod:`transferkit.cache.maintenance` - ``cache info|verify [--deep]|prune|merge``;
 * :mod:`transferkit.cache.feature_files` - ``features export`` to npz, parquet or CSV.
 
 Example:
@@ -23,7 +24,7 @@ Example:
 from transferkit.cache.extraction import ExtractionResult, extract_features
 from transferkit.cache.feature_files import FEATURE_FORMATS, write_features
 from transferkit.cache.keys import FeatureSpec, FileHashes, hash_file
-from transferkit.cache.maintenance import cache_summary, merge_caches, prune_cache, verify_cache
+from transferkit.cache.maintenance import cache_summary, merge_caches, prune_cache, verify_cache, verify_vectors
 from transferkit.cache.store import FeatureCache, default_cache_dir
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "merge_caches",
     "prune_cache",
     "verify_cache",
+    "verify_vectors",
     "write_features",
 ]

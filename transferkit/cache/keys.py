@@ -3,20 +3,22 @@
 A vector's key is the content hash of its image's bytes (:func:`hash_file`; renaming or moving the
 image keeps it) within the folder of its :class:`FeatureSpec` (everything else that changes the
 vector, including the cache format version). This module owns both halves of the key and
-:class:`FileHashes`, the cache root's record of file hashes by path + size + mtime that lets an
-unchanged folder be re-run without reading its images. It reads and writes no vectors (that is
-:mod:`transferkit.cache.store`).
+:class:`FileHashes`, the cache root's record of file hashes by path and file status (size,
+nanosecond mtime and ctime, inode, device) that lets an unchanged folder be re-run without reading
+its images. It reads and writes no vectors (that is :mod:`transferkit.cache.store`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+import stat as stat_module
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,22 +86,59 @@ class FeatureSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of a regular file; anything else raises OSError naming the file.
+
+    Checked before opening (opening a device can act on it) and again on what was opened, non-blocking
+    (a FIFO swapped in meanwhile would otherwise make ``open`` wait forever for a writer).
+    """
+    if not stat_module.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        status = os.fstat(fd)
+        if not stat_module.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def hash_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes: the image part of a cache key (renaming keeps it)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with os.fdopen(_open_regular(path), "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-class FileHashes:
-    """Content hashes of files (images, and the cache's own shards), remembered by (absolute
-    path, size, mtime).
+def file_signature(status: os.stat_result) -> str:
+    """What the hash memo compares to decide a file is unchanged: size, nanosecond mtime and ctime,
+    inode and device.
 
-    An unchanged folder is then re-run without reading its images; an edited file has a new
-    size or mtime and is hashed again. SQLite (standard library) because two extractions may
-    share one cache: it handles concurrent writers, and a crash loses at most the open batch.
+    Size and mtime alone miss an edit that keeps the size and restores the mtime (``touch -r``,
+    ``os.utime``, archive extraction); the ctime cannot be set by users and changes with every write
+    and every ``utime``; the inode and device change when a file is replaced by a rename or moved
+    to another disk. A string: inode numbers can exceed SQLite's 64-bit signed integers.
+    """
+    return (f"{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}:"
+            f"{status.st_ino}:{status.st_dev}")
+
+
+class FileHashes:
+    """Content hashes of files (images, and the cache's own shards), remembered by absolute path
+    and :func:`file_signature` (size, nanosecond mtime and ctime, inode, device).
+
+    An unchanged folder is then re-run without reading its images; an edited, replaced or touched
+    file has a new signature and is hashed again. SQLite (standard library) because two
+    extractions may share one cache: it handles concurrent writers, and a crash loses at most the
+    open batch. Paths are stored as bytes (``os.fsencode``), so names that are not valid UTF-8 work.
+
+    The table ``file_hashes`` replaced ``hashes`` (keyed by size + mtime only): old rows are never
+    used to skip a read, so each file is hashed once more after the upgrade; they still count for
+    :meth:`live` and :meth:`sources`, and older transferkit versions sharing the cache keep their table.
 
     Example:
         >>> FileHashes(tmp_dir).hashes([path])  # doctest: +SKIP
@@ -112,10 +151,9 @@ class FileHashes:
     def _connect(self) -> contextlib.closing[sqlite3.Connection]:
         return contextlib.closing(sqlite3.connect(self.path, timeout=60))
 
-    def hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
-        """The hash of each file, or the OSError that stopped reading it."""
+    def _guarded(self, action, *args):
         try:
-            return self._hashes(paths)
+            return action(*args)
         except sqlite3.DatabaseError as exc:
             # Disk full, a read-only folder, or a damaged file: name it. It only remembers hashes.
             raise CacheError(
@@ -124,41 +162,114 @@ class FileHashes:
                 "computed again)."
             ) from exc
 
-    def _hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
+    @staticmethod
+    def _create(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE IF NOT EXISTS file_hashes (path BLOB PRIMARY KEY, signature TEXT, sha256 TEXT)")
+
+    @staticmethod
+    def _has_table(db: sqlite3.Connection, name: str) -> bool:
+        # Readers only look: creating the table would be a write (fails on a full disk or read-only cache).
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return db.execute(query, (name,)).fetchone() is not None
+
+    def hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
+        """The hash of each file, or the OSError that stopped reading it (remembered for next time)."""
+        return self._guarded(self._hashes, paths)
+
+    def lookup(self, paths: Sequence[Path]) -> list[str | OSError | None]:
+        """The remembered hash of each file whose signature is unchanged, ``None`` where the file must be
+        read to know it, or the OSError of a file that cannot be found. Reads no file, writes nothing."""
+        return self._guarded(self._lookup, paths)
+
+    def remember(self, entries: Iterable[tuple[str | os.PathLike, os.stat_result, str]]) -> None:
+        """Record ``(path, status, sha256)`` triples: the status must be the one the bytes were read under
+        (:func:`transferkit.images.read_image_file` gives it)."""
+        rows = [(os.fsencode(Path(path).resolve()), file_signature(status), digest)
+                for path, status, digest in entries]
+        if rows:
+            self._guarded(self._write, rows)
+
+    def _write(self, rows: list[tuple[bytes, str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        results: list[str | OSError] = []
-        fresh = []
         with self._connect() as db, db:
-            db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
-                       "mtime_ns INTEGER, sha256 TEXT)")
+            self._create(db)
+            db.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?)", rows)
+
+    def _lookup(self, paths: Sequence[Path]) -> list[str | OSError | None]:
+        results: list[str | OSError | None] = []
+        with contextlib.ExitStack() as stack:
+            db = stack.enter_context(self._connect()) if self.path.is_file() else None
+            if db is not None and not self._has_table(db, "file_hashes"):
+                db = None
             for path in paths:
                 try:
-                    real = str(Path(path).resolve())
-                    stat = os.stat(real)
-                    row = db.execute("SELECT size, mtime_ns, sha256 FROM hashes WHERE path = ?", (real,)).fetchone()
-                    if row and row[0] == stat.st_size and row[1] == stat.st_mtime_ns:
-                        results.append(row[2])
-                        continue
-                    digest = hash_file(real)
+                    real = Path(path).resolve()
+                    signature = file_signature(os.stat(real))
                 except OSError as exc:
                     results.append(exc)
                     continue
-                fresh.append((real, stat.st_size, stat.st_mtime_ns, digest))
-                results.append(digest)
-            if fresh:  # no write (no journal file) when nothing changed: works on a full disk
-                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", fresh)
+                row = db.execute("SELECT signature, sha256 FROM file_hashes WHERE path = ?",
+                                 (os.fsencode(real),)).fetchone() if db is not None else None
+                results.append(row[1] if row and row[0] == signature else None)
         return results
+
+    def _hashes(self, paths: Sequence[Path]) -> list[str | OSError]:
+        results: list[str | OSError] = []
+        fresh = []
+        for path, known in zip(paths, self._lookup(paths), strict=True):
+            if known is not None:
+                results.append(known)
+                continue
+            try:
+                real = Path(path).resolve()
+                before = os.stat(real)
+                digest = hash_file(real)
+                # Remembered only if nothing wrote to or replaced the file while it was hashed.
+                if file_signature(os.stat(real)) == file_signature(before):
+                    fresh.append((real, before, digest))
+            except OSError as exc:
+                results.append(exc)
+                continue
+            results.append(digest)
+        if fresh:  # no write (no journal file) when nothing changed: works on a full disk
+            self.remember(fresh)
+        return results
+
+    def _rows(self) -> Iterable[tuple[str, os.stat_result | None, str, bool]]:
+        """``(path, current status or None if gone, sha256, unchanged)`` for every remembered file,
+        both tables (legacy rows compare size + mtime, as they were written)."""
+        if not self.path.is_file():
+            return
+        rows: list[tuple[str, str, str, bool]] = []
+        with self._connect() as db:
+            if self._has_table(db, "file_hashes"):
+                rows += [(os.fsdecode(p), sig, digest, False)
+                         for p, sig, digest in db.execute("SELECT path, signature, sha256 FROM file_hashes")]
+            if self._has_table(db, "hashes"):
+                rows += [(p, f"{size}:{mtime_ns}", digest, True)
+                         for p, size, mtime_ns, digest in db.execute("SELECT path, size, mtime_ns, sha256 FROM hashes")]
+        for path, signature, digest, old in rows:
+            try:
+                status = os.stat(path)
+            except OSError:
+                yield path, None, digest, False
+                continue
+            now = f"{status.st_size}:{status.st_mtime_ns}" if old else file_signature(status)
+            yield path, status, digest, now == signature
 
     def live(self) -> set[str]:
         """Content hashes of the files still present, unchanged, at a path hashed here (what
         ``cache prune --missing`` keeps)."""
-        if not self.path.is_file():
-            return set()
-        live = set()
-        with self._connect() as db:
-            for path, size, mtime_ns, digest in db.execute("SELECT path, size, mtime_ns, sha256 FROM hashes"):
-                with contextlib.suppress(OSError):
-                    stat = os.stat(path)
-                    if stat.st_size == size and stat.st_mtime_ns == mtime_ns:
-                        live.add(digest)
-        return live
+        return self._guarded(lambda: {digest for _, _, digest, unchanged in self._rows() if unchanged})
+
+    def sources(self) -> dict[str, list[str]]:
+        """sha256 -> the paths remembered with that content that still exist, unchanged ones first
+        (``cache verify --deep`` recomputes vectors from them; each must still be hashed to be sure)."""
+        def collect():
+            found: dict[str, list[tuple[bool, str]]] = {}
+            for path, status, digest, unchanged in self._rows():
+                if status is not None:
+                    found.setdefault(digest, []).append((not unchanged, path))
+            return {digest: [p for _, p in sorted(items)] for digest, items in found.items()}
+
+        return self._guarded(collect)

@@ -3,7 +3,8 @@
 This module owns whole-cache operations, over every spec folder of a cache root: summarising it
 (:func:`cache_summary`), re-checking every shard (:func:`verify_cache`), dropping and compacting
 entries (:func:`prune_cache`) and joining caches written by several workers (:func:`merge_caches`).
-They work on the shard files of :mod:`transferkit.cache.store`; none of them runs a backbone.
+They work on the shard files of :mod:`transferkit.cache.store`; only :func:`verify_vectors`
+(``verify --deep``) runs a backbone, to recompute a sample of vectors from their images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
-from transferkit.cache.keys import FileHashes
+from transferkit.cache.keys import FeatureSpec, FileHashes
 from transferkit.cache.store import (
     LAST_RUN_FILE,
     SPEC_FILE,
@@ -164,3 +165,160 @@ def merge_caches(cache_dir: str | os.PathLike, sources: Sequence[str | os.PathLi
                         shutil.copyfile(shard, tmp)
                     report["copied"] += 1
     return report
+
+
+def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: str | None = None, seed: int = 0,
+                   batch_size: int = 32) -> dict:
+    """Recompute a random sample of each spec's cached vectors from their images and compare (``--deep``).
+
+    Shard checksums prove the bytes are the ones written; this proves the vectors are the right
+    ones. Each sampled vector's image is found through the file-hash index (the paths hashed with
+    that content) and read once: only bytes that still hash to the vector's key are used. The model
+    is rebuilt from what the spec records (backbone, input size, pooling, storage dtype; for
+    augmented views, the settings and view number) with weights whose fingerprint equals the spec's
+    ``weights_id``: ``weights`` if given, else the ImageNet file when it is on this machine, else
+    random initialisation from ``seed`` (as ``--weights none --seed``).
+
+    Args:
+        cache_dir: the cache root.
+        sample: vectors recomputed per spec (fewer when fewer have an image to recompute from).
+        weights: ``"imagenet"``, ``"none"`` or a weights file: what built the cached vectors.
+        seed: the seed of ``--weights none``.
+        batch_size: images per backbone call.
+
+    Returns:
+        ``{"checked": int, "mismatches": [(image path, spec folder, detail)], "not_checked":
+        [(spec folder, reason)], "no_source": int}``; ``no_source`` counts sampled vectors whose
+        image is gone or changed (nothing to recompute from).
+
+    Example:
+        >>> verify_vectors("runs/cache", sample=50)["mismatches"]  # doctest: +SKIP
+        []
+    """
+    root = Path(cache_dir)
+    report: dict = {"checked": 0, "mismatches": [], "not_checked": [], "no_source": 0}
+    specs = cache_specs(root)
+    if not specs:
+        return report
+    sources = FileHashes(root).sources()
+    rng = np.random.default_rng()
+    models: dict = {}
+    for spec_dir in specs:
+        try:
+            spec = FeatureSpec(**json.loads((spec_dir / SPEC_FILE).read_text()))
+        except (OSError, TypeError, ValueError) as exc:
+            report["not_checked"].append((spec_dir, f"its {SPEC_FILE} cannot be read ({exc})"))
+            continue
+        if spec_dir.name != f"{spec.backbone}-{spec.key()}":
+            report["not_checked"].append((spec_dir, f"its {SPEC_FILE} does not give the folder's key"))
+            continue
+        index: dict[str, tuple[Path, int]] = {}
+        for shard in spec_shards(spec_dir):
+            if verify_shard(shard) is None:  # damaged shards are the shallow check's business
+                for row, key in enumerate(read_keys(shard)):
+                    index.setdefault(key, (shard, row))
+        keys = sorted(k for k in index if k in sources)
+        if not keys:
+            continue
+        model, why = _rebuild_model(spec, models, weights, seed)
+        if model is None:
+            report["not_checked"].append((spec_dir, why))
+            continue
+        chosen = [keys[j] for j in sorted(rng.choice(len(keys), size=min(sample, len(keys)), replace=False))]
+        for start in range(0, len(chosen), batch_size):
+            _compare(spec, spec_dir, model, chosen[start:start + batch_size], index, sources, report)
+    return report
+
+
+def _rebuild_model(spec: FeatureSpec, models: dict, weights: str | None, seed: int):
+    """``(model, None)``: a backbone whose features have ``spec``'s key, or ``(None, why not)``."""
+    import dataclasses
+
+    import keras
+
+    from transferkit.backbones import get_backbone
+    from transferkit.weights import load_backbone, resolve_weights
+
+    try:
+        backbone = get_backbone(spec.backbone)
+    except Exception as exc:  # noqa: BLE001 - an unknown name, from another version or a plug-in
+        return None, f"backbone '{spec.backbone}' is not available here ({exc})"
+    wanted = dataclasses.replace(spec, augmentation="", view=0).key()
+    choices = [weights] if weights else (["imagenet"] if backbone.pretrained else []) + ["none"]
+    tried = []
+    for choice in choices:
+        slot = (spec.backbone, spec.image_size, choice, seed)
+        if slot not in models:
+            try:
+                resolved = resolve_weights(backbone, choice, spec.image_size, download=False)
+                keras.utils.set_random_seed(seed)  # --weights none: the seed gives the weights
+                models[slot] = load_backbone(backbone, resolved, spec.image_size)
+            except Exception as exc:  # noqa: BLE001 - missing or unfit weights: try the next source
+                models[slot] = exc
+        model = models[slot]
+        if isinstance(model, Exception):
+            tried.append(f"{choice}: {str(model).splitlines()[0] if str(model) else type(model).__name__}")
+        elif FeatureSpec.for_model(backbone, model, spec.dtype).key() == wanted:
+            return model, None
+        else:
+            tried.append(f"{choice}{' --seed ' + str(seed) if choice == 'none' else ''}: other weights "
+                         f"(fingerprint {FeatureSpec.for_model(backbone, model).weights_id})")
+    return None, (f"no weights here give fingerprint {spec.weights_id} at format version {spec.version} "
+                  f"(tried {'; '.join(tried)}); pass --weights (and --seed for none) as used to build them")
+
+
+def _compare(spec: FeatureSpec, spec_dir: Path, model, keys: list[str], index: dict, sources: dict,
+             report: dict) -> None:
+    """Recompute the vectors of ``keys`` from their images and record any that differ from the stored ones."""
+    import tensorflow as tf
+
+    from transferkit.cache.extraction import compiled_predict, read_image
+
+    images, found, paths = [], [], []
+    for key in keys:
+        for path in sources[key]:
+            pixels, read = read_image(path, spec.image_size)
+            if pixels is not None and read.digest == key:  # these very bytes made the key
+                images.append(pixels.astype(np.float32))
+                found.append(key)
+                paths.append(path)
+                break
+        else:
+            report["no_source"] += 1
+    if not found:
+        return
+    batch = np.stack(images)
+    if spec.view:
+        from transferkit.augment import augmented_view, view_seed
+
+        config = _augmentation_config(spec.augmentation)
+        batch = np.stack([augmented_view(tf.constant(image), tf.constant(view_seed(key, spec.view, config.seed)),
+                                         config).numpy() for image, key in zip(batch, found, strict=True)])
+    fresh = compiled_predict(model)(batch).numpy()
+    # Float16 storage rounds each value to 3 decimal digits; a wrong vector is off by far more.
+    tolerance = 1e-2 if spec.dtype == "float16" else 1e-3
+    for key, path, vector in zip(found, paths, fresh, strict=True):
+        shard, row = index[key]
+        stored = read_rows(shard, np.array([row]))[0].astype(np.float32)
+        difference = float(np.linalg.norm(stored - vector) / max(float(np.linalg.norm(vector)), 1e-12))
+        report["checked"] += 1
+        if not difference <= tolerance:  # NaN counts as a mismatch
+            view = f", augmented view {spec.view}" if spec.view else ""
+            report["mismatches"].append((path, spec_dir, (
+                f"cached vector differs from the one recomputed from the image (relative difference "
+                f"{difference:.3g}, allowed {tolerance:g}; {spec.backbone} {spec.image_size}px, weights "
+                f"{spec.weights_id}, {spec.dtype}{view}; key {key[:12]}, {shard.name} row {row})")))
+
+
+def _augmentation_config(settings: str):
+    """The TrainConfig whose augmentation settings :func:`transferkit.views.augmentation_id` gave ``settings``."""
+    from transferkit.config import TrainConfig
+    from transferkit.views import augmentation_id
+
+    values = dict(item.split("=", 1) for item in settings.split()[1:])
+    strengths = {f"augment_{name}": float(value) for name, value in values.items() if name not in ("flip", "seed")}
+    config = TrainConfig(image_dir="", output_dir="", augment_flip=values.get("flip") == "1",
+                         seed=int(values.get("seed", 0)), **strengths)
+    if augmentation_id(config) != settings:
+        raise ValueError(f"augmentation settings '{settings}' are from another version of transferkit")
+    return config
