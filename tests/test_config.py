@@ -15,8 +15,8 @@ def test_defaults_and_replace():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("batch_size", 0, "Invalid --batch-size: expected an integer >= 1 or auto, received 0"),
-    ("batch_size", "big", "Invalid --batch-size: expected an integer >= 1 or auto, received 'big'"),
+    ("batch_size", 0, "Invalid --batch-size: expected an integer from 1 to 4096, or auto, received 0"),
+    ("batch_size", "big", "Invalid --batch-size: expected an integer from 1 to 4096, or auto, received 'big'"),
     ("val_fraction", 1.5, "Invalid --val-fraction"),
     ("test_fraction", 0.9, "leaving images to train on"),
     ("min_accuracy", 2, "Invalid --min-accuracy"),

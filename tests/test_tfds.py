@@ -168,13 +168,18 @@ def test_an_unknown_dataset_suggests_the_nearest_name(tmp_path):
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    """No mock and no prepared data: TFDS's download fails as it does without a network."""
+    """No mock and no prepared data: TFDS's download fails as it does without a network.
+
+    The quick network probe is told the hosts answer, so TFDS's own download runs and fails (that the
+    probe fails fast is tested in test_trust_options.py).
+    """
     import requests
     from tensorflow_datasets.core import dataset_builder
 
     def fail(self, *args, **kwargs):
         raise requests.exceptions.ConnectionError("Failed to resolve 'download.tensorflow.org' (test: no network)")
 
+    monkeypatch.setattr("transferkit.tfds_folder._unreachable", lambda urls: None)
     monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare", fail)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tensorflow_datasets"))
 

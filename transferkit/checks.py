@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from transferkit.data import SPLITS, ImageFolder
 from transferkit.errors import DataError
+from transferkit.splits import MIN_SPLIT_CLASS_IMAGES
 
 #: How many examples a message lists before "and N more".
 MAX_LISTED = 5
@@ -57,7 +58,8 @@ def dataset_warnings(folder: ImageFolder, hashes: Sequence[str | OSError | None]
     """Problems of a scanned folder that do not stop a run but make its numbers misleading.
 
     * a split (val or test) that has images but none of some class: that class's accuracy there cannot
-      be measured (with a hash split: the class has fewer than 3 images);
+      be measured (with a hash split: the class has fewer than 3 images, so all of them train, whatever
+      the seed);
     * the same image (same bytes) in two splits: the test score is optimistic;
     * the same image in two classes: contradictory labels.
 
@@ -98,7 +100,9 @@ def _missing_classes(folder: ImageFolder) -> list[str]:
                             if s == split})
             fix = f"Add images of {names} to {' and '.join(f'{w}/' for w in where)}"
         else:
-            fix = "Give each class at least 3 images (better 20 or more) so that every split gets some"
+            fix = (f"A class of fewer than {MIN_SPLIT_CLASS_IMAGES} images is only trained on, whatever the seed; "
+                   f"give each class at least {MIN_SPLIT_CLASS_IMAGES} images (better 20 or more) so that every "
+                   "split gets some")
         messages.append(f"The {split} split has no images of class(es) {names}, so their {split} accuracy "
                         f"cannot be measured. {fix}.")
     return messages

@@ -17,8 +17,9 @@ from pathlib import Path
 import click
 
 from transferkit import DEMO_DIR, __version__, runtime
+from transferkit import config as limits
 from transferkit.config import DISTRIBUTE, SCHEDULES, TrainConfig
-from transferkit.errors import TransferkitError
+from transferkit.errors import TransferkitError, short_repr
 from transferkit.strategies import STRATEGIES
 
 log = logging.getLogger("transferkit")
@@ -130,29 +131,45 @@ _weights_option = click.option(
     "--weights", default="imagenet", show_default=True,
     help="'imagenet' (Keras cache, bundled or downloaded), 'none' (random init) or a weights file path.",
 )
+class _Bounded(click.IntRange):
+    """An integer in ``[low, high]``: config.py's bounds, so an option and a recipe are refused alike.
+
+    The message says what is allowed and why, and what was received (cut short).
+    """
+
+    def __init__(self, low: int, high: int, expected: str):
+        super().__init__(low, high)
+        self.expected = expected
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            received = short_repr(value) if not isinstance(value, str) else short_repr(value)[1:-1]
+            self.fail(f"expected {self.expected}, received {received}.", param, ctx)
+
+
+_SEED = _Bounded(0, limits.MAX_SEED, limits.SEED_RANGE)
+_EPOCHS = _Bounded(1, limits.MAX_EPOCHS, limits.EPOCHS_RANGE)
+_AUGMENT_VIEWS = _Bounded(0, limits.MAX_AUGMENT_VIEWS, limits.AUGMENT_VIEWS_RANGE)
+_BATCH_SIZE_OR_AUTO = _Bounded(1, limits.MAX_BATCH_SIZE, f"{limits.BATCH_SIZE_RANGE}, or auto")
+
 _image_size_option = click.option(
-    "--image-size", type=click.IntRange(min=8), default=None,
-    help="Input size in pixels (square). Default: the backbone's native size.",
+    "--image-size", type=_Bounded(limits.MIN_IMAGE_SIZE, limits.MAX_IMAGE_SIZE, limits.IMAGE_SIZE_RANGE),
+    default=None, help="Input size in pixels (square). Default: the backbone's native size.",
 )
 class _BatchSize(click.ParamType):
-    """A positive integer, or ``auto`` (``train --batch-size auto``)."""
+    """A positive integer up to config.MAX_BATCH_SIZE, or ``auto`` (``train --batch-size auto``)."""
 
     name = "integer|auto"
 
     def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, int) and value >= 1:
-            return value
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = 0
-        if number < 1:
-            self.fail(f"{value!r} is not an integer >= 1 or 'auto'.", param, ctx)
-        return number
+        return value if value == "auto" else _BATCH_SIZE_OR_AUTO.convert(value, param, ctx)
 
 
-_batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-                                  help="Images per batch.")
+_batch_size_option = click.option(
+    "--batch-size", type=_Bounded(1, limits.MAX_BATCH_SIZE, limits.BATCH_SIZE_RANGE), default=32,
+    show_default=True, help="Images per batch.")
 _cache_dir_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False), default=None,
     help="Feature cache folder. Default: $TRANSFERKIT_CACHE_DIR or the user cache folder.",
@@ -167,7 +184,7 @@ _cache_dtype_option = click.option(
     help="How cached vectors are stored; float16 halves the cache (vectors are used as float32).",
 )
 _augment_views_option = click.option(
-    "--augment-views", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+    "--augment-views", type=_AUGMENT_VIEWS, default=0, show_default=True, metavar="K",
     help="Also cache K augmented views per image (random crop, flip, rotation, brightness, contrast, PCA "
          "colour at train's default augmentation strengths, seeded by --seed), so a head can train with "
          "augmentation.",
@@ -275,7 +292,7 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 @_batch_size_option
 @_cache_dir_option
 @_cache_dtype_option
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=_SEED, default=0, show_default=True,
               help="Seed of the random initialisation with --weights none (so re-runs hit the cache).")
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the images across this many workers (e.g. jobs of a cluster scheduler).")
@@ -381,7 +398,7 @@ def features() -> None:
 @_batch_size_option
 @_cache_dir_option
 @_cache_dtype_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split (and of --weights none).")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed of the split (and of --weights none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_augment_views_option
 @_strict_option
@@ -454,7 +471,7 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
 @_batch_size_option
 @_cache_dir_option
 @_cache_dtype_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_quiet_option
 @_handle_errors
@@ -497,7 +514,7 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
 @_batch_size_option
 @_cache_dir_option
 @_cache_dtype_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the sweep.")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed of the split and the sweep.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_quiet_option
 @_handle_errors
@@ -678,7 +695,7 @@ def cache_merge(sources, cache_dir) -> None:
 @click.option("--search/--no-search", default=True, show_default=True,
               help="scikit-learn heads: search their small hyper-parameter grid by cross-validation.")
 @_image_size_option
-@click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True,
+@click.option("--epochs", type=_EPOCHS, default=500, show_default=True,
               help="Maximum epochs; early stopping usually ends sooner.")
 @click.option("--batch-size", type=_BatchSize(), default=32, show_default=True,
               help="Images per batch, or auto: start at 32 and halve whenever a phase runs out of memory.")
@@ -695,7 +712,7 @@ def cache_merge(sources, cache_dir) -> None:
                    "after fine-tuning as logistic regression on the fine-tuned features.")
 @click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=None,
               help="fine-tune-top: how many top blocks of the backbone train. [default: about 20% of the blocks]")
-@click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=_default("fine_tune_epochs"),
+@click.option("--fine-tune-epochs", type=_EPOCHS, default=_default("fine_tune_epochs"),
               show_default=True, help="Epochs of the fine-tune phase (best epoch kept, early stopping on val).")
 @click.option("--fine-tune-learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak rate of the head in the fine-tune phase; the top block gets 1/10, deeper blocks 1/100. "
@@ -709,7 +726,7 @@ def cache_merge(sources, cache_dir) -> None:
 @click.option("--augment/--no-augment", default=_default("augment"), show_default=True,
               help="Augment training images while fine-tuning (random crop, flip, rotation, brightness, contrast, "
                    "PCA colour; strengths in a recipe). freeze-all is unaffected (see --augment-views).")
-@click.option("--augment-views", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--augment-views", type=_AUGMENT_VIEWS, default=0, show_default=True,
               help="Train the head also on K cached augmented views of each training image (no backbone re-run).")
 @click.option("--class-weight", type=click.Choice(["none", "auto"]), default="none", show_default=True,
               help="auto: weight classes inversely to their training counts (imbalanced data).")
@@ -723,7 +740,7 @@ def cache_merge(sources, cache_dir) -> None:
               help="The fine-tune phase on every GPU of this machine (mirrored) or on the workers named by "
                    "TF_CONFIG (multi-worker: run the same command on each; the chief writes RUN_DIR).")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN_DIR/checkpoints/logs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the training.")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed for the split and the training.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for validation when IMAGE_DIR is not split into folders.")
 @click.option("--test-fraction", type=float, default=0.15, show_default=True,
@@ -852,7 +869,7 @@ _MISSING = {
 @_batch_size_option
 @_cache_dir_option
 @_cache_dtype_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and of the first run.")
+@click.option("--seed", type=_SEED, default=0, show_default=True, help="Seed of the split and of the first run.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for validation when IMAGE_DIR is not split into folders.")
 @click.option("--test-fraction", type=float, default=0.15, show_default=True,

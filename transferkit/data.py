@@ -24,12 +24,13 @@ Scanning a folder imports no TensorFlow.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, short_repr
 from transferkit.images import (
     IMAGE_EXTENSIONS,
     decode_in_graph,
@@ -51,8 +52,9 @@ from transferkit.splits import (
 from transferkit.tfds_folder import is_tfds_name
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SPLITS", "ImageFolder", "decode_in_graph", "find_images", "image_dataset", "load_image",
-    "path_strings", "read_splits_csv", "scan_folder", "stable_fraction", "write_splits_csv",
+    "IMAGE_EXTENSIONS", "SPLITS", "ImageFolder", "check_class_names", "decode_in_graph", "find_images",
+    "image_dataset", "load_image", "path_strings", "read_splits_csv", "scan_folder", "stable_fraction",
+    "write_splits_csv",
 ]
 
 # Files and folders that operating systems and tools leave behind; never images, never classes.
@@ -60,6 +62,9 @@ _SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$r
 # Folder names (lower-case) that mark a pre-split dataset, mapped to the split they hold.
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _ALLOWED = " ".join(IMAGE_EXTENSIONS)
+# Unicode categories a class name cannot hold: control characters (Cc: line breaks, tabs, escapes) and the
+# line and paragraph separators, since labels.txt holds one name a line and readers split on all of them.
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
 
 
 def scan_folder(
@@ -98,7 +103,8 @@ def scan_folder(
 
     Raises:
         DataError: Root missing, no class folders, a class without readable images, fewer than two
-            classes, an unknown class, or bad fractions; a TFDS dataset that is unknown or unavailable.
+            classes, an unknown class, a class name that :func:`check_class_names` refuses, or bad
+            fractions; a TFDS dataset that is unknown or unavailable.
 
     Example:
         >>> folder = scan_folder("photos", seed=1)  # doctest: +SKIP
@@ -143,6 +149,7 @@ def scan_folder(
             f"class, e.g. photos/cat/*.jpg, photos/dog/*.jpg (or train/, val/, test/ folders that each "
             f"hold such class folders).")
 
+    check_class_names(sorted(class_dirs), root)
     names = _resolve_class_names(root, sorted(class_dirs), class_names)
     index_of = {name: i for i, name in enumerate(names)}
 
@@ -179,6 +186,48 @@ def scan_folder(
     return ImageFolder(root=root, class_names=tuple(names), paths=paths, labels=labels,
                        splits=splits, split_source=source, skipped=tuple(sorted(skipped)),
                        num_ignored=ignored.value)
+
+
+def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> None:
+    """Refuse class folder names that a run could not keep: found at scan time, not when ``predict`` reads them.
+
+    * A control character (a line break, tab, escape) or a line separator: ``labels.txt`` holds one class
+      name a line, so the name would not read back as one class.
+    * Two names that differ only by case or Unicode normalisation (``Cat`` and ``cat``; ``café`` typed as
+      one character and as ``e`` plus an accent): one folder on case-insensitive file systems (macOS,
+      Windows), in exports and in anything that compares names as text.
+
+    Raises:
+        DataError: naming the folder(s) and how to fix them.
+
+    Example:
+        >>> check_class_names(["cat", "dog"])
+        >>> check_class_names(["cat", "Cat"])
+        Traceback (most recent call last):
+        ...
+        transferkit.errors.DataError: Class folders 'Cat' and 'cat' in '.' differ only by ...
+    """
+    for name in names:
+        bad = sorted({c for c in name if unicodedata.category(c) in _LINE_BREAKING})
+        if bad:
+            codes = ", ".join(f"U+{ord(c):04X}" for c in bad)
+            raise DataError(
+                f"Class folder {short_repr(name)} in '{root}' has a control character in its name ({codes}, e.g. a "
+                f"line break or tab). Class names are saved one a line in labels.txt, so this one could not be "
+                f"read back. Rename the folder without it.")
+    first: dict[str, str] = {}
+    for name in names:
+        # lower(), not casefold(): file systems fold case one character at a time ('ß' is not 'SS' there).
+        key = unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).lower())
+        other = first.setdefault(key, name)
+        if other != name:
+            # Names that look alike on screen: show the characters they are made of.
+            spelled = "" if other.isascii() and name.isascii() else \
+                f" (as code points: {ascii(other[:60])} and {ascii(name[:60])})"
+            raise DataError(
+                f"Class folders {short_repr(other)} and {short_repr(name)} in '{root}' differ only by case or Unicode "
+                f"normalisation{spelled}: they are one folder on case-insensitive file systems (macOS, Windows) "
+                f"and in exports. Merge them into one folder, or rename one.")
 
 
 class _Counter:

@@ -36,3 +36,26 @@ class CacheError(TransferkitError):
 
 class ExportError(TransferkitError):
     """An exported model does not predict like the trained one, or cannot be built."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages that echo a user's value.
+
+    A value from a file can be huge (a YAML list of a million items, a 100,000-digit integer, whose
+    ``repr`` Python even refuses); a message must stay one readable line whatever it holds.
+
+    Example:
+        >>> short_repr("x" * 1000, limit=12)
+        "'xxx...xxxx'"
+        >>> short_repr(list(range(100)))
+        '[0, 1, 2, 3, 4, 5, ...]'
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = shortener.maxlong = limit
+    try:
+        text = shortener.repr(value)
+    except ValueError:  # an int beyond Python's 4,300-digit str() limit
+        return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

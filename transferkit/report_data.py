@@ -106,11 +106,11 @@ class RunFolder:
 
     @staticmethod
     def _yaml(path: Path) -> dict:
-        import yaml
+        from transferkit.config import read_yaml
 
         try:
-            return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-        except yaml.YAMLError:
+            return read_yaml(path, "Run settings") if path.is_file() else {}
+        except InputError:  # damaged or hostile: the report is drawn without the settings
             return {}
 
     def image_path(self, rel: str) -> Path:

@@ -110,12 +110,25 @@ def stable_fraction(rel: str, seed: int) -> float:
     return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
 
 
+#: A class needs this many images for one in each of train, val and test. A smaller class is all in train,
+#: whatever the seed (see :func:`hash_splits`).
+MIN_SPLIT_CLASS_IMAGES = 3
+
+
 def hash_splits(paths: tuple[str, ...], labels: np.ndarray, seed: int,
                 val_fraction: float, test_fraction: float) -> tuple[str, ...]:
-    """The split of each path: by :func:`stable_fraction`, then every split gets every class of 3+ images.
+    """The split of each path: by :func:`stable_fraction`, then per class by its number of images only.
 
-    For a class with at least 3 images, an empty split takes one image (the one with the highest
-    hash) from the class's largest split (normally train).
+    * A class of fewer than :data:`MIN_SPLIT_CLASS_IMAGES` images is all in train. It cannot reach every
+      split anyway, and holding some of it out would depend on the seed: one seed would leave it without
+      training images (a run refused) where another trains on it. Its accuracy cannot be measured, which
+      :func:`transferkit.checks.dataset_warnings` says.
+    * A class of 3 or more gets at least one image in every split in use: an empty split takes one image
+      (the one with the highest hash) from the class's largest split (train on ties), which keeps one.
+
+    Example:
+        >>> hash_splits(("a/1.jpg", "a/2.jpg", "b/1.jpg"), np.array([0, 0, 1]), 0, 0.15, 0.15)
+        ('train', 'train', 'train')
     """
     units = [stable_fraction(p, seed) for p in paths]
     splits = ["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
@@ -123,7 +136,9 @@ def hash_splits(paths: tuple[str, ...], labels: np.ndarray, seed: int,
     wanted = ["train"] + (["val"] if val_fraction > 0 else []) + (["test"] if test_fraction > 0 else [])
     for label in np.unique(labels).tolist():
         members = np.flatnonzero(labels == label).tolist()
-        if len(members) < 3:
+        if len(members) < MIN_SPLIT_CLASS_IMAGES:
+            for i in members:
+                splits[i] = "train"
             continue
         for target in wanted:
             by_split = {s: [i for i in members if splits[i] == s] for s in SPLITS}

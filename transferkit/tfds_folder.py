@@ -52,12 +52,17 @@ import logging
 import os
 import re
 import shutil
+import socket
+import threading
 import time
+import unicodedata
+import urllib.parse
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferkit.errors import DataError, InputError
+from transferkit.errors import DataError, InputError, short_repr
 from transferkit.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger("transferkit")
@@ -71,6 +76,11 @@ _FORMAT = 1
 _ROLE_SPLITS = ("train", "validation", "test")
 _VERSION = re.compile(r"^\d+\.(\d+|\*)\.(\d+|\*)$")
 _SPLIT_NAME = re.compile(r"[A-Za-z_][\w-]*")
+#: Seconds the download hosts get to answer before the machine counts as offline. TFDS itself retries a
+#: failed connection 10 times with growing pauses: 3.5 minutes before it gives up.
+NETWORK_PROBE_SECONDS = 3.0
+#: Where TFDS keeps most datasets' files; probed when a dataset does not list its download URLs.
+_DEFAULT_DOWNLOAD_URL = "https://storage.googleapis.com/"
 
 
 def is_tfds_name(value) -> bool:
@@ -244,14 +254,71 @@ def _download(builder, source: TfdsName, download: bool) -> None:
            f"'{builder.info.full_name}' folder into a TFDS data folder here and point TFDS_DATA_DIR at it.")
     if not download:
         raise DataError(f"TensorFlow Datasets '{source.name}' is not prepared in '{root}'. {how}")
-    log.info("%s: not prepared in %s; TensorFlow Datasets downloads and prepares it now (needs a network; "
-             "offline it fails after its retries). %s", source, root, how)
+    unreachable = _unreachable(_download_urls(builder))
+    if unreachable:
+        raise DataError(f"TensorFlow Datasets '{source.name}' is not prepared in '{root}' and could not be "
+                        f"downloaded (no network: {unreachable}). {how}")
+    log.info("%s: not prepared in %s; TensorFlow Datasets downloads and prepares it now (needs a network). %s",
+             source, root, how)
     try:
         builder.download_and_prepare()
     except Exception as exc:  # noqa: BLE001 - network, checksum, disk: every failure gets the same advice
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"TensorFlow Datasets '{source.name}' is not prepared in '{root}' and could not be "
                         f"downloaded ({type(exc).__name__}: {first[:300]}). {how}") from exc
+
+
+def _download_urls(builder) -> list[str]:
+    """The URLs TFDS will download for a dataset, from its checksums file (else TFDS's own storage)."""
+    try:
+        urls = [url for url in (builder.url_infos or {}) if isinstance(url, str)]
+    except Exception:  # noqa: BLE001 - a dataset without (or with a broken) checksums file
+        urls = []
+    return urls or [_DEFAULT_DOWNLOAD_URL]
+
+
+def _unreachable(urls: list[str], timeout: float = NETWORK_PROBE_SECONDS) -> str | None:
+    """Why the hosts of ``urls`` cannot be reached within ``timeout`` seconds, or None when they can.
+
+    One TCP connection per host (through the proxy the environment names, as TFDS's requests would),
+    all at once in daemon threads, so a name lookup that hangs cannot hold the command either.
+    """
+    proxies = urllib.request.getproxies()
+    targets: dict[tuple[str, int], str] = {}
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if not parts.hostname:
+            continue
+        proxy = proxies.get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(parts.hostname):
+            parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if parts.hostname:
+            port = parts.port or (443 if parts.scheme in ("https", "ftps") else 21 if parts.scheme == "ftp" else 80)
+            targets.setdefault((parts.hostname, port), parts.hostname)
+    failures: dict[tuple[str, int], str] = {}
+
+    def probe(target: tuple[str, int]) -> None:
+        try:
+            socket.create_connection(target, timeout=timeout).close()
+        except OSError as exc:
+            failures[target] = str(exc) or type(exc).__name__
+        else:
+            failures.pop(target, None)
+
+    threads = []
+    for target in list(targets)[:4]:
+        failures[target] = f"no answer within {timeout:g} s"  # until the probe says otherwise
+        thread = threading.Thread(target=probe, args=(target,), daemon=True, name=f"tfds-probe-{target[0]}")
+        thread.start()
+        threads.append(thread)
+    deadline = time.monotonic() + timeout + 0.5
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    failed = dict(failures)  # a copy: a probe that answers late may still change the dict
+    if not failed:
+        return None
+    (host, port), reason = next(iter(failed.items()))
+    return f"cannot reach {host}:{port}: {reason}"
 
 
 def _plan(builder, source: TfdsName) -> dict[str, str]:
@@ -347,16 +414,29 @@ def _remove_stale_partials(target: Path) -> None:
 
 
 def class_folder_names(names) -> list[str]:
-    """Folder-safe class names: separators and NULs become ``_``, a leading dot ``_`` (hidden otherwise).
+    """Folder-safe class names that :func:`transferkit.data.check_class_names` accepts.
+
+    Separators, NULs, control characters and line separators become ``_``, a leading dot ``_`` (hidden
+    otherwise); names are NFC.
+
+    Raises:
+        DataError: two labels give one folder name, or names equal but for case.
 
     Example:
         >>> class_folder_names(["cat", "n/a", ".dot"])
         ['cat', 'n_a', '_dot']
     """
-    safe = [re.sub(r"[/\\\0]", "_", str(n)).strip() or "_" for n in names]
+    safe = [re.sub(r"[/\\\0]", "_", str(n)) for n in names]
+    safe = ["".join("_" if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in n) for n in safe]
+    safe = [unicodedata.normalize("NFC", n).strip() or "_" for n in safe]
     safe = ["_" + n[1:] if n.startswith(".") else n for n in safe]
-    if len(set(safe)) != len(safe):
-        raise DataError(f"Class names {list(names)} give the same folder name twice once made folder-safe.")
+    first: dict[str, int] = {}
+    for label, name in enumerate(safe):
+        other = first.setdefault(name.lower(), label)
+        if other != label:
+            raise DataError(f"Class names {short_repr(names[other])} and {short_repr(names[label])} give the same "
+                            f"folder name once made folder-safe ({short_repr(safe[label])}, case aside); "
+                            "transferkit cannot keep these classes apart.")
     return safe
 
 
