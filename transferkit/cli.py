@@ -357,7 +357,7 @@ def _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_
         check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]
     resolved = resolve_weights(spec, weights, size)
-    cache_dir = runs.check_writable_dir(cache_dir or default_cache_dir(), "--cache-dir")
+    cache_dir = runs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, folder.root))
     runtime.start_tensorflow()
     import keras
 
@@ -423,8 +423,10 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     output, file_format, augment_views = Path(config.output), config.file_format, config.augment_views
     if output.exists() and not config.overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    from transferkit.runs import check_outside_inputs, check_writable_dir
+
+    check_outside_inputs(output, "-o/--output", [config.image_dir])  # never write into the image folder
     output.resolve().parent.mkdir(parents=True, exist_ok=True)  # as train makes its run folder
-    from transferkit.runs import check_writable_dir
 
     check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
     folder, paths, result, cache = _extract_folder(
@@ -492,6 +494,9 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
     if not output.resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
+    from transferkit.runs import check_outside_inputs
+
+    check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
     folder, _, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                            cache_dtype, seed, quiet)
     vectors, labels = result.vectors[result.ok], folder.labels[result.ok]
@@ -538,6 +543,9 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
         raise click.BadParameter(f"must end in .png, received '{output.name}'", param_hint="-o/--output")
     if output.exists() and not overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    from transferkit.runs import check_outside_inputs
+
+    check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
     folder, paths, result, _ = _extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                                cache_dtype, seed, quiet)
     train = result.ok & (np.array(folder.splits) == "train")
@@ -1108,7 +1116,8 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     paths = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
     if not paths:
         raise click.BadParameter("no image files found", param_hint="IMAGE")
-    output = runs.prepare_output_dir(output_dir, overwrite)
+    output = runs.prepare_output_dir(output_dir, overwrite, inputs=[i for i in images if Path(i).is_dir()],
+                                     command="explain")
     runtime.start_tensorflow()
     run = runs.load_run(run_dir)
     run.require_keras_head("explain (Grad-CAM)")

@@ -91,7 +91,7 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
         raise InputError(f"An ensemble needs at least two run folders; received {len(run_dirs)}.")
     for run_dir in run_dirs:
         runs.check_run_dir(run_dir)
-    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite)
+    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite, inputs=[image_dir], command="ensemble")
     loaded = [runs.load_run(run_dir) for run_dir in run_dirs]
     class_names = loaded[0].class_names
     for run in loaded[1:]:

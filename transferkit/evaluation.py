@@ -113,7 +113,8 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     run = runs.load_run(run_dir)
     folder = scan_folder(image_dir, class_names=run.class_names)
     output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / image_dir.name
-    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite)
+    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, folder.root),
+                                         command="evaluate")
     started = time.perf_counter()
     result = predict_paths(run.predictor(batch_size),
                            [folder.abs_path(p) for p in folder.paths], batch_size=batch_size, tta=tta, verbose=verbose)

@@ -104,11 +104,14 @@ def export_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, fmt: s
         raise InputError(f"--quantize {quantize} applies to --format tflite only; {fmt} exports are float32. "
                          "Drop --quantize or export to tflite.")
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise InputError(f"Export folder '{output_dir}' (-o) already exists and is not empty. Choose a new "
-                         "folder, or pass --overwrite to replace it.")
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"Export folder '{output_dir}' (-o) is a file. Choose a folder path.")
+    runs.check_outside_inputs(output_dir, "-o/--output-dir", [image_dir])
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"Export folder '{output_dir}' (-o) already exists and is not empty. Choose a new "
+                             "folder, or pass --overwrite to replace it.")
+        _check_replaceable(output_dir)
     runs.check_writable_dir(output_dir.parent if output_dir.parent != Path("") else Path("."), "-o")
     run = runs.load_run(run_dir)
     run.require_keras_head("export")
@@ -136,12 +139,28 @@ def export_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, fmt: s
         if fmt == "tflite" and quantize == "int8":
             card["int8_kernels"] = check_int8_kernels(artifact)
         files.write_json(tmp / CARD_FILE, card)
+        runs.mark_output_dir(tmp, "export")
         _publish(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     card["output_dir"] = str(output_dir)
     return card
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    """``--overwrite`` replaces a whole export folder, so it must be one transferkit wrote and hold
+    nothing else: refuse before any work otherwise (nothing is deleted that transferkit did not write)."""
+    if not runs.is_output_dir(output_dir):
+        raise InputError(f"Export folder '{output_dir}' (-o) is not empty and was not written by transferkit (it has "
+                         f"no {runs.MARKER_FILE} file), so --overwrite will not replace it. Choose a new or empty "
+                         "folder.")
+    ours = {*ARTIFACT_NAMES.values(), runs.LABELS_FILE, CARD_FILE, runs.MARKER_FILE}
+    foreign = sorted(entry.name for entry in output_dir.iterdir() if entry.name not in ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"Export folder '{output_dir}' (-o) holds files transferkit did not write ({shown}); "
+                         "--overwrite replaces the whole folder, so move them out first or choose a new folder.")
 
 
 def _publish(tmp: Path, output_dir: Path) -> None:

@@ -57,6 +57,21 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.fsync(handle.fileno())
     os.chmod(tmp, _default_mode())
     os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (after a power cut the folder names the new file)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not openable as a folder here (e.g. Windows): the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; nothing more can be done
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

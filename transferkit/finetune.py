@@ -10,14 +10,19 @@ What this module guarantees, because Keras users get each of these wrong by hand
 - Warm-up then cosine (or one-cycle) decay from Keras' own ``CosineDecay``.
 - Resumable: ``BackupAndRestore`` checkpoints weights, optimizer and epoch every epoch; the best
   epoch's weights are kept by ``ModelCheckpoint`` and early stopping resumes with its counters.
+  Every one of these files is written atomically (Keras writes them in place, so an interrupt
+  inside a write left a file every later resume crashed on), and a damaged last backup falls
+  back to the one before it.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,31 +129,166 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
     """
     import keras
 
+    from transferkit import runs
+    from transferkit.errors import TransferkitError
+
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     history_path = checkpoint_dir / "history-fine-tune.csv"
     best_path = checkpoint_dir / "best.weights.h5"
-    earlier = read_history(history_path)
-    monitor = "val_loss" if val_data is not None else "loss"
-    best_so_far = [row[monitor] for row in earlier] + ([baseline] if baseline is not None and val_data is not None
-                                                      else [])
     model.compile(optimizer=make_optimizer(config, layer_rates, steps_per_epoch, config.fine_tune_epochs),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=config.xla or False)
     _say_xla(config, model)
+    # Restored before fit, so the history and early stopping below start from the epoch restored
+    # (after a fallback to the previous backup, the epoch run again is not counted twice).
+    callbacks_ = atomic_callbacks()
+    backup = callbacks_.BackupAndRestore(str(checkpoint_dir / runs.BACKUP_DIR))
+    backup.set_model(model)
+    start = backup.restore()
+    earlier = [row for row in read_history(history_path) if row["epoch"] < start]
+    monitor = "val_loss" if val_data is not None else "loss"
+    best_so_far = [row[monitor] for row in earlier if monitor in row] + (
+        [baseline] if baseline is not None and val_data is not None else [])
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False),
-        keras.callbacks.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
-                                        initial_value_threshold=min(best_so_far, default=None)),
+        callbacks_.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
+                                   initial_value_threshold=min(best_so_far, default=None)),
         _resumed_early_stopping(keras, monitor, config.fine_tune_patience, earlier),
-        keras.callbacks.CSVLogger(str(history_path), append=bool(earlier)),
+        callbacks_.History(history_path, earlier),
         *(extra_callbacks or []),
+        *tensorboard_callbacks(config, checkpoint_dir, "fine-tune", resumed=start > 0),
+        backup,  # last: its state file commits an epoch once the best weights and the history hold it
     ]
-    callbacks += tensorboard_callbacks(config, checkpoint_dir, "fine-tune", resumed=bool(earlier))
     model.fit(train_data, validation_data=val_data, epochs=config.fine_tune_epochs, class_weight=class_weight,
               callbacks=callbacks, verbose=keras_verbose(1 if verbose >= 2 else (2 if verbose else 0)),
-              shuffle=False)
+              shuffle=False, initial_epoch=start)
     if best_path.is_file():
-        model.load_weights(best_path)
+        try:
+            model.load_weights(best_path)
+        except Exception as exc:  # noqa: BLE001 - HDF5 and shape errors: a file changed by something else
+            raise TransferkitError(f"The best fine-tune weights '{best_path}' cannot be read ({type(exc).__name__}). "
+                                   "Train the run again with --overwrite.") from exc
     return read_history(history_path), best_path.is_file()
+
+
+#: The names a backup's weights may have (nothing else is ever loaded from the backup folder).
+_BACKUP_WEIGHTS = re.compile(r"(epoch-\d{1,6}|latest)\.weights\.h5")
+
+
+@functools.cache
+def atomic_callbacks():
+    """Keras' checkpointing callbacks, writing every file atomically (defined on first use: Keras
+    loads lazily). Attributes ``BackupAndRestore``, ``ModelCheckpoint`` and ``History``."""
+    import types
+
+    import keras
+
+    from transferkit import files, runs
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        """Keras' ``BackupAndRestore`` with crash-safe files.
+
+        Keras overwrites ``latest.weights.h5`` in place, then ``training_metadata.json``: an
+        interrupt inside the write (two quick Ctrl-Cs) leaves a file that every later resume
+        crashes on. Here each epoch's weights go to a new ``epoch-N.weights.h5`` (temporary file,
+        fsync, rename), then ``state.json`` (written the same way) names it as the latest and the
+        one before it as the previous; only those two are kept. A latest that will not load falls
+        back to the previous one with a warning. A folder of Keras' own callback resumes too.
+        """
+
+        def __init__(self, backup_dir: str):
+            super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+            self._state_path = Path(backup_dir) / "state.json"
+            self._latest: dict | None = None
+            self._restored = False
+
+        def on_train_begin(self, logs=None):
+            if not self._restored:
+                self.restore()
+
+        def restore(self) -> int:
+            """Load the newest loadable backup into the model; returns the epoch to start from."""
+            self._restored = True
+            candidates = self._candidates()
+            if not candidates:
+                return 0
+            optimizer = self.model.optimizer
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(self.model.trainable_variables)  # its variables are in the file too
+            snapshot = [keras.ops.convert_to_numpy(v) for v in self.model.variables]
+            folder = Path(self.backup_dir)
+            for i, entry in enumerate(candidates):
+                try:
+                    self.model.load_weights(folder / entry["weights"])
+                except Exception as exc:  # noqa: BLE001 - HDF5, OS and shape errors all mean a damaged file
+                    then = (f"falling back to the previous one (epoch {candidates[i + 1]['epoch']})"
+                            if i + 1 < len(candidates) else "no earlier one is left, so the phase starts again")
+                    log.warning("WARNING: fine-tune backup '%s' is damaged (%s: %s); %s.", folder / entry["weights"],
+                                type(exc).__name__, str(exc)[:120], then)
+                    continue
+                self._latest = entry
+                self.model._initial_epoch = entry["epoch"]  # what Keras' own restore sets
+                return entry["epoch"]
+            for variable, value in zip(self.model.variables, snapshot, strict=True):
+                variable.assign(value)  # undo whatever a damaged file loaded before it failed
+            return 0
+
+        def _candidates(self) -> list[dict]:
+            """``[latest, previous]`` backups as ``{"epoch", "weights"}`` whose files exist, newest first."""
+            folder = Path(self.backup_dir)
+            state = _read_json(self._state_path)
+            if state is None and (folder / "latest.weights.h5").is_file():  # Keras' own layout
+                meta = _read_json(folder / "training_metadata.json")
+                state = {"latest": {"epoch": meta.get("epoch") if isinstance(meta, dict) else None,
+                                    "weights": "latest.weights.h5"}}
+            entries = [state.get(key) for key in ("latest", "previous")] if isinstance(state, dict) else []
+            return [{"epoch": entry["epoch"], "weights": entry["weights"]} for entry in entries
+                    if isinstance(entry, dict) and type(entry.get("epoch")) is int and entry["epoch"] >= 0
+                    and isinstance(entry.get("weights"), str) and _BACKUP_WEIGHTS.fullmatch(entry["weights"])
+                    and (folder / entry["weights"]).is_file()]
+
+        def _save_model(self):
+            folder = Path(self.backup_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            latest = {"epoch": self._current_epoch, "weights": f"epoch-{self._current_epoch:04d}.weights.h5"}
+            runs.save_weights(self.model, folder / latest["weights"])
+            previous = self._latest if self._latest and self._latest["weights"] != latest["weights"] else None
+            files.write_json(self._state_path, {"latest": latest, "previous": previous})
+            self._latest = latest
+            keep = {latest["weights"], previous and previous["weights"]}
+            for old in folder.glob("epoch-*.weights.h5"):
+                if old.name not in keep:
+                    old.unlink(missing_ok=True)
+
+    class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+        """``ModelCheckpoint(save_weights_only=True)`` writing each file atomically (Keras writes in place)."""
+
+        def _save_model(self, epoch, batch, logs):
+            filepath = self._get_file_path(epoch, batch, logs)
+            if self._should_save_model(epoch, batch, logs, filepath):
+                runs.save_weights(self.model, filepath)
+
+    class AtomicHistory(keras.callbacks.Callback):
+        """Keras' ``CSVLogger`` appends each row in place, so an interrupt can leave half a row; this
+        rewrites the whole (small) file atomically at each epoch's end, in the same columns."""
+
+        def __init__(self, path: Path, earlier: list[dict]):
+            super().__init__()
+            self.path, self.rows = Path(path), list(earlier)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.rows.append({"epoch": epoch, **{key: float(value) for key, value in (logs or {}).items()}})
+            columns = ["epoch"] + sorted({key for row in self.rows for key in row} - {"epoch"})
+            files.write_csv(self.path, columns, [[row.get(c, "") for c in columns] for row in self.rows])
+
+    return types.SimpleNamespace(BackupAndRestore=AtomicBackupAndRestore, ModelCheckpoint=AtomicModelCheckpoint,
+                                 History=AtomicHistory)
+
+
+def _read_json(path: Path):
+    """A small JSON file, or None when it is missing or damaged."""
+    try:
+        return json.loads(path.read_bytes()[:1 << 16])
+    except (OSError, ValueError):
+        return None
 
 
 def _say_xla(config: TrainConfig, model) -> None:
@@ -211,9 +351,16 @@ def read_history(path: Path) -> list[dict]:
     """Rows of a Keras ``CSVLogger`` file as dictionaries of numbers (empty when there is none)."""
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()
-                 if value not in ("", None)} for row in csv.DictReader(handle)]
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                rows.append({key: int(value) if key == "epoch" else float(value) for key, value in row.items()
+                             if isinstance(key, str) and isinstance(value, str) and value})
+    except (ValueError, TypeError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        log.warning("WARNING: the fine-tune history '%s' is damaged after %d rows (%s); the rest is ignored.",
+                    path, len(rows), type(exc).__name__)
+    return [row for row in rows if "epoch" in row]
 
 
 def mixed_precision_policy() -> tuple[str | None, str]:

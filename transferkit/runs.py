@@ -10,20 +10,35 @@ Layout of RUN_DIR::
     metrics.json    test metrics, counts, skipped files, timings
     predictions.csv each test image: true class, predicted class, confidence
     skipped.csv     images that could not be used, with the reason
+    status.json     running / finished / failed / interrupted, and the stage reached
+    .transferkit-run   marks a folder transferkit writes (every command's -o): --overwrite needs it
+    .transferkit-lock  held (flock) by the process writing the folder; a second one is refused
+
+What transferkit never does to an output folder: write inside an input image folder, write
+into a non-empty folder without ``--overwrite``, ``--overwrite`` a folder it did not mark, or
+delete anything there but the files it names itself (:func:`clear_previous_run`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit import files
 from transferkit.errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; folders are not locked there
+    fcntl = None
+
+log = logging.getLogger("transferkit")
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
@@ -36,35 +51,162 @@ PREDICTIONS_FILE = "predictions.csv"
 STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 HEAD_FILE = "head.skops"
+MARKER_FILE = ".transferkit-run"
+LOCK_FILE = ".transferkit-lock"
+#: What the head and fine-tune phases write under ``checkpoints/``: all that --overwrite removes there.
+CHECKPOINT_FILES = ("head.weights.h5", "head.json", "best.weights.h5", "history-fine-tune.csv")
+BACKUP_DIR = "backup"
+#: What :class:`transferkit.finetune` 's backup writes in ``checkpoints/backup`` (Keras' own names
+#: included: folders from before the atomic backup).
+BACKUP_PATTERNS = ("state.json", "epoch-*.weights.h5", "latest.weights.h5", "latest.weights.h5.bkp",
+                   "training_metadata.json", "training_metadata.json.bkp", ".*.tmp", ".*.weights.h5")
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir") -> Path:
-    """Check an output folder before a long job starts: refuse to mix runs, fail early if unwritable.
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir", *,
+                       inputs: Iterable[str | os.PathLike | None] = (), command: str = "",
+                       resume: bool = False) -> Path:
+    """Check an output folder before a long job starts, then claim it: refuse to mix runs, to write
+    into an input image folder, or to replace what transferkit did not write; fail early if
+    unwritable; lock it for this process (:func:`lock_output_dir`) and mark it as ours.
+
+    Args:
+        inputs: the image folders the job reads; the output may not be one of them or inside one.
+        command: the command writing the folder, recorded in its marker file.
+        resume: the folder is an interrupted run to continue (its ``config.yaml`` was checked by
+            :func:`resumable_config`); runs from before the marker file are accepted.
 
     Raises:
-        InputError: the folder is not empty (and ``overwrite`` is off), is a file, or is read-only.
+        InputError: the folder is not empty (and ``overwrite`` is off), is not a transferkit folder
+            (and ``overwrite`` is on), is a file, is inside an input, is read-only, or is in use.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"Output folder '{path}' ({option}) is a file. Choose a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise InputError(
-            f"Output folder '{path}' ({option}) already exists and is not empty. "
-            "Choose a new folder, or pass --overwrite to replace the run in it."
-        )
+    check_outside_inputs(path, option, inputs)
+    if path.is_dir() and any(path.iterdir()):
+        if not (overwrite or resume):
+            raise InputError(
+                f"Output folder '{path}' ({option}) already exists and is not empty. "
+                "Choose a new folder, or pass --overwrite to replace the run in it."
+            )
+        if not (is_output_dir(path) or resume):
+            raise InputError(
+                f"Output folder '{path}' ({option}) is not empty and was not written by transferkit (it has no "
+                f"{MARKER_FILE} file), so --overwrite will not replace anything in it. Choose a new or empty "
+                "folder."
+            )
     check_writable_dir(path, option)
+    lock_output_dir(path, option)
+    if not is_output_dir(path):
+        mark_output_dir(path, command)
     return path
+
+
+def mark_output_dir(path: str | os.PathLike, command: str) -> None:
+    """Write the :data:`MARKER_FILE` that makes a folder one transferkit may ``--overwrite``."""
+    files.write_json(Path(path) / MARKER_FILE, {"tool": "transferkit", "command": command,
+                                                "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def is_output_dir(path: str | os.PathLike) -> bool:
+    """Whether transferkit marked this folder as one it writes (:data:`MARKER_FILE`)."""
+    return (Path(path) / MARKER_FILE).is_file()
+
+
+def check_outside_inputs(path: str | os.PathLike, option: str, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output (folder or file) that is an input image folder or inside one, symlinks
+    resolved: the next scan would read it back as images (a run folder becomes extra classes).
+
+    ``tfds:`` names and None are skipped.
+    """
+    target = Path(path).resolve()
+    for image_dir in inputs:
+        if image_dir is None or str(image_dir).startswith("tfds:"):
+            continue
+        root = Path(image_dir).resolve()
+        if target == root or root in target.parents:
+            raise InputError(
+                f"{option} '{path}' is {'the' if target == root else 'inside the'} image folder '{image_dir}'. "
+                "transferkit never writes into an image folder (the next scan would read what it wrote as "
+                "images or classes); choose a path outside it."
+            )
+
+
+def check_cache_dir(cache_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The feature cache folder: outside every input image folder, and writable."""
+    check_outside_inputs(cache_dir, "--cache-dir", inputs)
+    return check_writable_dir(cache_dir, "--cache-dir")
+
+
+#: Locks this process holds, by resolved folder: a second claim from the same process reuses its lock.
+_LOCKS: dict[Path, int] = {}
+
+
+def lock_output_dir(path: str | os.PathLike, option: str = "-o/--output-dir") -> None:
+    """Hold an exclusive ``flock`` on the folder's :data:`LOCK_FILE` until :func:`release_output_dir`
+    or the end of the process (the system drops it when the process dies, even by SIGKILL, so a
+    killed run can be resumed at once).
+
+    Raises:
+        InputError: another process holds it.
+    """
+    path = Path(path)
+    key = path.resolve()
+    if fcntl is None or key in _LOCKS:
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise InputError(
+            f"Output folder '{path}' ({option}) is being written by another transferkit process"
+            f"{f' (pid {holder})' if holder.isdigit() else ''}. Wait for it to finish (then --resume or "
+            "--overwrite), or choose another folder."
+        ) from None
+    except OSError as exc:  # a file system without locks (some network mounts): go on unlocked
+        os.close(fd)
+        log.warning("Cannot lock output folder '%s' (%s); make sure no other process writes to it.", path,
+                    exc.strerror or exc)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)  # for the message above, nothing else
+    _LOCKS[key] = fd
+
+
+def release_output_dir(path: str | os.PathLike) -> None:
+    """Release the lock :func:`lock_output_dir` took (no-op when this process holds none)."""
+    fd = _LOCKS.pop(Path(path).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def clear_previous_run(run_dir: str | os.PathLike) -> None:
     """Before a new (not resumed) run in an ``--overwrite`` folder: remove the files of the previous
     run that this one would otherwise read as its own. Its checkpoints would be resumed by the
     fine-tune phase, and a ``head.skops`` would make a softmax run load as a scikit-learn one.
-    Every other file is rewritten by the new run."""
+    Every other file is rewritten by the new run.
+
+    Only files transferkit names are removed (never a whole folder), and only from a folder it
+    marked: a file another tool (or the user) put in ``checkpoints/`` stays.
+    """
     run_dir = Path(run_dir)
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-    for name in (HEAD_FILE, Path(HEAD_FILE).with_suffix(".json").name):
-        (run_dir / name).unlink(missing_ok=True)
+    if not is_output_dir(run_dir):
+        raise InputError(f"'{run_dir}' is not a transferkit output folder (no {MARKER_FILE}); nothing was removed.")
+    checkpoints = run_dir / CHECKPOINT_DIR
+    # feature_map.json: a report redrawn without features (a resumed report) would show the old run's map.
+    doomed = [run_dir / HEAD_FILE, run_dir / Path(HEAD_FILE).with_suffix(".json").name, run_dir / "feature_map.json"]
+    doomed += [checkpoints / name for name in CHECKPOINT_FILES]
+    doomed += [p for pattern in BACKUP_PATTERNS for p in (checkpoints / BACKUP_DIR).glob(pattern)]
+    for path in doomed:
+        if path.is_file() or path.is_symlink():  # a link is removed, never what it points to
+            path.unlink(missing_ok=True)
+    for folder in (checkpoints / BACKUP_DIR, checkpoints):
+        try:
+            folder.rmdir()  # only when empty: whatever else is there was not ours to remove
+        except OSError:
+            pass
 
 
 def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
@@ -81,6 +223,30 @@ def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """``status.json`` of a run: ``state`` (running, finished, failed, interrupted), ``stage``
+    (``train``, or ``report`` once the model and metrics are written), ``detail``.
+
+    A missing, damaged or hostile file (not JSON, not an object, binary) is an unknown state:
+    ``{}``, with a warning for a damaged one.
+    """
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read(1 << 16).decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("Ignoring the damaged run status '%s' (%s); treating the run's state as unknown.", path,
+                    type(exc).__name__)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("Ignoring the run status '%s': a JSON %s, not an object; treating the run's state as unknown.",
+                    path, type(data).__name__)
+        return {}
+    return {key: value for key, value in data.items() if isinstance(value, str)}
+
+
 def resumable_config(run_dir: str | os.PathLike) -> Path:
     """The ``config.yaml`` of a run that can be resumed (``--resume``), checked before any work."""
     run_dir = Path(run_dir)
@@ -88,8 +254,7 @@ def resumable_config(run_dir: str | os.PathLike) -> Path:
     if not config.is_file():
         raise InputError(f"Cannot resume '{run_dir}': it has no {CONFIG_FILE}, so it is not a transferkit run "
                          "folder. Pass the -o folder of an interrupted 'transferkit train' run.")
-    status = run_dir / STATUS_FILE
-    if status.is_file() and json.loads(status.read_text(encoding="utf-8")).get("state") == "finished":
+    if read_status(run_dir).get("state") == "finished":
         raise InputError(f"Run '{run_dir}' already finished; there is nothing to resume. Train into a new folder "
                          "(or pass --overwrite with -o to replace it).")
     return config
@@ -103,6 +268,13 @@ def save_model(model, path: str | os.PathLike) -> None:
     """``model.save`` to a temporary ``.keras`` file, then rename into place."""
     with files.atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
+
+
+def save_weights(model, path: str | os.PathLike) -> None:
+    """``model.save_weights`` to a temporary ``.weights.h5`` file, then rename into place: an
+    interrupted write leaves the previous file whole (h5py writes in place)."""
+    with files.atomic_path(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
 
 
 @dataclass
@@ -139,11 +311,33 @@ class Run:
         """The folder the run's images are in: ``metrics.json`` records the one actually read
         (for a ``tfds:`` input, where TFDS's images were written), else ``config.yaml``'s."""
         metrics = self.run_dir / METRICS_FILE
-        if metrics.is_file():
-            recorded = json.loads(metrics.read_text(encoding="utf-8")).get("image_dir")
-            if recorded:
-                return recorded
-        return self.config.get("image_dir")
+        try:
+            recorded = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}
+        except (OSError, UnicodeDecodeError, ValueError):
+            recorded = {}  # a damaged metrics.json: fall back to the settings
+        recorded = recorded.get("image_dir") if isinstance(recorded, dict) else None
+        if isinstance(recorded, str) and recorded:
+            return recorded
+        configured = self.config.get("image_dir")
+        return configured if isinstance(configured, str) else None
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from ``labels.txt``, one a line (blank lines skipped).
+
+    Raises:
+        InputError: a name holds a control character (a damaged or hostile file).
+    """
+    path = Path(path)
+    # Bytes that are not UTF-8 come back as the file-name bytes they stand for (files.NAME_ERRORS).
+    text = path.read_bytes().decode("utf-8", files.NAME_ERRORS)
+    names = [line for line in text.split("\n") if line.strip("\r")]
+    names = [name.removesuffix("\r") for name in names]
+    bad = next((n for n in names if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in n)), None)
+    if bad is not None:
+        raise InputError(f"Class names '{path}' hold a name with a control character ({bad[:40]!r}). The file is "
+                         "damaged; train the run again or restore the file.")
+    return names
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
@@ -181,12 +375,18 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             f"Cannot load model '{run_dir / MODEL_FILE}': {type(exc).__name__}: {str(exc)[:200]}. "
             "The file is damaged or not a transferkit model; train the run again."
         ) from exc
-    class_names = [line for line in (run_dir / LABELS_FILE).read_text(encoding="utf-8").splitlines() if line]
+    class_names = read_labels(run_dir / LABELS_FILE)
     config_path = run_dir / CONFIG_FILE
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except UnicodeDecodeError as exc:
+        raise InputError(f"Run settings '{config_path}' are not UTF-8 text (byte {exc.start}). The file is damaged; "
+                         "train the run again or restore the file.") from exc
     except yaml.YAMLError as exc:
         raise InputError(f"Run settings '{config_path}' are not valid YAML: {exc}") from exc
+    if config is not None and not isinstance(config, dict):
+        raise InputError(f"Run settings '{config_path}' must hold a mapping of option: value, not a YAML "
+                         f"{type(config).__name__}. The file is damaged; train the run again or restore the file.")
     head = None
     if (run_dir / HEAD_FILE).is_file():
         from transferkit.heads import load_head

@@ -116,8 +116,11 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
         get_head(config.head)  # an unknown name fails now, with the nearest one suggested
     # A non-chief worker of --distribute multi-worker writes its checkpoints beside RUN_DIR.
     worker_dir = output_dir_for(config.output_dir, config.distribute)
-    run_dir = runs.prepare_output_dir(worker_dir, config.overwrite or resume or worker_dir != Path(config.output_dir))
-    runs.check_writable_dir(config.cache_dir or default_cache_dir(), "--cache-dir")
+    inputs = (config.image_dir, folder.root)  # folder.root: where a tfds: input was written out
+    runs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
+    # Last: it locks RUN_DIR for this process and marks it as a transferkit folder.
+    run_dir = runs.prepare_output_dir(worker_dir, config.overwrite or worker_dir != Path(config.output_dir),
+                                      inputs=inputs, command="train", resume=resume)
     return TrainingPlan(config, spec, image_size, weights, folder, run_dir)
 
 
@@ -145,8 +148,17 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1, resume: bool = False) 
     Args:
         resume: continue the run in ``plan.run_dir`` from its checkpoints (``--resume``).
     """
+    try:
+        return _run_locked(plan, verbose, resume)
+    finally:
+        runs.release_output_dir(plan.run_dir)  # taken by prepare_training
+
+
+def _run_locked(plan: TrainingPlan, verbose: int, resume: bool) -> TrainResult:
     started = time.perf_counter()
     config, weights, folder, run_dir = plan.config, plan.weights, plan.folder, plan.run_dir
+    if resume and _report_pending(run_dir):
+        return _worker_done(plan, _finish_report(plan))
     if weights.kind == "random":
         log.warning("WARNING: --weights none: the backbone is randomly initialised; expect poor accuracy.")
     log.info(
@@ -163,25 +175,72 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1, resume: bool = False) 
     if not resume:
         runs.clear_previous_run(run_dir)
     save_config(config, run_dir / runs.CONFIG_FILE)  # first, so an interrupted run can resume
-    _write_status(run_dir, "running")
+    _write_status(run_dir, "running", stage="train")
     try:
         result = _run_phases(plan, started, verbose, resume)
     except BaseException as exc:
-        _write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                      f"{type(exc).__name__}: {exc}"[:300])
+        _write_failure(run_dir, exc)
         raise
-    _write_status(run_dir, "finished")
+    _write_status(run_dir, "finished", stage="done")
+    return _worker_done(plan, result)
+
+
+def _worker_done(plan: TrainingPlan, result: TrainResult) -> TrainResult:
+    """A non-chief worker deletes its scratch copy at the end; the chief's folder is the run."""
     if plan.is_worker_copy:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log.info("This worker's part is done; the chief writes %s.", config.output_dir)
-        result = dataclasses.replace(result, run_dir=Path(config.output_dir))
+        shutil.rmtree(plan.run_dir, ignore_errors=True)
+        log.info("This worker's part is done; the chief writes %s.", plan.config.output_dir)
+        result = dataclasses.replace(result, run_dir=Path(plan.config.output_dir))
     return result
 
 
-def _write_status(run_dir: Path, state: str, detail: str = "") -> None:
-    """``status.json`` says whether a run finished, failed or was interrupted (resume with --resume)."""
-    files.write_json(run_dir / runs.STATUS_FILE, {"state": state, "detail": detail,
+def _write_status(run_dir: Path, state: str, detail: str = "", *, stage: str) -> None:
+    """``status.json`` says whether a run finished, failed or was interrupted (resume with --resume),
+    and its stage: ``train`` until the model and metrics are written, then ``report``, then ``done``."""
+    files.write_json(run_dir / runs.STATUS_FILE, {"state": state, "stage": stage, "detail": detail,
                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _write_failure(run_dir: Path, exc: BaseException) -> None:
+    """The run stopped: say how, keeping the stage it had reached (so --resume redoes only the rest)."""
+    _write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                  f"{type(exc).__name__}: {exc}"[:300], stage=runs.read_status(run_dir).get("stage", "train"))
+
+
+def _report_pending(run_dir: Path) -> bool:
+    """The run stopped while writing its report: the model and metrics are complete."""
+    return (runs.read_status(run_dir).get("stage") == "report" and (run_dir / runs.MODEL_FILE).is_file()
+            and (run_dir / runs.METRICS_FILE).is_file())
+
+
+def _finish_report(plan: TrainingPlan) -> TrainResult:
+    """``--resume`` of a run stopped during its report: write the report, nothing else."""
+    run_dir = plan.run_dir
+    log.info("Resumed: the model and metrics of %s are complete; writing the report only.", run_dir)
+    try:
+        if plan.is_worker_copy:  # workers write no report
+            result = TrainResult(run_dir, json.loads((run_dir / runs.METRICS_FILE).read_text(encoding="utf-8")))
+        else:
+            result = TrainResult(run_dir, _write_train_report(runs.load_run(run_dir), None, None, plan.config.seed))
+            log.info("The feature map needs the backbone's features: add it with 'transferkit report %s "
+                     "--feature-map'.", run_dir)
+    except BaseException as exc:
+        _write_failure(run_dir, exc)
+        raise
+    _write_status(run_dir, "finished", stage="done")
+    return result
+
+
+def _write_train_report(run: runs.Run, features, feature_labels, seed: int) -> dict:
+    """The report of a train run (Grad-CAM on its model unless a scikit-learn head has no gradient to
+    follow); returns its metrics."""
+    from transferkit.report import gradcam_explainer, write_report
+
+    explainer = None if run.head is not None or (run.run_dir / runs.HEAD_FILE).exists() else gradcam_explainer(run)
+    html, _ = write_report(run.run_dir, features=features, feature_labels=feature_labels, explainer=explainer,
+                           seed=seed)
+    log.info("Report: %s", html)
+    return json.loads((run.run_dir / runs.METRICS_FILE).read_text(encoding="utf-8"))
 
 
 def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) -> TrainResult:
@@ -315,18 +374,27 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     write_predictions(run_dir / runs.PREDICTIONS_FILE, [folder.paths[i] for i in eval_idx], labels[eval_idx],
                       probabilities, folder.class_names)
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
-    shutil.rmtree(checkpoint_dir / "backup", ignore_errors=True)  # the finished model replaces it
+    # The model and metrics are complete: an interruption from here on leaves only the report to
+    # write (--resume writes it), and the fine-tune backup is no longer needed.
+    _write_status(run_dir, "running", stage="report")
+    clear_backup(checkpoint_dir)
     if plan.is_worker_copy:
         return TrainResult(run_dir, metrics)
-    from transferkit.report import gradcam_explainer, write_report
-
-    # Grad-CAM follows the model in memory (no reload); a scikit-learn head has no gradient to follow.
-    explainer = None if (run_dir / runs.HEAD_FILE).exists() else gradcam_explainer(
-        runs.Run(run_dir, model, folder.class_names, config.to_dict()))
-    html, _ = write_report(run_dir, features=features[extraction.ok], feature_labels=labels[extraction.ok],
-                           explainer=explainer, seed=config.seed)
-    log.info("Report: %s", html)
+    # Grad-CAM follows the model in memory (no reload).
+    _write_train_report(runs.Run(run_dir, model, folder.class_names, config.to_dict()), features[extraction.ok],
+                        labels[extraction.ok], config.seed)
     return TrainResult(run_dir, metrics)
+
+
+def clear_backup(checkpoint_dir: Path) -> None:
+    """Remove the fine-tune backup (its files only: see :data:`runs.BACKUP_PATTERNS`)."""
+    backup = checkpoint_dir / runs.BACKUP_DIR
+    for path in [p for pattern in runs.BACKUP_PATTERNS for p in backup.glob(pattern)]:
+        path.unlink(missing_ok=True)
+    try:
+        backup.rmdir()
+    except OSError:
+        pass  # absent, or holds a file that is not ours
 
 
 def resolve_strategy(config: TrainConfig, train_counts: np.ndarray) -> tuple[str, str]:
@@ -490,17 +558,23 @@ def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoi
     num_classes = int(labels.max()) + 1
     if resume and saved.is_file() and not refit:
         head, model = _compiled_head(keras, config, features.shape[1], num_classes, len(train_idx))
-        model.load_weights(saved)
-        info = json.loads((checkpoint_dir / "head.json").read_text(encoding="utf-8"))
-        log.info("Resumed: head phase restored from %s.", saved)
-        return SoftmaxHead(head, model, info["epochs_run"], info["best_epoch"], 0, 0.0, info["history"])
+        try:
+            model.load_weights(saved)
+            info = json.loads((checkpoint_dir / "head.json").read_text(encoding="utf-8"))
+            restored = SoftmaxHead(head, model, int(info["epochs_run"]), int(info["best_epoch"]), 0, 0.0,
+                                   list(info["history"]))
+        except Exception as exc:  # noqa: BLE001 - HDF5, JSON and shape errors all mean "damaged checkpoint"
+            log.warning("WARNING: the head phase's checkpoint in %s is damaged (%s: %s); training the head again.",
+                        checkpoint_dir, type(exc).__name__, str(exc)[:200])
+        else:
+            log.info("Resumed: head phase restored from %s.", saved)
+            return restored
     result = fit_softmax_head(features, labels, train_idx, val_idx, test_idx,
                               config.replace(refit=config.refit and refit), class_weight=class_weight, verbose=verbose,
                               extra_callbacks=tensorboard_callbacks(config, checkpoint_dir, "head"))
     if not refit:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        with files.atomic_path(saved, suffix=".weights.h5") as tmp:
-            result.model.save_weights(tmp)
+        runs.save_weights(result.model, saved)
         files.write_json(checkpoint_dir / "head.json", {"epochs_run": result.epochs_run,
                                                         "best_epoch": result.best_epoch, "history": result.history})
     return result
