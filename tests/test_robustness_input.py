@@ -20,6 +20,7 @@ from transferkit.checks import check_strict, dataset_warnings
 from transferkit.cli import main
 from transferkit.data import load_image, scan_folder
 from transferkit.errors import DataError
+from transferkit.files import display_name, open_text
 from transferkit.testing import make_awkward_folder, make_image_folder
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-q"]
@@ -36,6 +37,11 @@ def run(*args):
 
 def _skipped_lines(output: str) -> list[str]:
     return [line.removeprefix("Skipped ") for line in output.splitlines() if line.startswith("Skipped ")]
+
+
+def _shown(skipped: dict[str, str]) -> dict[str, str]:
+    """Skipped files as the console shows them (bytes of names that are not UTF-8 as \\xNN)."""
+    return {display_name(path): reason for path, reason in skipped.items()}
 
 
 # ---------------------------------------------------------------------------------------------- scan
@@ -163,10 +169,10 @@ def test_extract_lists_each_skipped_file_once_and_counts_the_ignored(awkward, tm
     result = run("extract", awkward.root, *TINY, "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
     lines = _skipped_lines(result.output)
-    assert sorted(line.split(": ", 1)[0] for line in lines) == sorted(awkward.skipped), "each once, no other"
+    assert sorted(line.split(": ", 1)[0] for line in lines) == sorted(_shown(awkward.skipped)), "each once, no other"
     for line in lines:
         path, reason = line.split(": ", 1)
-        assert reason.startswith(awkward.skipped[path]), line
+        assert reason.startswith(_shown(awkward.skipped)[path]), line
     seen = len(awkward.used) + len(awkward.skipped)
     assert (f"Images seen: {seen}; computed: {len(awkward.used)}; already cached: 0; "
             f"skipped: {len(awkward.skipped)}; ignored: {awkward.num_ignored} ") in result.output
@@ -178,13 +184,13 @@ def test_train_uses_exactly_the_readable_files_and_writes_skipped_csv(awkward, t
     assert result.exit_code == 0, result.output
 
     lines = _skipped_lines(result.output)
-    assert sorted(line.split(": ", 1)[0] for line in lines) == sorted(awkward.skipped), "each listed once"
-    with open(run_dir / "skipped.csv", newline="", encoding="utf-8") as handle:
+    assert sorted(line.split(": ", 1)[0] for line in lines) == sorted(_shown(awkward.skipped)), "each listed once"
+    with open_text(run_dir / "skipped.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(row["path"] for row in rows) == sorted(awkward.skipped)
     for row in rows:
         assert row["reason"].startswith(awkward.skipped[row["path"]]), row
-    with open(run_dir / "splits.csv", newline="", encoding="utf-8") as handle:
+    with open_text(run_dir / "splits.csv") as handle:
         used = sorted(row["path"] for row in csv.DictReader(handle))
     assert used == list(awkward.used), "every readable file used, non-ASCII names intact"
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -201,7 +207,7 @@ def test_strict_fails_on_scan_skips_before_any_tensorflow_work(awkward, tmp_path
         assert result.exit_code == 2, result.output
         assert f"{len(awkward.skipped_at_scan)} files could not be used and option --strict is on" in result.output
         for path in awkward.skipped_at_scan:
-            assert f"  {path}: " in result.output
+            assert f"  {display_name(path)}: " in result.output
         assert "run without --strict" in result.output
     assert not (tmp_path / "cache").exists(), "refused before the cache (or TensorFlow) was touched"
     assert not (tmp_path / "f.npz").exists()

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit import runs
+from transferkit import files, runs
 from transferkit.backbones import BackboneSpec
 from transferkit.cache import default_cache_dir
 from transferkit.config import TrainConfig
@@ -284,8 +284,8 @@ def fit_fine_tune_arm(plan: ComparisonPlan, test_paths: Sequence[str], verbose: 
     run_dir = plan.output_dir / FINE_TUNE
     config = plan.config.train_config(strategy=FINE_TUNE, output_dir=str(run_dir), overwrite=True)
     result = train(config, verbose=verbose)
-    with open(run_dir / runs.SPLITS_FILE, encoding="utf-8", newline="") as handle:
-        run_test = {row["path"] for row in csv.DictReader(handle) if row["split"] == "test"}
+    with files.open_text(run_dir / runs.SPLITS_FILE) as handle:  # names that are not UTF-8 read back as written
+        run_test = {files.native_name(row["path"]) for row in csv.DictReader(handle) if row["split"] == "test"}
     if run_test != set(test_paths):
         raise DataError(f"The fine-tune-top run in '{run_dir}' tested on other images than the heads "
                         f"({len(run_test)} vs {len(test_paths)}); the folder changed during the comparison. Run again.")

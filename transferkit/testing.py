@@ -137,6 +137,9 @@ REASON_NOT_IMAGE = "not an image Pillow can read"
 REASON_BOMB = "over Pillow's decompression-bomb limit"
 REASON_PERMISSION = "permission denied"
 REASON_UNDECODABLE = "cannot decode image"
+REASON_SPECIAL = "not a regular file"
+REASON_LINK_LOOP = "symbolic link loop"
+REASON_MISSING = "file not found"
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,11 @@ class AwkwardFolder:
         num_ignored: Hidden, system and non-image entries and symlink loops to be ignored silently.
         permissions_enforced: False when the OS let us read a mode-000 file (running as root, or an OS
             without POSIX permissions): ``locked.jpg`` is then in ``used``.
+        special_files: Relative paths of the FIFO, socket and device named like images (those this OS
+            let us make); each is in ``skipped_at_scan``. Opening one the ordinary way blocks or reads
+            forever.
+        undecodable_names: Relative paths (as Python spells them: ``os.fsdecode``) of files whose names
+            are not valid UTF-8, empty when the file system refuses such names.
     """
 
     root: Path
@@ -160,6 +168,8 @@ class AwkwardFolder:
     skipped_at_decode: dict[str, str]
     num_ignored: int
     permissions_enforced: bool
+    special_files: tuple[str, ...] = ()
+    undecodable_names: tuple[str, ...] = ()
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -178,11 +188,20 @@ def make_awkward_folder(root: str | os.PathLike, *, images_per_class: int = 10, 
       GIF (first frame red, second blue), a PNG with alpha (left opaque red, right transparent), WebP, BMP,
       TIFF, upper-case extensions, names with spaces and non-ASCII characters, a 1x1 image, a 4000x10
       image, a nested folder, and a 4800x3200 JPEG photo;
+    * hostile names, all readable images: a Latin-1 name that is not valid UTF-8 (``b"caf\\xe9"``, as
+      old archives unpack), a name with a line break, one in decomposed Unicode (macOS), one with a
+      comma and quotes (CSV), one starting with a dash, one of 255 bytes, and a folder named
+      ``album.jpg`` holding an image;
     * refused: an empty file, a truncated JPEG (its header reads, its pixels do not), an HTML page and a
-      text file with image extensions, two decompression bombs (PNGs of a few kB declaring 100 million
-      and 10 billion pixels) and an unreadable (mode 000) file;
+      text file with image extensions (one of them with a name that is not UTF-8), two decompression
+      bombs (PNGs of a few kB declaring 100 million and 10 billion pixels), an unreadable (mode 000)
+      file, a FIFO, a socket and a link to ``/dev/zero`` named like images (opened the ordinary way, the
+      first two block and the last reads forever), a link to itself and a broken link;
     * ignored: ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, a dot-file, a macOS ``._`` file, text files
       and two symlink loops (a folder linked to itself and to the image folder).
+
+    Special files and names this OS or file system refuses are left out (see ``special_files`` and
+    ``undecodable_names``).
 
     Returns:
         An :class:`AwkwardFolder` saying which files must be used, skipped (with why) and ignored.
@@ -279,7 +298,55 @@ def make_awkward_folder(root: str | os.PathLike, *, images_per_class: int = 10, 
     (root / "cat" / "loop").symlink_to(".", target_is_directory=True)  # a folder inside itself
     (root / "dog" / "nested" / "up").symlink_to("../..", target_is_directory=True)  # back to the root
     ignored += 2
-    return AwkwardFolder(root, tuple(sorted(used)), scan_refused, decode_refused, ignored, enforced)
+
+    # Hostile names: each must reach every file transferkit writes and lead back to its file.
+    for rel, color in (("dog/line\nbreak.png", (30, 90, 30)), ("dog/cafe\u0301 decomposed.png", (90, 30, 30)),
+                       ('dog/comma, "quoted".png', (30, 30, 90)), ("dog/-starts-with-dash.png", (90, 90, 30)),
+                       ("cat/" + "l" * 251 + ".png", (30, 90, 90)), ("dog/album.jpg/inside.png", (90, 30, 90))):
+        save(rel, Image.new("RGB", (30, 30), color), "PNG")
+    undecodable = []
+    for rel, data in (("cat/caf\udce9 latin-1.png", None), ("dog/\udcff\udcfe latin-1.jpg", b"not an image\n")):
+        path = root / rel
+        try:
+            if data is None:
+                Image.new("RGB", (30, 30), (160, 100, 40)).save(path, "PNG")
+            else:
+                path.write_bytes(data)
+        except (OSError, UnicodeError):  # macOS and Windows file systems refuse names that are not UTF-8
+            continue
+        undecodable.append(rel)
+        if data is None:
+            used.append(rel)
+        else:
+            scan_refused[rel] = REASON_NOT_IMAGE
+
+    (root / "cat" / "self_loop.jpg").symlink_to("self_loop.jpg")
+    scan_refused["cat/self_loop.jpg"] = REASON_LINK_LOOP
+    (root / "dog" / "broken_link.jpg").symlink_to("nowhere.jpg")
+    scan_refused["dog/broken_link.jpg"] = REASON_MISSING
+    special = [rel for rel in ("cat/fifo.jpg", "cat/socket.png", "dog/zero.jpg") if _make_special(root / rel)]
+    scan_refused.update(dict.fromkeys(special, REASON_SPECIAL))
+    return AwkwardFolder(root, tuple(sorted(used)), scan_refused, decode_refused, ignored, enforced,
+                         tuple(special), tuple(undecodable))
+
+
+def _make_special(path: Path) -> bool:
+    """Make the special file ``path`` names (``fifo``, ``socket`` or ``zero`` in its name); False if this OS cannot."""
+    import socket
+
+    try:
+        if "fifo" in path.name:
+            os.mkfifo(path)
+        elif "socket" in path.name:
+            with socket.socket(socket.AF_UNIX) as server:
+                server.bind(str(path))  # the socket file stays after the socket is closed
+        elif Path("/dev/zero").exists():
+            path.symlink_to("/dev/zero")  # reading it never ends
+        else:
+            return False
+    except (AttributeError, OSError):  # no mkfifo or AF_UNIX (Windows), or a socket path over ~100 bytes
+        return False
+    return True
 
 
 def _can_read(path: Path) -> bool:
