@@ -361,7 +361,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     Raises:
         InputError: the folder is not a complete run folder.
     """
-    import yaml
+    from transferkit.config import read_yaml
 
     run_dir = check_run_dir(run_dir)
     import keras
@@ -377,16 +377,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         ) from exc
     class_names = read_labels(run_dir / LABELS_FILE)
     config_path = run_dir / CONFIG_FILE
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except UnicodeDecodeError as exc:
-        raise InputError(f"Run settings '{config_path}' are not UTF-8 text (byte {exc.start}). The file is damaged; "
-                         "train the run again or restore the file.") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"Run settings '{config_path}' are not valid YAML: {exc}") from exc
-    if config is not None and not isinstance(config, dict):
-        raise InputError(f"Run settings '{config_path}' must hold a mapping of option: value, not a YAML "
-                         f"{type(config).__name__}. The file is damaged; train the run again or restore the file.")
+    config = read_yaml(config_path, "Run settings",
+                       "The file is damaged; train the run again or restore the file.") if config_path.is_file() else {}
     head = None
     if (run_dir / HEAD_FILE).is_file():
         from transferkit.heads import load_head

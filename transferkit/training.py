@@ -25,12 +25,13 @@ from transferkit.backbones import BackboneSpec, block_boundaries, check_image_si
 from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, default_cache_dir, extract_features
 from transferkit.checks import check_strict, dataset_warnings
 from transferkit.config import TrainConfig, save_config
-from transferkit.data import ImageFolder, scan_folder, stable_fraction, write_splits_csv
+from transferkit.data import ImageFolder, scan_folder, write_splits_csv
 from transferkit.distribute import make_strategy, output_dir_for
 from transferkit.errors import DataError, InputError, TransferkitError
 from transferkit.evaluation import classification_metrics, write_predictions
 from transferkit.finetune import class_weights, fine_tune_phase, tensorboard_callbacks
 from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff
+from transferkit.splits import hash_splits
 from transferkit.strategies import choose_strategy, fine_tune_rate, plan_phases
 from transferkit.views import with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
@@ -714,9 +715,10 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int, *, check: bool 
         if not (roles == "test").any():
             roles[roles == "val"] = "test"
         if not (roles == "val").any():
-            for i, rel in enumerate(folder.paths):
-                if roles[i] == "train" and stable_fraction(rel, seed) < EARLY_STOPPING_FRACTION:
-                    roles[i] = "val"
+            # The hash split's rule, so whether a class keeps training images depends on its count, not the seed.
+            train = np.flatnonzero(roles == "train")
+            roles[train] = hash_splits(tuple(folder.paths[i] for i in train), folder.labels[train], seed,
+                                       val_fraction=EARLY_STOPPING_FRACTION, test_fraction=0.0)
     roles[~ok] = "skipped"
     if not check:
         return roles
