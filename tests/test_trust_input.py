@@ -214,9 +214,9 @@ def _c_locale_script(root: Path, out: Path) -> str:
 def test_every_file_written_keeps_names_that_are_not_utf8_in_the_c_locale(tmp_path):
     """In the ASCII C locale every non-ASCII name is undecodable; the awkward-folder tests below cover a
     UTF-8 locale (and names that are not UTF-8 there)."""
-    root = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=6)
-    Image.new("RGB", (30, 30), (250, 10, 10)).save(root / "class_0" / LATIN1)
-    Image.new("RGB", (30, 30), (10, 10, 250)).save(root / "class_1" / "ñandú 猫.png")
+    root = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=6, class_prefix="clé_")
+    Image.new("RGB", (30, 30), (250, 10, 10)).save(root / "clé_0" / LATIN1)
+    Image.new("RGB", (30, 30), (10, 10, 250)).save(root / "clé_1" / "ñandú 猫.png")
     expected = sorted(os.path.relpath(p, root) for p in root.rglob("*.png"))  # Python's names, this process
     out = tmp_path / "out"
     out.mkdir()
@@ -232,6 +232,7 @@ def test_every_file_written_keeps_names_that_are_not_utf8_in_the_c_locale(tmp_pa
     assert set(codes.values()) == {0}, (codes, log)
 
     run_dir = out / "run"
+    assert (run_dir / "labels.txt").read_text(encoding="utf-8").split() == ["clé_0", "clé_1"], "class names are text"
     assert sorted(r["path"] for r in _rows(run_dir / "splits.csv")) == expected
     assert sorted(r["path"] for r in _rows(run_dir / "predictions.csv")) == \
         sorted(r["path"] for r in _rows(run_dir / "splits.csv") if r["split"] == "test")
@@ -244,13 +245,22 @@ def test_every_file_written_keeps_names_that_are_not_utf8_in_the_c_locale(tmp_pa
 
     table = pq.read_table(out / "f.parquet").to_pydict()
     assert sorted(os.fsdecode(b) for b in table["path_bytes"]) == expected, "Parquet: the exact bytes"
-    assert "class_0/caf\\xe9.png" in table["path"], "Parquet strings are UTF-8: undecodable bytes as \\xNN"
+    assert "clé_0/caf\\xe9.png" in table["path"], "Parquet strings are UTF-8: undecodable bytes as \\xNN"
     assert sorted(r["path"] for r in _rows(out / "f.csv")) == expected
     for rows in (_rows(out / "p.csv"), json.loads((out / "p.json").read_text(encoding="utf-8"))):
         assert sorted(os.path.relpath(r["path"], root) for r in rows) == expected
         assert all(str(r["ok"]) == "True" for r in rows), rows
     for rel in expected:  # each name written leads back to its file
         assert (root / rel).is_file()
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_with_the_fix(tmp_path):
+    from transferkit.errors import DataError
+
+    root = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=3)
+    (root / "class_1").rename(root / os.fsdecode(b"cl\xe9ss"))  # class names are saved and drawn as text
+    with pytest.raises(DataError, match=r"Class folder 'cl\\xe9ss' .* not valid UTF-8 .*'convmv -f latin1"):
+        scan_folder(root)
 
 
 # ------------------------------------------------------------------ 3. the everything-awkward folder

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit import files
 from transferkit.errors import DataError, short_repr
 from transferkit.images import (
     IMAGE_EXTENSIONS,
@@ -134,13 +135,14 @@ def scan_folder(
     if split_dirs:
         for dir_name, split in split_dirs:
             for name in _list_subdirs(root / dir_name, ignored):
-                class_dirs.setdefault(name, []).append((f"{dir_name}/{name}", split))
+                class_dirs.setdefault(files.utf8_view(name), []).append((f"{dir_name}/{name}", split))
         _count_loose_files(root, ignored)
         for dir_name, _ in split_dirs:
             _count_loose_files(root / dir_name, ignored)
     else:
         for name in top_dirs:
-            class_dirs[name] = [(name, None)]
+            # A class name is text: its UTF-8 spelling in any locale (check_class_names refuses other bytes).
+            class_dirs[files.utf8_view(name)] = [(name, None)]
         _count_loose_files(root, ignored)
 
     if not class_dirs:
@@ -191,6 +193,8 @@ def scan_folder(
 def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> None:
     """Refuse class folder names that a run could not keep: found at scan time, not when ``predict`` reads them.
 
+    * Bytes that are not UTF-8 (a Latin-1 folder name; lone surrogates in Python): a class name is saved and
+      drawn as text (labels.txt, metrics.json, plots). Image file names may hold any bytes.
     * A control character (a line break, tab, escape) or a line separator: ``labels.txt`` holds one class
       name a line, so the name would not read back as one class.
     * Two names that differ only by case or Unicode normalisation (``Cat`` and ``cat``; ``café`` typed as
@@ -208,6 +212,13 @@ def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> No
         transferkit.errors.DataError: Class folders 'Cat' and 'cat' in '.' differ only by ...
     """
     for name in names:
+        if any(unicodedata.category(c) == "Cs" for c in name):  # bytes that are not UTF-8 (see transferkit.files)
+            raise DataError(
+                f"Class folder '{files.display_name(name)}' in '{root}' has a name that is not valid UTF-8 (bytes of "
+                f"another encoding, shown as \\xNN; e.g. Latin-1 from an old archive). Class names are saved and shown "
+                f"as text (labels.txt, metrics.json, the report), so rename the folder in UTF-8, e.g. with "
+                f"'convmv -f latin1 -t utf8 -r --notest {files.display_name(str(root))}'. Image file names may stay "
+                f"as they are.")
         bad = sorted({c for c in name if unicodedata.category(c) in _LINE_BREAKING})
         if bad:
             codes = ", ".join(f"U+{ord(c):04X}" for c in bad)
