@@ -133,8 +133,13 @@ def test_mnist_keeps_tfds_train_and_test_splits(mock_tfds, tmp_path, isolated_ho
 
     with open(tmp_path / "f.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted({r["split"] for r in rows}) == ["test", "train"], "MNIST's own split, not a hash split"
-    assert sum(r["split"] == "test" for r in rows) == 24 and rows[0]["path"].startswith("test/")
+    # MNIST's own test split is the test split; train's early-stopping share (val) comes from its train split,
+    # exactly as `train` assigns them, not from a hash split of the whole pool.
+    tested = {r["path"] for r in rows if r["split"] == "test"}
+    assert tested == {r["path"] for r in rows if r["path"].startswith("test/")}
+    assert sum(r["split"] == "test" for r in rows) == 24
+    assert all(r["path"].startswith("train/") for r in rows if r["split"] in ("train", "val"))
+    assert sum(r["split"] == "train" for r in rows) > sum(r["split"] == "val" for r in rows)
 
 
 def test_a_damaged_folder_is_written_again_and_stale_partials_go(mock_tfds, tmp_path):

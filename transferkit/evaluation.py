@@ -96,6 +96,7 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     Returns:
         The metrics written.
     """
+    import dataclasses
     from pathlib import Path
 
     from transferkit import files, runs
@@ -109,10 +110,11 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     # Resolved once, here: metrics.json, predictions.csv and the report then name the same files
     # whatever folder a later 'transferkit report' runs in (a relative image folder was joined to
     # itself by the report, so its thumbnails and Grad-CAM found no image).
-    run_dir, image_dir = Path(run_dir).resolve(), Path(image_dir).resolve()
-    run = runs.load_run(run_dir)
+    # The folder is resolved after the scan: IMAGE_DIR may be a tfds:NAME, which names no path.
+    run = runs.load_run(Path(run_dir).resolve())
     folder = scan_folder(image_dir, class_names=run.class_names)
-    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / image_dir.name
+    folder = dataclasses.replace(folder, root=folder.root.resolve())
+    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / folder.root.name
     output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, folder.root),
                                          command="evaluate")
     started = time.perf_counter()
