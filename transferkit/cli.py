@@ -640,7 +640,7 @@ def cache_verify(cache_dir, deep, sample, weights, seed) -> None:
             log.warning("Not checked: %s: %s", spec_dir, reason)
         for path, spec_dir, detail in mismatches:
             click.echo(click.style("Mismatch: ", fg="red") + f"{path}: {spec_dir.name}: {detail}")
-        gone = f"; {report['no_source']} sampled vectors have no unchanged image left" if report["no_source"] else ""
+        gone = f"; {report['no_source']} vectors have no unchanged image left" if report["no_source"] else ""
         click.echo(f"Recomputed {report['checked']} sampled vectors from their images: {len(mismatches)} "
                    f"differ{gone}.")
         if mismatches:

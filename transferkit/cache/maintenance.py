@@ -188,8 +188,8 @@ def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: 
 
     Returns:
         ``{"checked": int, "mismatches": [(image path, spec folder, detail)], "not_checked":
-        [(spec folder, reason)], "no_source": int}``; ``no_source`` counts sampled vectors whose
-        image is gone or changed (nothing to recompute from).
+        [(spec folder, reason)], "no_source": int}``; ``no_source`` counts the vectors whose image
+        is gone or changed (nothing to recompute them from).
 
     Example:
         >>> verify_vectors("runs/cache", sample=50)["mismatches"]  # doctest: +SKIP
@@ -218,6 +218,7 @@ def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: 
                 for row, key in enumerate(read_keys(shard)):
                     index.setdefault(key, (shard, row))
         keys = sorted(k for k in index if k in sources)
+        report["no_source"] += len(index) - len(keys)
         if not keys:
             continue
         model, why = _rebuild_model(spec, models, weights, seed)
