@@ -312,6 +312,10 @@ def test_awkward_folder_is_predicted_with_exactly_the_right_files(awkward, train
     for output in (tmp_path / "p.csv", tmp_path / "p.json"):
         result = run("predict", run_dir, awkward.root, "--output", output, fifos=fifos)
         assert result.exit_code == 0, result.output
+        shown = [line.split("\t")[0] for line in result.output.splitlines() if "\t" in line]
+        assert sorted(shown) == sorted(files.display_name(str(awkward.root / p)) for p in [*awkward.used,
+                                                                                            *awkward.skipped]), \
+            "one line per image, a line break in a name shown as \\n"
         rows = _rows(output) if output.suffix == ".csv" else json.loads(output.read_text(encoding="utf-8"))
         by_path = {os.path.relpath(r["path"], awkward.root): r for r in rows}
         assert sorted(p for p, r in by_path.items() if str(r["ok"]) == "True") == list(awkward.used)

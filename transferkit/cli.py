@@ -983,7 +983,7 @@ def predict(run_dir, paths, top_k, output_path, overwrite, batch_size, tta) -> N
             shown = "  ".join(f"{name} {prob:.3f}" for name, prob in row["predictions"])
         else:
             shown = click.style(f"skipped: {row['error']}", fg="yellow")
-        click.echo(f"{row['path']}\t{shown}")
+        click.echo(f"{files.display_name(row['path'])}\t{shown}")  # one line per image, whatever its name
     if output_path:
         if output_path.lower().endswith(".json"):
             files.write_json(output_path, rows)
@@ -1108,7 +1108,7 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     IMAGE may be files or folders (searched recursively). Each PNG shows the photo and the heat
     map of the last convolutional block over it, titled with the predicted class and score.
     """
-    from transferkit import runs
+    from transferkit import files, runs
     from transferkit.data import find_images
     from transferkit.explain import explain_files
 
@@ -1124,9 +1124,10 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     rows = explain_files(run, paths, output, class_name=class_name)
     for row in rows:
         if row["ok"]:
-            click.echo(f"{row['path']}\t{row['predicted']} {row['score']:.3f}\t-> {row['overlay']}")
+            click.echo(f"{files.display_name(row['path'])}\t{row['predicted']} {row['score']:.3f}\t-> "
+                       f"{files.display_name(row['overlay'])}")
         else:
-            log.warning("Skipped %s: %s", row["path"], row["error"])
+            log.warning("Skipped %s: %s", files.display_name(row["path"]), row["error"])
     click.echo(f"Wrote {sum(r['ok'] for r in rows)} Grad-CAM overlays to {output}")
 
 

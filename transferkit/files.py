@@ -147,14 +147,24 @@ def native_name(text: str) -> str:
 
 
 def display_name(text: str) -> str:
-    r"""A file name for people: bytes that are not UTF-8 shown as ``\xNN``, so it prints anywhere.
+    r"""A file name for people: bytes that are not UTF-8 shown as ``\xNN`` and control characters
+    (a line break in a name) as Python escapes, so it prints anywhere and on one line.
 
     Example:
-        >>> display_name("caf\udce9.jpg")
-        'caf\\xe9.jpg'
+        >>> display_name("caf\udce9\n.jpg")
+        'caf\\xe9\\n.jpg'
     """
-    return _SURROGATE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}" if 0xDC80 <= ord(m.group()) <= 0xDCFF
-                          else f"\\u{ord(m.group()):04x}", utf8_view(text))
+    return _UNPRINTABLE.sub(_escape, utf8_view(text))
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    return match.group().encode("unicode_escape").decode("ascii") if code < 0xD800 else f"\\u{code:04x}"
 
 
 def open_text(path: str | os.PathLike):
