@@ -93,7 +93,9 @@ def test_explain_cli_writes_one_titled_overlay_per_image(square_model, tmp_path)
     result = CliRunner().invoke(main, ["explain", str(run_dir), str(photos), "-o", str(tmp_path / "cams")],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    # The overlays, and transferkit's marker and lock of the folder it wrote.
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [".transferkit-lock", ".transferkit-run", "p0.png",
+                                                                      "p1.png", "p2.png"]
     assert "Skipped" in result.output and "broken.jpg" in result.output
     with Image.open(tmp_path / "cams" / "p0.png") as png:
         assert png.mode in ("RGB", "RGBA") and png.width > png.height

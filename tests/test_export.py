@@ -82,7 +82,7 @@ def test_export_cli_prints_parity_and_refuses_an_existing_folder(tiny_run, tmp_p
     again = run_cli("export", run_dir, "--format", "keras", "-o", out)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert run_cli("export", run_dir, "--format", "keras", "-o", out, "--overwrite").exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "model.keras", "model_card.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".transferkit-run", "labels.txt", "model.keras", "model_card.json"]
     mixed = run_cli("export", run_dir, "--format", "saved-model", "--quantize", "int8", "-o", tmp_path / "x")
     assert mixed.exit_code == 2 and "--quantize int8 applies to --format tflite only" in mixed.output
 
