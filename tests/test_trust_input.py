@@ -376,8 +376,11 @@ def test_hostile_predictions_csv_gives_skipped_entries_never_a_hang_or_an_outsid
     files.write_csv(copy / "predictions.csv", ["path", "label", "predicted", "confidence", "correct"], rows)
     with open(copy / "predictions.csv", "a", encoding="utf-8") as handle:
         handle.write("dog/short_row.png\n")  # a damaged row: no label, prediction or confidence
+    (copy / "feature_map.json").unlink(missing_ok=True)
+    os.mkfifo(copy / "feature_map.json")  # another run-folder file that would block
+    (copy / "history.csv").write_bytes(bytes(range(256)) * 4)  # damaged: not UTF-8, not CSV
 
-    result = run("report", copy, fifos=[awkward.root / "cat/fifo.jpg"])
+    result = run("report", copy, fifos=[awkward.root / "cat/fifo.jpg", copy / "feature_map.json"])
 
     assert result.exit_code == 0, result.output
     report = (copy / "report.md").read_text(encoding="utf-8").replace("\\", "")  # Markdown escapes
@@ -387,3 +390,14 @@ def test_hostile_predictions_csv_gives_skipped_entries_never_a_hang_or_an_outsid
     thumbnails = list((copy / "plots" / "errors").glob("*.png"))
     assert len(thumbnails) == 1, "only the image inside the image folder is shown"
     assert not any(Image.open(t).getpixel((5, 5)) == (255, 0, 255) for t in thumbnails)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"test": {"class_names": [1, 2]}, "confusion_matrix": []}'])
+def test_a_metrics_json_of_the_wrong_shape_is_a_clear_error(trained, tmp_path, content):
+    run_dir, *_ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    (copy / "metrics.json").write_text(content, encoding="utf-8")
+    result = run("report", copy)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "metrics.json" in result.output and "run the command again" in result.output

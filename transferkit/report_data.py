@@ -80,6 +80,9 @@ class RunFolder:
             self.metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise InputError(f"'{metrics_path}' is not valid JSON ({exc}); run the command again.") from exc
+        if not isinstance(self.metrics, dict):
+            raise InputError(f"'{metrics_path}' holds a JSON {type(self.metrics).__name__}, not the object "
+                             "'transferkit train' or 'transferkit evaluate' writes; run the command again.")
         if isinstance(self.metrics.get("test"), dict):
             self.kind, self.test = "train", self.metrics["test"]
         elif "confusion_matrix" in self.metrics:
@@ -88,6 +91,9 @@ class RunFolder:
             raise InputError(f"'{metrics_path}' holds no test metrics; is it from 'transferkit train' or "
                              "'transferkit evaluate'?")
         self.class_names = list(self.test.get("class_names") or self._labels())
+        if not all(isinstance(name, str) for name in self.class_names):
+            raise InputError(f"'{metrics_path}': class_names must be a list of names; the file is damaged, run the "
+                             "command again.")
         self.config = self._yaml(run_dir / runs.CONFIG_FILE)
         self.config_source = runs.CONFIG_FILE
         if not self.config and self.kind == "evaluate" and self.metrics.get("run_dir"):
@@ -144,7 +150,7 @@ def read_history(path: Path) -> tuple[dict[str, list[float]], list[str] | None]:
     """
     if not path.is_file():
         return {}, None
-    with open(path, newline="", encoding="utf-8") as handle:
+    with files.open_text(path) as handle:  # damaged bytes read as escapes, not a UnicodeDecodeError
         rows = list(csv.reader(handle))
     if not rows:
         return {}, None
