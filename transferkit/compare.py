@@ -189,9 +189,10 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
     if len(set(folder.labels[roles == "test"].tolist())) < 2:
         raise DataError(f"The test split of '{folder.root}' holds a single class; accuracy there says little. "
                         "Add images or raise --test-fraction.")
-    inputs = (config.image_dir, folder.root)
-    runs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
+    inputs, cache_dir = (config.image_dir, folder.root), config.cache_dir or default_cache_dir()
+    runs.check_outside_inputs(cache_dir, "--cache-dir", inputs)
     output_dir = runs.prepare_output_dir(config.output_dir, config.overwrite, inputs=inputs, command="compare")
+    runs.check_writable_dir(cache_dir, "--cache-dir")
     if config.with_fine_tune:
         from transferkit.training import prepare_training
 
