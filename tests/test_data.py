@@ -119,14 +119,14 @@ def test_empty_and_fake_images_are_skipped_with_reasons(tmp_path):
 def test_unreadable_file_is_skipped_as_permission_denied(tmp_path, monkeypatch):
     root = _flat(tmp_path / "photos", {"cat": 2, "dog": 2})
     locked = _png(root / "cat" / "locked.png")
-    real_open = Image.open
+    real_open = os.open
 
-    def deny(fp, *args, **kwargs):  # chmod does not stop root, so simulate the OS refusing
-        if Path(fp) == locked:
-            raise PermissionError(13, "Permission denied", str(fp))
-        return real_open(fp, *args, **kwargs)
+    def deny(path, *args, **kwargs):  # chmod does not stop root, so simulate the OS refusing
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", deny)
+    monkeypatch.setattr(os, "open", deny)  # what transferkit.images.open_image_file calls
     folder = scan_folder(root)
     assert dict(folder.skipped) == {"cat/locked.png": "permission denied"}
     assert len(folder.paths) == 4
