@@ -253,3 +253,16 @@ def test_readme_default_unfrozen_blocks_match_the_registry():
         spec = get_backbone(name)
         assert claim in " ".join(readme.split()), f"README: {claim!r}"
         assert (default_unfreeze_blocks(spec.num_blocks), spec.num_blocks) == (unfrozen, total), name
+
+
+def test_a_redirected_bar_prints_plain_lines_while_it_runs(capsys, monkeypatch):
+    """On a pipe the bar is alive (a line per 5%, as a log of a long extraction needs) and plain."""
+    from transferkit.progress import progress_bar
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
+    bar = progress_bar(400, "image", verbose=1)
+    for _ in range(20):
+        bar.add(20)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" - ")[0] for line in lines] == [f"{n}/400 images" for n in range(20, 400, 20)] + ["400/400"]
+    assert not any(TERMINAL_CONTROL.search(line) for line in lines)

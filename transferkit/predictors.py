@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import InputError
-from transferkit.progress import keras_verbose
+from transferkit.progress import progress_bar
 from transferkit.runtime import native_stderr_quiet
 
 CARD_FILE = "model_card.json"
@@ -284,7 +284,6 @@ def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: boo
             ``probabilities`` are then the averaged ones and ``plain`` the single-view ones.
         verbose: 1 shows a Keras progress bar.
     """
-    import keras
 
     from transferkit import tta as tta_module
     from transferkit.cache.extraction import decode_error
@@ -296,7 +295,7 @@ def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: boo
     plain = np.zeros((n, num_classes), dtype=np.float32) if tta else None
     ok = np.ones(n, dtype=bool)
     errors: dict[int, str] = {}
-    progress = keras.utils.Progbar(n, unit_name="image", verbose=keras_verbose(verbose))
+    progress = progress_bar(n, "image", verbose)
     start = 0
     for images, flags in image_dataset(paths, predictor.image_size, batch_size):
         flags = flags.numpy()

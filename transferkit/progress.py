@@ -35,6 +35,42 @@ def keras_verbose(verbose: int) -> int:
     return verbose
 
 
+def progress_bar(target: int, unit_name: str, verbose: int):
+    """A ``keras.utils.Progbar`` for ``target`` units, readable on the stdout at hand.
+
+    In a terminal it is Keras' live bar. On a redirected stdout Keras has no mode that is both plain
+    and alive (its bar writes colour codes and carriage returns; its quiet mode prints nothing
+    until the end, so a log of a 20-minute extraction shows nothing for 20 minutes): there the bar
+    prints one plain line each time another 5% is done or 30 s have passed, and Keras' own line at
+    the end. Written here because Keras has no such mode.
+
+    Example:
+        >>> bar = progress_bar(400, "image", verbose=0)  # doctest: +SKIP
+        >>> bar.add(32)  # doctest: +SKIP
+    """
+    import keras
+
+    mode = keras_verbose(verbose)
+    if mode != 2 or verbose != 1:
+        return keras.utils.Progbar(target, unit_name=unit_name, verbose=mode)
+
+    class LogProgbar(keras.utils.Progbar):
+        def __init__(self):
+            super().__init__(target, unit_name=unit_name, verbose=2)
+            self._step, self._shown, self._shown_at = max(1, -(-target // 20)), 0, time.time()
+
+        def update(self, current, values=None, finalize=None):
+            done = finalize if finalize is not None else (self.target is not None and current >= self.target)
+            now = time.time()
+            if not done and (current >= self._shown + self._step or now - self._shown_at >= 30):
+                self._shown, self._shown_at = current, now
+                sys.stdout.write(f"{current}/{self.target} {self.unit_name}s - {now - self._start:.0f}s\n")
+                sys.stdout.flush()
+            super().update(current, values, finalize)
+
+    return LogProgbar()
+
+
 class SearchProgress:
     """A ``GridSearchCV`` scorer (accuracy, as ``scoring="accuracy"``) that also logs the search's
     progress: one line per candidate when its last fold is scored.

@@ -30,7 +30,7 @@ import numpy as np
 from transferkit.augment import augmented_view, view_seed
 from transferkit.cache import ExtractionResult, FeatureCache, extraction, hash_file
 from transferkit.config import TrainConfig
-from transferkit.progress import keras_verbose
+from transferkit.progress import progress_bar
 
 #: Bumped whenever :func:`transferkit.augment.augmented_view` changes the pixels it makes: part of
 #: every view's key, so cached views of the old algorithm stop matching.
@@ -67,7 +67,6 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
     ``hashes`` are the content hashes of the bytes extract_features decoded; each image is read
     again here and its views are stored only if its bytes still have that hash.
     """
-    import keras
 
     if views < 1:
         raise ValueError(f"views must be a positive integer, got {views!r}.")
@@ -97,7 +96,7 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
         dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config,
                                digests=[digests[i] for i in todo])
         predict = extraction.compiled_predict(model)
-        progress = keras.utils.Progbar(len(pairs), unit_name="view", verbose=keras_verbose(verbose))
+        progress = progress_bar(len(pairs), "view", verbose)
         done = 0
         with extraction.PendingVectors(flush_every).kept() as pending:  # one shard per view's cache
             for batch, flags in dataset:

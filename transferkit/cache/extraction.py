@@ -29,7 +29,7 @@ import numpy as np
 from transferkit import files, runtime
 from transferkit.cache.keys import FileHashes
 from transferkit.cache.store import LAST_RUN_FILE, FeatureCache, write_error
-from transferkit.progress import keras_verbose
+from transferkit.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from transferkit.config import TrainConfig
@@ -174,7 +174,6 @@ def extract_features(
         >>> result.vectors.shape, result.view_vectors.shape  # doctest: +SKIP
         ((120, 1280), (120, 4, 1280))
     """
-    import keras
 
     image_size = int(model.input_shape[1])
     feature_dim = int(model.output_shape[-1])
@@ -212,7 +211,7 @@ def extract_features(
             cache.contains([])  # load the shard index now, not in the pipeline's threads
         predict = compiled_predict(model)
         dataset = read_dataset([paths[i] for i in todo], image_size, batch_size, reads, cache)
-        progress = keras.utils.Progbar(len(todo), unit_name="image", verbose=keras_verbose(verbose))
+        progress = progress_bar(len(todo), "image", verbose)
         noted: set[int] = set()
 
         def remember_reads() -> None:
