@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from transferkit.data import SPLITS, ImageFolder
-from transferkit.errors import DataError
+from transferkit.data import SPLITS, ImageFolder, name_twins
+from transferkit.errors import DataError, short_repr
 from transferkit.splits import MIN_SPLIT_CLASS_IMAGES
 
 #: How many examples a message lists before "and N more".
@@ -61,7 +61,8 @@ def dataset_warnings(folder: ImageFolder, hashes: Sequence[str | OSError | None]
       be measured (with a hash split: the class has fewer than 3 images, so all of them train, whatever
       the seed);
     * the same image (same bytes) in two splits: the test score is optimistic;
-    * the same image in two classes: contradictory labels.
+    * the same image in two classes: contradictory labels;
+    * class names that differ only by case (``A`` and ``a``): one folder on macOS and Windows.
 
     Args:
         folder: From :func:`transferkit.data.scan_folder`.
@@ -76,12 +77,18 @@ def dataset_warnings(folder: ImageFolder, hashes: Sequence[str | OSError | None]
         >>> for message in dataset_warnings(folder, hashes):  # doctest: +SKIP
         ...     log.warning(message)
     """
-    messages = _missing_classes(folder)
+    messages = _missing_classes(folder) + _case_twins(folder)
     if hashes is not None:
         if len(hashes) != len(folder.paths):
             raise ValueError(f"got {len(hashes)} hashes for {len(folder.paths)} paths")
         messages += _duplicates(folder, hashes)
     return messages
+
+
+def _case_twins(folder: ImageFolder) -> list[str]:
+    return [f"Classes {short_repr(a)} and {short_repr(b)} differ only by case: they are two classes here, but one "
+            "folder on macOS and Windows, where this dataset cannot be copied whole. If they are one class, merge "
+            "their folders." for a, b in name_twins(folder.class_names)]
 
 
 def _missing_classes(folder: ImageFolder) -> list[str]:

@@ -197,19 +197,20 @@ def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> No
       drawn as text (labels.txt, metrics.json, plots). Image file names may hold any bytes.
     * A control character (a line break, tab, escape) or a line separator: ``labels.txt`` holds one class
       name a line, so the name would not read back as one class.
-    * Two names that differ only by case or Unicode normalisation (``Cat`` and ``cat``; ``café`` typed as
-      one character and as ``e`` plus an accent): one folder on case-insensitive file systems (macOS,
-      Windows), in exports and in anything that compares names as text.
+    * Two names that differ only by Unicode normalisation (``café`` typed as one character and as ``e``
+      plus an accent): they look the same everywhere they are shown, and are one folder on file systems
+      that normalise (macOS). Names that differ only by case (``A`` and ``a`` in a letters set) are
+      allowed: Linux keeps them apart; :func:`transferkit.checks.dataset_warnings` warns about them.
 
     Raises:
         DataError: naming the folder(s) and how to fix them.
 
     Example:
         >>> check_class_names(["cat", "dog"])
-        >>> check_class_names(["cat", "Cat"])
+        >>> check_class_names(["caf\u00e9", "cafe\u0301"])  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         ...
-        transferkit.errors.DataError: Class folders 'Cat' and 'cat' in '.' differ only by ...
+        transferkit.errors.DataError: Class folders 'café' and 'café' in '.' differ only by ...
     """
     for name in names:
         if any(unicodedata.category(c) == "Cs" for c in name):  # bytes that are not UTF-8 (see transferkit.files)
@@ -226,19 +227,32 @@ def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> No
                 f"Class folder {short_repr(name)} in '{root}' has a control character in its name ({codes}, e.g. a "
                 f"line break or tab). Class names are saved one a line in labels.txt, so this one could not be "
                 f"read back. Rename the folder without it.")
+    for other, name in name_twins(names, fold_case=False):
+        raise DataError(
+            f"Class folders {short_repr(other)} and {short_repr(name)} in '{root}' differ only by Unicode "
+            f"normalisation (as code points: {ascii(other[:60])} and {ascii(name[:60])}): they look the same "
+            f"wherever they are shown, and are one folder on macOS. Merge them into one folder, or rename one.")
+
+
+def name_twins(names: Sequence[str], fold_case: bool = True) -> list[tuple[str, str]]:
+    """Pairs of different names that are equal after Unicode normalisation (NFC), and with ``fold_case``
+    after ``lower()`` too: not ``casefold()``, as file systems fold case one character at a time ('ß' is
+    not 'SS' there).
+
+    Example:
+        >>> name_twins(["A", "a", "b"])
+        [('A', 'a')]
+    """
     first: dict[str, str] = {}
+    twins = []
     for name in names:
-        # lower(), not casefold(): file systems fold case one character at a time ('ß' is not 'SS' there).
-        key = unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).lower())
+        key = unicodedata.normalize("NFC", name)
+        if fold_case:
+            key = unicodedata.normalize("NFC", key.lower())
         other = first.setdefault(key, name)
         if other != name:
-            # Names that look alike on screen: show the characters they are made of.
-            spelled = "" if other.isascii() and name.isascii() else \
-                f" (as code points: {ascii(other[:60])} and {ascii(name[:60])})"
-            raise DataError(
-                f"Class folders {short_repr(other)} and {short_repr(name)} in '{root}' differ only by case or Unicode "
-                f"normalisation{spelled}: they are one folder on case-insensitive file systems (macOS, Windows) "
-                f"and in exports. Merge them into one folder, or rename one.")
+            twins.append((other, name))
+    return twins
 
 
 class _Counter:
