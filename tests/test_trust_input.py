@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,8 +37,10 @@ from PIL import Image, ImageFile
 
 import transferkit
 from transferkit import files, images
+from transferkit.cache import hash_file
 from transferkit.cli import main
 from transferkit.data import scan_folder
+from transferkit.errors import InputError
 from transferkit.testing import REASON_SPECIAL, make_awkward_folder, make_image_folder
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-q"]
@@ -46,8 +49,8 @@ HANG_SECONDS = 240
 LATIN1 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name from an old archive: not valid UTF-8
 
 
-def _finishes(func, *, fifos=()):
-    """``func()``'s result, or a failed test if it does not return within HANG_SECONDS (a hang).
+def _finishes(func, *, fifos=(), seconds=HANG_SECONDS):
+    """``func()``'s result, or a failed test if it does not return within ``seconds`` (a hang).
 
     On a hang, opening the FIFOs' write ends releases a reader blocked in ``open``, so the thread ends.
     """
@@ -61,7 +64,7 @@ def _finishes(func, *, fifos=()):
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    thread.join(HANG_SECONDS)
+    thread.join(seconds)
     if thread.is_alive():
         for fifo in fifos:
             try:
@@ -69,7 +72,7 @@ def _finishes(func, *, fifos=()):
             except OSError:
                 pass
         thread.join(10)
-        pytest.fail(f"{getattr(func, '__name__', func)} hung (still running after {HANG_SECONDS} s)")
+        pytest.fail(f"{getattr(func, '__name__', func)} hung (still running after {seconds} s)")
     if "error" in box:
         raise box["error"]
     return box.get("value")
@@ -401,3 +404,113 @@ def test_a_metrics_json_of_the_wrong_shape_is_a_clear_error(trained, tmp_path, c
     result = run("report", copy)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "metrics.json" in result.output and "run the command again" in result.output
+
+
+# ------------------------------------------------- 5. one safe reader for every file transferkit reads
+#
+# files.open_regular: opened non-blocking, fstat of what was opened, regular files only. A check by name
+# (is_file, stat) followed by a plain open blocks forever on a FIFO swapped in between, and a plain open of
+# a FIFO blocks at once.
+
+QUICK = 60  # seconds: each call below takes well under one; reaching this means a hang
+
+
+def test_open_regular_refuses_every_special_file_with_its_kind_and_enforces_the_limit(tmp_path):
+    reasons = {"FIFO": "a named pipe (FIFO)", "socket": "a socket", "device": "a character device",
+               "folder": "a folder"}
+    for kind, path in _special_files(tmp_path / "special").items():
+        with pytest.raises(files.NotRegularFileError, match=re.escape(f"not a regular file: {reasons[kind]}")):
+            _finishes(lambda path=path: files.open_regular(path), fifos=[path], seconds=QUICK)
+    small = tmp_path / "small.json"
+    small.write_bytes(b"0123456789")
+    with files.open_regular(small) as handle:
+        assert os.get_blocking(handle.fileno()), "O_NONBLOCK is cleared once the file is known to be regular"
+        assert handle.read() == b"0123456789"
+    assert files.read_regular_bytes(small, max_bytes=10) == b"0123456789"
+    with pytest.raises(files.FileTooLargeError, match="larger than 9 bytes"):
+        files.read_regular_bytes(small, max_bytes=9)
+    link = tmp_path / "link.json"
+    link.symlink_to(small)
+    assert files.read_regular_bytes(link) == b"0123456789"
+    with pytest.raises(OSError):
+        files.open_regular(link, follow_symlinks=False)
+
+
+def test_a_fifo_named_status_json_is_an_unknown_state_and_resume_says_so(tmp_path):
+    from transferkit import runs, training
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("image_dir: photos\noutput_dir: run\n", encoding="utf-8")
+    status = run_dir / "status.json"
+    os.mkfifo(status)
+    assert _finishes(lambda: runs.read_status(run_dir), fifos=[status], seconds=QUICK) == {}
+    result = _finishes(lambda: CliRunner().invoke(main, ["train", "--resume", str(run_dir)]), fifos=[status],
+                       seconds=QUICK)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "status.json" in result.output and "named pipe (FIFO)" in result.output
+    assert status.is_fifo(), "a file transferkit did not write is left alone"
+    # The failure path of a run reads the stage it reached from status.json before writing it.
+    _finishes(lambda: training._write_failure(run_dir, RuntimeError("boom")), fifos=[status], seconds=QUICK)
+    assert runs.read_status(run_dir)["state"] == "failed"
+
+
+def test_a_fifo_named_state_json_in_a_fine_tune_backup_is_no_backup(tmp_path):
+    from transferkit.finetune import atomic_callbacks
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    os.mkfifo(backup / "state.json")
+    callback = atomic_callbacks().BackupAndRestore(str(backup))
+    assert _finishes(callback.restore, fifos=[backup / "state.json"], seconds=QUICK) == 0
+
+
+def _swap_for_fifo_after_first_stat(monkeypatch, target: Path) -> None:
+    """Another program replaces ``target`` with a FIFO just after transferkit first looks at it: a reader
+    that checks by name, then opens the plain way, waits forever for a writer."""
+    real_stat = os.stat
+    swapped = []
+
+    def stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if not swapped and os.path.abspath(os.fsdecode(os.fspath(path))) == str(target):
+            swapped.append(True)
+            target.unlink()
+            os.mkfifo(target)
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+
+
+def _read_config(path):
+    from transferkit.config import read_yaml
+
+    return read_yaml(path, "Run settings")
+
+
+def _read_feature_map(path):
+    from transferkit.report import PlotFolder, feature_map_section
+
+    section = feature_map_section(path.parent, PlotFolder(path.parent), ["a", "b"], "no feature map")
+    return "no feature map" if [block.text for block in section.blocks] == ["no feature map"] else "drawn"
+
+
+@pytest.mark.parametrize(("name", "content", "reader", "outcome"), [
+    ("config.yaml", b"epochs: 3\n", _read_config, "not a regular file: a named pipe (FIFO)"),
+    ("feature_map.json", b'{"projections": []}', _read_feature_map, "no feature map"),
+    ("photo.png", b"\x89PNG not really", images.read_image_bytes, "not a regular file: a named pipe (FIFO)"),
+    ("photo.jpg", b"bytes", hash_file, "not a regular file: a named pipe (FIFO)"),
+])
+def test_a_fifo_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path, monkeypatch, name, content, reader,
+                                                                   outcome):
+    path = tmp_path / "run" / name
+    path.parent.mkdir()
+    path.write_bytes(content)
+    _swap_for_fifo_after_first_stat(monkeypatch, path)
+    try:
+        got = _finishes(lambda: reader(path), fifos=[path], seconds=QUICK)
+    except (ValueError, OSError, InputError) as exc:
+        assert isinstance(outcome, str) and outcome in str(exc), exc
+    else:
+        assert got == outcome
+    assert path.is_fifo()

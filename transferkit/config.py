@@ -12,7 +12,6 @@ import difflib
 import functools
 import math
 import os
-import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transferkit import files
 from transferkit.errors import InputError, short_repr
 from transferkit.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, STRATEGIES
 
@@ -411,15 +411,14 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file", fix: str = "") -
     path = Path(path)
     fix = f" {fix}" if fix else ""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
-            raise InputError(f"{what} '{path}' is not a regular file; give a YAML file.{fix}")
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_YAML_BYTES + 1)
+        data = files.read_regular_bytes(path, MAX_YAML_BYTES)
+    except files.NotRegularFileError as exc:  # a FIFO, opened the plain way, would block forever
+        raise InputError(f"{what} '{path}' is {exc.strerror}; give a YAML file.{fix}") from None
+    except files.FileTooLargeError:
+        raise InputError(f"{what} '{path}' is larger than {MAX_YAML_BYTES // 1024} KiB; settings files are a few "
+                         f"KB. Check that it is the right file.{fix}") from None
     except OSError as exc:
         raise InputError(f"Cannot read {what.lower()} '{path}': {exc.strerror or exc}.{fix}") from exc
-    if len(data) > MAX_YAML_BYTES:
-        raise InputError(f"{what} '{path}' is larger than {MAX_YAML_BYTES // 1024} KiB; settings files are a few "
-                         f"KB. Check that it is the right file.{fix}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

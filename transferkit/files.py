@@ -1,5 +1,5 @@
 """Atomic file writes: a reader (or the next run after a crash) sees the old file or the new one,
-never half of one.
+never half of one; and the one safe way to read a file (:func:`open_regular`).
 
 Written by hand because the standard library has no atomic write and the well-kept packages for
 it add nothing here: a temporary file in the target's folder, flushed and fsynced, given the
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _default_mode() -> int:
@@ -170,3 +173,109 @@ def _escape(match: re.Match) -> str:
 def open_text(path: str | os.PathLike):
     """Open a text file transferkit wrote (CSV, labels.txt) for reading: names come back as written."""
     return open(path, encoding="utf-8", errors=NAME_ERRORS, newline="")
+
+
+# ------------------------------------------------------------------------------ reading files safely
+#
+# Every file transferkit reads from a folder a user controls (images, a run's status.json and
+# config.yaml, recipes, checkpoint state, the report's feature map) is opened by open_regular. A FIFO
+# named like one of them blocks a plain open() forever (it waits for a writer); a device can act on
+# being opened, or never end. Checking by name first (is_file, stat) and then opening the plain way
+# still hangs on a FIFO swapped in between, so the check that counts is fstat of what was opened,
+# non-blocking.
+
+
+class NotRegularFileError(OSError):
+    """A FIFO, socket, device or folder where a file was expected; refused unread.
+
+    ``strerror`` is the short reason, e.g. ``"not a regular file: a named pipe (FIFO)"``.
+    """
+
+
+class FileTooLargeError(OSError):
+    """A file larger than its reader allows; refused unread (or once it grew past the limit)."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISLNK, "a symbolic link"))
+
+
+def _check_regular(status: os.stat_result, path, max_bytes: int | None) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for test, name in _KINDS if test(status.st_mode)), "a special file")
+        raise NotRegularFileError(errno.EINVAL, f"not a regular file: {kind}", os.fsdecode(path))
+    if max_bytes is not None and status.st_size > max_bytes:
+        raise FileTooLargeError(errno.EFBIG, _too_large(status.st_size, max_bytes), os.fsdecode(path))
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return f"larger than {max_bytes:,} bytes ({size:,} bytes)"
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int | None = None, *,
+                 follow_symlinks: bool = True) -> BinaryIO:
+    """Open a regular file for reading in binary mode, refusing anything else without blocking.
+
+    Looked at before opening (opening a device can act on it), then opened with ``O_NONBLOCK`` (a FIFO
+    swapped in meanwhile opens at once instead of waiting for a writer) and checked again with ``fstat``
+    on what was actually opened; ``O_NONBLOCK`` is cleared once the file is known to be regular.
+
+    Args:
+        path: the file.
+        max_bytes: refuse a file whose size is more than this (checked on the open file).
+        follow_symlinks: False refuses a symbolic link (``O_NOFOLLOW``) instead of reading its target.
+
+    Raises:
+        NotRegularFileError: a FIFO, socket, device or folder (``strerror`` says which).
+        FileTooLargeError: over ``max_bytes``.
+        OSError: the file cannot be opened (missing, permission denied, ...).
+
+    Example:
+        >>> with open_regular("runs/first/status.json", max_bytes=65536) as handle:  # doctest: +SKIP
+        ...     data = handle.read()
+    """
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_BINARY", 0) | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0)))
+    _check_regular(os.stat(path, follow_symlinks=follow_symlinks), path, max_bytes)
+    fd = os.open(path, flags)
+    try:
+        _check_regular(os.fstat(fd), path, max_bytes)
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # readers of the file object expect ordinary reads
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_bytes(path: str | os.PathLike, max_bytes: int | None = None, *,
+                       follow_symlinks: bool = True) -> bytes:
+    """All the bytes of a regular file, opened by :func:`open_regular`; at most ``max_bytes`` (also
+    when the file grew while it was read).
+
+    Raises:
+        As :func:`open_regular`.
+
+    Example:
+        >>> json.loads(read_regular_bytes("runs/first/status.json", max_bytes=65536))  # doctest: +SKIP
+        {'state': 'finished', ...}
+    """
+    with open_regular(path, max_bytes, follow_symlinks=follow_symlinks) as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise FileTooLargeError(errno.EFBIG, _too_large(len(data), max_bytes), os.fsdecode(path))
+    return data
+
+
+def file_signature(status: os.stat_result) -> str:
+    """What says a file is unchanged: size, nanosecond mtime and ctime, inode and device.
+
+    Size and mtime alone miss an edit that keeps the size and restores the mtime (``touch -r``,
+    ``os.utime``, archive extraction); the ctime cannot be set by users and changes with every write
+    and every ``utime``; the inode and device change when a file is replaced by a rename or moved
+    to another disk. A string: inode numbers can exceed SQLite's 64-bit signed integers (the cache's
+    hash memo stores it).
+    """
+    return (f"{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}:"
+            f"{status.st_ino}:{status.st_dev}")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit import files
 from transferkit.backbones import BackboneSpec, block_boundaries
 from transferkit.config import TrainConfig
 from transferkit.progress import keras_verbose
@@ -181,7 +182,7 @@ def atomic_callbacks():
 
     import keras
 
-    from transferkit import files, runs
+    from transferkit import runs
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         """Keras' ``BackupAndRestore`` with crash-safe files.
@@ -284,9 +285,10 @@ def atomic_callbacks():
 
 
 def _read_json(path: Path):
-    """A small JSON file, or None when it is missing or damaged."""
+    """A small JSON file, or None when it is missing, damaged, too large or not a regular file (a FIFO
+    named state.json would block a plain read forever)."""
     try:
-        return json.loads(path.read_bytes()[:1 << 16])
+        return json.loads(files.read_regular_bytes(path, max_bytes=1 << 16))
     except (OSError, ValueError):
         return None
 

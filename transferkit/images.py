@@ -24,7 +24,6 @@ import contextlib
 import errno
 import io
 import os
-import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from transferkit import files
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -50,14 +51,8 @@ class ImageFileError(ValueError):
     """A file refused as an image; ``str()`` is the short reason (``"not a regular file: a socket"``)."""
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _check_stat(st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
-        raise ImageFileError(f"not a regular file: {kind}")
+def _check_size_of(st: os.stat_result) -> None:
+    """The image-specific limits, on top of :func:`transferkit.files.open_regular`'s regular-file check."""
     if st.st_size == 0:
         raise ImageFileError("empty file")
     if st.st_size > MAX_FILE_BYTES:
@@ -74,10 +69,9 @@ def open_image_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a file for reading as an image: regular files only, not empty, at most ``MAX_FILE_BYTES``.
 
     The one way transferkit opens an image file (scan, decode, thumbnails, Grad-CAM). A FIFO, socket,
-    device or folder named ``*.jpg`` is refused without blocking: ``stat`` sees what the name points at
-    without opening it (opening a device can act on it; opening a FIFO waits for a writer), then the
-    file is opened non-blocking and ``fstat`` checks what was actually opened, so a file swapped for a
-    FIFO in between is refused too.
+    device or folder named ``*.jpg`` is refused without blocking by :func:`transferkit.files.open_regular`
+    (the one safe way transferkit opens a file: non-blocking, ``fstat`` of what was opened, so a file
+    swapped for a FIFO after being looked at is refused too); the limits of an image come on top.
 
     Raises:
         ImageFileError: A ``ValueError`` whose message is the short reason (``"empty file"``,
@@ -87,21 +81,14 @@ def open_image_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         >>> with open_image_file("photos/cat/001.jpg") as handle:  # doctest: +SKIP
         ...     header = handle.read(16)
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        _check_stat(os.stat(path))
-        fd = os.open(path, flags)
-    except ImageFileError:
-        raise
+        handle = files.open_regular(path)
+    except files.NotRegularFileError as exc:
+        raise ImageFileError(exc.strerror) from None  # the short reason says it all
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
         raise ImageFileError(_os_reason(exc)) from exc
-    try:
-        _check_stat(os.fstat(fd))
-        handle = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
     with handle:
+        _check_size_of(os.fstat(handle.fileno()))
         yield handle
 
 
@@ -156,12 +143,8 @@ def read_image_file(path: str | os.PathLike) -> tuple[bytes, os.stat_result | No
         raise ImageFileError(_too_big(len(data)))
     if not data:
         raise ImageFileError("empty file")
-    unchanged = len(data) == before.st_size and _signature(before) == _signature(after)
+    unchanged = len(data) == before.st_size and files.file_signature(before) == files.file_signature(after)
     return data, before if unchanged else None
-
-
-def _signature(st: os.stat_result) -> tuple:
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 def unreadable_reason(path: Path) -> str | None:

@@ -203,9 +203,8 @@ def feature_map_section(report_dir: Path, plot_folder: PlotFolder, class_names: 
     """The feature map stored by :func:`compute_feature_map`, or ``missing`` (how to get one) without it."""
     title = "Feature map"
     try:
-        path = Path(report_dir) / FEATURE_MAP_FILE
-        # is_file: a FIFO or device under that name would block or never end.
-        stored = json.loads(path.read_text(encoding="utf-8"))["projections"] if path.is_file() else []
+        # open_regular: a FIFO or device under that name would block or never end.
+        stored = json.loads(files.read_regular_bytes(Path(report_dir) / FEATURE_MAP_FILE))["projections"]
         projections = [(np.asarray(p["points"], dtype=float).reshape(-1, 2), np.asarray(p["labels"], dtype=int),
                         p["info"]) for p in stored]
         notes = [_PROJECTION_NOTES[info["method"]] for _, _, info in projections]

@@ -227,15 +227,25 @@ def read_status(run_dir: str | os.PathLike) -> dict:
     """``status.json`` of a run: ``state`` (running, finished, failed, interrupted), ``stage``
     (``train``, or ``report`` once the model and metrics are written), ``detail``.
 
-    A missing, damaged or hostile file (not JSON, not an object, binary) is an unknown state:
-    ``{}``, with a warning for a damaged one.
+    A missing, damaged or hostile file (not JSON, not an object, binary, a FIFO or device) is an
+    unknown state: ``{}``, with a warning for a damaged one.
     """
     path = Path(run_dir) / STATUS_FILE
     try:
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read(1 << 16).decode("utf-8"))
+        return _read_status_file(path)
+    except files.NotRegularFileError as exc:
+        log.warning("Ignoring the run status '%s' (%s); treating the run's state as unknown.", path, exc.strerror)
+        return {}
+
+
+def _read_status_file(path: Path) -> dict:
+    """:func:`read_status`, except that a FIFO, socket, device or folder raises NotRegularFileError."""
+    try:
+        data = json.loads(files.read_regular_bytes(path, max_bytes=1 << 16).decode("utf-8"))
     except FileNotFoundError:
         return {}
+    except files.NotRegularFileError:
+        raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         log.warning("Ignoring the damaged run status '%s' (%s); treating the run's state as unknown.", path,
                     type(exc).__name__)
@@ -254,7 +264,12 @@ def resumable_config(run_dir: str | os.PathLike) -> Path:
     if not config.is_file():
         raise InputError(f"Cannot resume '{run_dir}': it has no {CONFIG_FILE}, so it is not a transferkit run "
                          "folder. Pass the -o folder of an interrupted 'transferkit train' run.")
-    if read_status(run_dir).get("state") == "finished":
+    try:
+        state = _read_status_file(run_dir / STATUS_FILE).get("state")
+    except files.NotRegularFileError as exc:
+        raise InputError(f"Cannot resume '{run_dir}': its {STATUS_FILE} is {exc.strerror}, not the file transferkit "
+                         f"writes. Move it out of the folder and run the command again.") from None
+    if state == "finished":
         raise InputError(f"Run '{run_dir}' already finished; there is nothing to resume. Train into a new folder "
                          "(or pass --overwrite with -o to replace it).")
     return config

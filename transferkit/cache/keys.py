@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import sqlite3
-import stat as stat_module
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transferkit import files
 from transferkit.errors import CacheError
+from transferkit.files import file_signature
 
 #: Bumped whenever the meaning or layout of a stored vector changes; old entries stop matching.
 FORMAT_VERSION = 2
@@ -86,50 +86,18 @@ class FeatureSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _open_regular(path: str | os.PathLike) -> int:
-    """A read-only descriptor of a regular file; anything else raises OSError naming the file.
-
-    Checked before opening (opening a device can act on it) and again on what was opened, non-blocking
-    (a FIFO swapped in meanwhile would otherwise make ``open`` wait forever for a writer).
-    """
-    if not stat_module.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        status = os.fstat(fd)
-        if not stat_module.S_ISREG(status.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def hash_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes: the image part of a cache key (renaming keeps it)."""
     digest = hashlib.sha256()
-    with os.fdopen(_open_regular(path), "rb") as handle:
+    with files.open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def file_signature(status: os.stat_result) -> str:
-    """What the hash memo compares to decide a file is unchanged: size, nanosecond mtime and ctime,
-    inode and device.
-
-    Size and mtime alone miss an edit that keeps the size and restores the mtime (``touch -r``,
-    ``os.utime``, archive extraction); the ctime cannot be set by users and changes with every write
-    and every ``utime``; the inode and device change when a file is replaced by a rename or moved
-    to another disk. A string: inode numbers can exceed SQLite's 64-bit signed integers.
-    """
-    return (f"{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}:"
-            f"{status.st_ino}:{status.st_dev}")
-
-
 class FileHashes:
     """Content hashes of files (images, and the cache's own shards), remembered by absolute path
-    and :func:`file_signature` (size, nanosecond mtime and ctime, inode, device).
+    and :func:`transferkit.files.file_signature` (size, nanosecond mtime and ctime, inode, device).
 
     An unchanged folder is then re-run without reading its images; an edited, replaced or touched
     file has a new signature and is hashed again. SQLite (standard library) because two
