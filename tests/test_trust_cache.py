@@ -243,12 +243,15 @@ def test_verify_deep_says_what_it_could_not_check(tmp_path):
     cache_dir = tmp_path / "cache"
     _extract(runner, photos, cache_dir)
     other_seed = _verify(runner, cache_dir, "--weights", "none", "--seed", "7")
-    assert other_seed.exit_code == 0 and "Not checked" in other_seed.output and "fingerprint" in other_seed.output
-    assert "Recomputed 0 sampled vectors" in other_seed.output
+    assert "Not checked" in other_seed.output and "fingerprint" in other_seed.output
+    # Checking nothing is not a success: say so and exit 1.
+    assert other_seed.exit_code == 1 and "nothing could be verified" in other_seed.output, other_seed.output
+    assert "Traceback" not in other_seed.output
     for path in photos.rglob("*.png"):
         path.unlink()
     gone = _verify(runner, cache_dir)
-    assert gone.exit_code == 0 and "Recomputed 0 sampled vectors" in gone.output
+    assert gone.exit_code == 1 and "nothing could be verified" in gone.output, gone.output
+    assert "4 vectors have no unchanged image left" in gone.output
     usage = CliRunner().invoke(main,
                                ["cache", "verify", "--cache-dir", str(cache_dir), "--sample", "3"])
     assert usage.exit_code == 2 and "--deep" in usage.output
@@ -272,3 +275,57 @@ def test_verify_deep_recomputes_augmented_views_too(tmp_path, tiny_model):
     report = verify_vectors(tmp_path / "c")
     assert report["checked"] == 8 and {Path(p) for p, _, _ in report["mismatches"]} == {p.resolve() for p in paths}
     assert all(spec_dir == view_dir and "augmented view 1" in detail for _, spec_dir, detail in report["mismatches"])
+
+
+def _views_cache(tmp_path, tiny_model) -> tuple[Path, list[Path], Path]:
+    """A cache of 4 images' vectors and one augmented view of each: (cache, image paths, view folder)."""
+    photos = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=2, image_size=32)
+    paths = sorted(photos.rglob("*.png"))
+    spec = FeatureSpec.for_model(get_backbone("tiny_test"), tiny_model)
+    extract_features(tiny_model, paths, FeatureCache(tmp_path / "c", spec), views=1, verbose=0)
+    (view_dir,) = [p for p in (tmp_path / "c").iterdir()
+                   if p.is_dir() and json.loads((p / "spec.json").read_text())["view"] == 1]
+    return tmp_path / "c", paths, view_dir
+
+
+@pytest.mark.parametrize("settings", [
+    "v1 flip=1 crop",  # damaged: a setting without a value
+    "v1 flip=1 crop=lots rotation=0.05",  # damaged: not a number
+    "v1 flip=1 crop=0.35 sharpen=0.3 seed=0",  # a setting of another version
+    "v9 flip=1 crop=0.35 seed=0",  # another version's spelling
+])
+def test_verify_deep_lists_a_view_it_cannot_rebuild_as_not_checked(tmp_path, tiny_model, settings):
+    from transferkit.cache import verify_vectors
+
+    cache_dir, _, view_dir = _views_cache(tmp_path, tiny_model)
+    data = json.loads((view_dir / "spec.json").read_text())
+    data["augmentation"] = settings  # as written by another transferkit version, or damaged
+    moved = view_dir.with_name(f"{data['backbone']}-{FeatureSpec(**data).key()}")
+    view_dir.rename(moved)
+    (moved / "spec.json").write_text(json.dumps(data))
+
+    report = verify_vectors(cache_dir)
+
+    assert report["checked"] == 4, "the un-augmented vectors are still checked"
+    ((spec_dir, reason),) = report["not_checked"]
+    assert spec_dir == moved and "augmentation settings" in reason, reason
+    result = _verify(CliRunner(), cache_dir)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert f"Not checked: {moved}" in result.output
+
+
+def test_verify_deep_samples_the_same_vectors_every_time(tmp_path, tiny_model):
+    from transferkit.cache import verify_vectors
+
+    photos = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=4, image_size=32)
+    paths = sorted(photos.rglob("*.png"))
+    spec = FeatureSpec.for_model(get_backbone("tiny_test"), tiny_model)
+    extract_features(tiny_model, paths, FeatureCache(tmp_path / "c", spec), verbose=0)
+    (spec_dir,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+    (shard,) = spec_shards(spec_dir)
+    keys, vectors = read_keys(shard), read_rows(shard, np.arange(len(paths)))
+    shard.unlink()
+    write_shard(spec_dir, keys, vectors + 0.5)  # every vector wrong: the mismatches are the sample
+    samples = [sorted(str(p) for p, _, _ in verify_vectors(tmp_path / "c", sample=3)["mismatches"])
+               for _ in range(4)]
+    assert len(samples[0]) == 3 and all(sample == samples[0] for sample in samples), samples

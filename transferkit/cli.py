@@ -609,16 +609,17 @@ def cache_info(cache_dir, as_json) -> None:
               help="With --deep: the weights the vectors were built with (imagenet, none, or a file). "
                    "Default: whichever of imagenet and none matches the cache's weights fingerprint.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
-              help="With --deep and --weights none: the seed the vectors were built with.")
+              help="With --deep and --weights none: the seed the weights were built with (the sample of "
+                   "vectors is drawn with a fixed seed of its own, so every run checks the same vectors).")
 @_handle_errors
 def cache_verify(cache_dir, deep, sample, weights, seed) -> None:
     """Re-read every shard against its checksums; exit 1 if any is damaged.
 
     Damaged shards are never read as numbers: the next extraction sets them aside and
     computes their vectors again (or run 'transferkit cache prune' to drop them now).
-    With --deep, also recompute a random sample of vectors from their images (found
+    With --deep, also recompute a sample of vectors from their images (found
     through the cache's file-hash index, used only while they still have the same
-    bytes) and exit 1 if any cached vector differs.
+    bytes) and exit 1 if any cached vector differs, or if nothing could be verified.
     """
     from transferkit.cache import verify_cache
 
@@ -629,7 +630,7 @@ def cache_verify(cache_dir, deep, sample, weights, seed) -> None:
     for shard, reason in damaged:
         click.echo(click.style("Damaged: ", fg="red") + f"{shard}: {reason}")
     click.echo(f"Checked {checked} shards in {root}: {len(damaged)} damaged.")
-    mismatches = []
+    mismatches, unverified = [], False
     if deep:
         from transferkit.cache import verify_vectors
 
@@ -645,7 +646,12 @@ def cache_verify(cache_dir, deep, sample, weights, seed) -> None:
                    f"differ{gone}.")
         if mismatches:
             click.echo("Delete the folders named above (transferkit recomputes their vectors on the next run).")
-    if damaged or mismatches:
+        unverified = report["checked"] == 0 and bool(report["vectors"] or report["not_checked"])
+        if unverified:  # 0 of 0 differ is not a pass
+            click.echo(click.style("Not verified: ", fg="red") + "nothing could be verified: no cached vector could "
+                       "be recomputed (see 'Not checked' above, and the vectors whose image is gone or changed). "
+                       "Pass --weights (and --seed for none) as the vectors were built, where their images are.")
+    if damaged or mismatches or unverified:
         sys.exit(1)
 
 

@@ -31,10 +31,14 @@ from transferkit.cache.store import (
     verify_shard,
     write_shard,
 )
-from transferkit.errors import CacheError
+from transferkit.errors import CacheError, short_repr
 
 #: Most vectors in one shard written by ``prune`` (a shard is built in memory before it is written).
 PRUNE_SHARD_ROWS = 65536
+
+#: Seed of ``verify --deep``'s sample of vectors (per spec): the same cache is checked on the same
+#: vectors every time, so a result can be repeated. Not ``--seed``, which names the weights' seed.
+SAMPLE_SEED = 0
 
 
 def cache_summary(cache_dir: str | os.PathLike) -> list[dict]:
@@ -169,7 +173,7 @@ def merge_caches(cache_dir: str | os.PathLike, sources: Sequence[str | os.PathLi
 
 def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: str | None = None, seed: int = 0,
                    batch_size: int = 32) -> dict:
-    """Recompute a random sample of each spec's cached vectors from their images and compare (``--deep``).
+    """Recompute a sample of each spec's cached vectors from their images and compare (``--deep``).
 
     Shard checksums prove the bytes are the ones written; this proves the vectors are the right
     ones. Each sampled vector's image is found through the file-hash index (the paths hashed with
@@ -177,7 +181,10 @@ def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: 
     is rebuilt from what the spec records (backbone, input size, pooling, storage dtype; for
     augmented views, the settings and view number) with weights whose fingerprint equals the spec's
     ``weights_id``: ``weights`` if given, else the ImageNet file when it is on this machine, else
-    random initialisation from ``seed`` (as ``--weights none --seed``).
+    random initialisation from ``seed`` (as ``--weights none --seed``). The sample is drawn with the
+    fixed :data:`SAMPLE_SEED`, so the same cache is checked on the same vectors every time. A spec
+    that cannot be rebuilt here (unknown backbone, no matching weights, augmentation settings of
+    another version or damaged) is listed in ``not_checked`` with the reason, never raised.
 
     Args:
         cache_dir: the cache root.
@@ -187,21 +194,22 @@ def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: 
         batch_size: images per backbone call.
 
     Returns:
-        ``{"checked": int, "mismatches": [(image path, spec folder, detail)], "not_checked":
-        [(spec folder, reason)], "no_source": int}``; ``no_source`` counts the vectors whose image
-        is gone or changed (nothing to recompute them from).
+        ``{"checked": int, "vectors": int, "mismatches": [(image path, spec folder, detail)],
+        "not_checked": [(spec folder, reason)], "no_source": int}``; ``vectors`` counts the vectors
+        in sound shards of readable specs, ``no_source`` those whose image is gone or changed (nothing
+        to recompute them from). ``checked`` 0 with vectors or specs left unchecked means nothing
+        could be verified.
 
     Example:
         >>> verify_vectors("runs/cache", sample=50)["mismatches"]  # doctest: +SKIP
         []
     """
     root = Path(cache_dir)
-    report: dict = {"checked": 0, "mismatches": [], "not_checked": [], "no_source": 0}
+    report: dict = {"checked": 0, "vectors": 0, "mismatches": [], "not_checked": [], "no_source": 0}
     specs = cache_specs(root)
     if not specs:
         return report
     sources = FileHashes(root).sources()
-    rng = np.random.default_rng()
     models: dict = {}
     for spec_dir in specs:
         try:
@@ -218,16 +226,25 @@ def verify_vectors(cache_dir: str | os.PathLike, *, sample: int = 100, weights: 
                 for row, key in enumerate(read_keys(shard)):
                     index.setdefault(key, (shard, row))
         keys = sorted(k for k in index if k in sources)
+        report["vectors"] += len(index)
         report["no_source"] += len(index) - len(keys)
         if not keys:
+            continue
+        try:
+            augmentation = _augmentation_config(spec.augmentation) if spec.view else None
+        except Exception as exc:  # noqa: BLE001 - settings of another version or damaged can fail anyhow
+            report["not_checked"].append((spec_dir, (
+                f"its augmentation settings {short_repr(spec.augmentation)} cannot be rebuilt by this version of "
+                f"transferkit ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else '-'})")))
             continue
         model, why = _rebuild_model(spec, models, weights, seed)
         if model is None:
             report["not_checked"].append((spec_dir, why))
             continue
+        rng = np.random.default_rng(SAMPLE_SEED)  # per spec: one spec's sample does not depend on the others
         chosen = [keys[j] for j in sorted(rng.choice(len(keys), size=min(sample, len(keys)), replace=False))]
         for start in range(0, len(chosen), batch_size):
-            _compare(spec, spec_dir, model, chosen[start:start + batch_size], index, sources, report)
+            _compare(spec, spec_dir, model, augmentation, chosen[start:start + batch_size], index, sources, report)
     return report
 
 
@@ -268,9 +285,10 @@ def _rebuild_model(spec: FeatureSpec, models: dict, weights: str | None, seed: i
                   f"(tried {'; '.join(tried)}); pass --weights (and --seed for none) as used to build them")
 
 
-def _compare(spec: FeatureSpec, spec_dir: Path, model, keys: list[str], index: dict, sources: dict,
+def _compare(spec: FeatureSpec, spec_dir: Path, model, augmentation, keys: list[str], index: dict, sources: dict,
              report: dict) -> None:
-    """Recompute the vectors of ``keys`` from their images and record any that differ from the stored ones."""
+    """Recompute the vectors of ``keys`` from their images and record any that differ from the stored ones;
+    ``augmentation`` is the TrainConfig of an augmented view's settings (None for plain vectors)."""
     import tensorflow as tf
 
     from transferkit.cache.extraction import compiled_predict, read_image
@@ -292,9 +310,8 @@ def _compare(spec: FeatureSpec, spec_dir: Path, model, keys: list[str], index: d
     if spec.view:
         from transferkit.augment import augmented_view, view_seed
 
-        config = _augmentation_config(spec.augmentation)
-        batch = np.stack([augmented_view(tf.constant(image), tf.constant(view_seed(key, spec.view, config.seed)),
-                                         config).numpy() for image, key in zip(batch, found, strict=True)])
+        batch = np.stack([augmented_view(tf.constant(image), tf.constant(view_seed(key, spec.view, augmentation.seed)),
+                                         augmentation).numpy() for image, key in zip(batch, found, strict=True)])
     fresh = compiled_predict(model)(batch).numpy()
     # Float16 storage rounds each value to 3 decimal digits; a wrong vector is off by far more.
     tolerance = 1e-2 if spec.dtype == "float16" else 1e-3
