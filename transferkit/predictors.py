@@ -191,7 +191,9 @@ def read_labels(path: Path, artifact: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"No {LABELS_FILE} beside '{artifact}' (looked for '{path}'): the class names are "
                          f"unknown. Put the {LABELS_FILE} of the export (one class a line, in output order) there.")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    from transferkit.runs import read_labels as read_label_file
+
+    return read_label_file(path)  # one reader of labels.txt: run folders and exports split names alike
 
 
 def load_predictor(path: str | os.PathLike, batch_size: int = 32) -> Predictor:

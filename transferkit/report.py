@@ -301,6 +301,8 @@ class _Builder:
         if config:
             columns.append([Paragraph(f"Settings ({self.run.config_source}):"),
                             settings_table(["setting", "value"], config)])
+        elif self.run.config_error:
+            columns.append([Paragraph(self.run.config_error)])
         skip = {"test", "counts", "skipped", "per_class", "confusion_matrix", "class_names", "versions", "tta",
                 "top_k_accuracy", "accuracy", "balanced_accuracy", "macro_f1", "num_examples", "split"}
         metrics = dict(self.run.metrics)

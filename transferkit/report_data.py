@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 
 from transferkit import files, runs
 from transferkit.errors import InputError
+
+log = logging.getLogger("transferkit")
 
 
 def collect_versions() -> dict[str, str]:
@@ -94,6 +97,7 @@ class RunFolder:
         if not all(isinstance(name, str) for name in self.class_names):
             raise InputError(f"'{metrics_path}': class_names must be a list of names; the file is damaged, run the "
                              "command again.")
+        self.config_error = ""  # why the settings could not be read, shown in their place
         self.config = self._yaml(run_dir / runs.CONFIG_FILE)
         self.config_source = runs.CONFIG_FILE
         if not self.config and self.kind == "evaluate" and self.metrics.get("run_dir"):
@@ -108,15 +112,16 @@ class RunFolder:
 
     def _labels(self) -> list[str]:
         path = self.dir / runs.LABELS_FILE
-        return [x for x in path.read_text(encoding="utf-8").splitlines() if x] if path.is_file() else []
+        return runs.read_labels(path) if path.is_file() else []
 
-    @staticmethod
-    def _yaml(path: Path) -> dict:
+    def _yaml(self, path: Path) -> dict:
         from transferkit.config import read_yaml
 
         try:
             return read_yaml(path, "Run settings") if path.is_file() else {}
-        except InputError:  # damaged or hostile: the report is drawn without the settings
+        except InputError as exc:  # damaged or hostile: the report is drawn without the settings, and says why
+            self.config_error = f"The settings were left out: {exc}"
+            log.warning("%s", self.config_error)
             return {}
 
     def image_path(self, rel: str) -> Path:
