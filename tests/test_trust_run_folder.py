@@ -115,7 +115,7 @@ def test_clear_previous_run_refuses_an_unmarked_folder(tmp_path):
 # ------------------------------------------------------------------ 2. never inside an image folder
 
 @pytest.mark.parametrize("case", ["train-o-equal", "train-o-inside", "train-o-symlink", "train-cache", "compare-o",
-                                  "lr-find-o", "features-export-o", "explain-o"])
+                                  "lr-find-o", "features-export-o", "explain-o", "explain-file-o"])
 def test_outputs_inside_the_image_folder_are_refused(tmp_path, case):
     photos = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=4, image_size=32,
                                formats=("png",))
@@ -132,8 +132,11 @@ def test_outputs_inside_the_image_folder_are_refused(tmp_path, case):
         "lr-find-o": ["lr-find", str(photos), "-o", str(photos / "lr.png"), *TINY],
         "features-export-o": ["features", "export", str(photos), "-o", str(photos / "f.npz"), *TINY],
         "explain-o": ["explain", str(tmp_path / "no-run"), str(photos), "-o", str(photos / "cams")],
+        # One photo named, not its folder: the folder holding it is an image folder all the same.
+        "explain-file-o": ["explain", str(tmp_path / "no-run"), str(sorted((photos / "class_0").iterdir())[0]),
+                           "-o", str(photos / "class_0" / "cams")],
     }[case]
-    if case == "explain-o":  # a run folder is checked first: give it the two files it looks for
+    if case.startswith("explain"):  # a run folder is checked first: give it the two files it looks for
         (tmp_path / "no-run").mkdir()
         (tmp_path / "no-run" / "model.keras").write_bytes(b"")
         (tmp_path / "no-run" / "labels.txt").write_text("class_0\nclass_1\n")
@@ -299,3 +302,165 @@ def test_damaged_run_files_give_a_clear_error(tmp_path, finished_run, name, cont
     (run / name).write_bytes(content)
     with pytest.raises(InputError, match=message):
         runs.load_run(run)
+
+
+# ------------------------------------------------------------------ 7. a failed start, the lock file, releasing
+
+def test_a_start_that_failed_after_claiming_the_folder_does_not_refuse_a_plain_rerun(tmp_path):
+    run = tmp_path / "run"
+    runs.prepare_output_dir(run, command="evaluate")  # claimed (marker, lock file), then the command failed
+    runs.release_output_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == [runs.LOCK_FILE, runs.MARKER_FILE]
+    runs.prepare_output_dir(run, command="evaluate")  # no --overwrite needed: nothing of a run is there
+    runs.release_output_dir(run)
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_bad_cache_folder_is_refused_before_the_output_folder_is_claimed(tmp_path, photos, command):
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = tmp_path / "a-file" / "cache"  # cannot be created
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [command, str(photos), "-o", str(out), *TINY, "--cache-dir", str(cache)])
+    assert result.exit_code == 2 and "--cache-dir" in result.output, result.output
+    assert not out.exists()  # nothing created, marked or locked there
+
+
+def _victim(tmp_path) -> Path:
+    victim = tmp_path / "thesis.txt"
+    victim.write_bytes(b"three years of work")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runs.MARKER_FILE).write_text("{}")
+    return victim
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_linked_lock_file_is_refused_and_its_target_left_alone(tmp_path, link):
+    victim = _victim(tmp_path)
+    lock = tmp_path / "run" / runs.LOCK_FILE
+    if link == "symlink":
+        lock.symlink_to(victim)
+    else:
+        os.link(victim, lock)
+    with pytest.raises(InputError, match=r"\.transferkit-lock is not a lock file transferkit can use \(a "
+                                          + ("symbolic link" if link == "symlink" else "file with 2 hard links")):
+        runs.prepare_output_dir(tmp_path / "run", overwrite=True)
+    assert victim.read_bytes() == b"three years of work"
+
+
+def test_a_lock_file_holding_more_than_a_pid_is_locked_but_not_rewritten(tmp_path):
+    _victim(tmp_path)
+    lock = tmp_path / "run" / runs.LOCK_FILE
+    lock.write_bytes(b"notes somebody keeps under that name")
+    runs.prepare_output_dir(tmp_path / "run", overwrite=True)
+    runs.release_output_dir(tmp_path / "run")
+    assert lock.read_bytes() == b"notes somebody keeps under that name"
+    lock.write_bytes(b"12345")  # a pid transferkit wrote: replaced by this process's
+    runs.prepare_output_dir(tmp_path / "run", overwrite=True)
+    runs.release_output_dir(tmp_path / "run")
+    assert lock.read_bytes() == str(os.getpid()).encode()
+
+
+def _held_elsewhere(folder: Path) -> bool:
+    """Whether the folder's lock is held: a new open file description is refused as another process is."""
+    fd = os.open(folder / runs.LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_folder_deleted_and_made_again_in_the_same_process_is_locked_again(tmp_path):
+    run = tmp_path / "run"
+    runs.prepare_output_dir(run)
+    shutil.rmtree(run)
+    runs.prepare_output_dir(run)
+    try:
+        assert _held_elsewhere(run)
+    finally:
+        runs.release_output_dir(run)
+    assert not _held_elsewhere(run)
+
+
+def test_evaluate_and_ensemble_release_their_output_folder_however_they_end(tmp_path, photos, finished_run):
+    from transferkit.ensemble import ensemble_runs
+    from transferkit.errors import DataError
+    from transferkit.evaluation import evaluate_run
+
+    broken = tmp_path / "broken"  # photos cut short: found by the scan, undecodable during prediction
+    for name in ("class_0", "class_1"):
+        (broken / name).mkdir(parents=True)
+        (broken / name / "a.png").write_bytes(sorted((photos / name).iterdir())[0].read_bytes()[:60])
+    with pytest.raises(DataError, match="could be decoded"):
+        evaluate_run(finished_run, broken, tmp_path / "eval", verbose=0)
+    assert not _held_elsewhere(tmp_path / "eval")
+    runs.prepare_output_dir(tmp_path / "eval")  # and a plain re-run may use it
+    runs.release_output_dir(tmp_path / "eval")
+
+    ensemble_runs([finished_run, finished_run], tmp_path / "ens", photos, verbose=0)
+    assert (tmp_path / "ens" / runs.METRICS_FILE).is_file() and not _held_elsewhere(tmp_path / "ens")
+
+
+# ------------------------------------------------------------------ 8. folders of earlier versions
+
+EARLIER = {  # what each command wrote before the .transferkit-run marker existed
+    "train": ["model.keras", "labels.txt", "config.yaml", "splits.csv", "history.csv", "metrics.json",
+              "predictions.csv", "skipped.csv", "status.json", "report.html", "report.md"],
+    "evaluate": ["metrics.json", "predictions.csv", "skipped.csv", "report.html", "report.md"],
+    "compare": ["comparison.json", "comparison.csv", "comparison.md", "splits.csv", "skipped.csv", "accuracy.png"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(EARLIER))
+def test_overwrite_accepts_a_folder_an_earlier_version_wrote(tmp_path, command):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in EARLIER[command]:
+        (run / name).write_bytes(b"previous run")
+    (run / "checkpoints" / "best.weights.h5").write_bytes(b"previous run")
+    runs.prepare_output_dir(run, overwrite=True, command=command)
+    runs.release_output_dir(run)
+    runs.clear_previous_run(run)
+    assert (run / runs.MARKER_FILE).is_file() and not (run / "checkpoints").exists()
+
+
+def test_overwrite_still_refuses_a_folder_with_only_some_of_those_names(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "model.keras").write_bytes(b"my own model")
+    (folder / "labels.txt").write_text("cat\ndog\n")
+    with pytest.raises(InputError, match="was not written by transferkit"):
+        runs.prepare_output_dir(folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["labels.txt", "model.keras"]
+
+
+# ------------------------------------------------------------------ 9. one labels.txt reader; damaged settings
+
+def test_every_labels_reader_reads_names_alike(tmp_path):
+    from transferkit.predictors import read_labels
+    from transferkit.report_data import RunFolder
+
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("caf\xe9\nline\u2028sep\nnext\x85line\n".encode("utf-8").replace(b"\xc3\xa9", b"\xe9"))
+    expected = ["caf\udce9", "line\u2028sep", "next\x85line"]  # a Latin-1 byte reads back as that byte
+    assert runs.read_labels(labels) == expected
+    assert read_labels(labels, tmp_path) == expected
+    (tmp_path / "metrics.json").write_text(json.dumps({"confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}))
+    assert RunFolder(tmp_path).class_names == expected
+
+
+def test_a_report_without_readable_settings_says_why(tmp_path, caplog):
+    from transferkit.report import PlotFolder, _Builder
+    from transferkit.report_data import RunFolder
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"confusion_matrix": [[1, 0], [0, 1]],
+                                                       "class_names": ["a", "b"]}))
+    (tmp_path / "config.yaml").write_text("- not\n- a mapping\n")
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        run = RunFolder(tmp_path)
+    assert run.config == {} and "settings were left out" in caplog.text and "config.yaml" in caplog.text
+    section = _Builder(run, PlotFolder(tmp_path)).configuration()
+    assert "settings were left out" in repr(section) and "mapping" in repr(section)

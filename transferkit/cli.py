@@ -1122,12 +1122,13 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     paths = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
     if not paths:
         raise click.BadParameter("no image files found", param_hint="IMAGE")
-    output = runs.prepare_output_dir(output_dir, overwrite, inputs=[i for i in images if Path(i).is_dir()],
-                                     command="explain")
-    runtime.start_tensorflow()
-    run = runs.load_run(run_dir)
-    run.require_keras_head("explain (Grad-CAM)")
-    rows = explain_files(run, paths, output, class_name=class_name)
+    # A file's folder is an input too: the overlays must not land among the photos.
+    inputs = [item if Path(item).is_dir() else Path(item).parent for item in images]
+    with runs.claimed_output_dir(output_dir, overwrite, inputs=inputs, command="explain") as output:
+        runtime.start_tensorflow()
+        run = runs.load_run(run_dir)
+        run.require_keras_head("explain (Grad-CAM)")
+        rows = explain_files(run, paths, output, class_name=class_name)
     for row in rows:
         if row["ok"]:
             click.echo(f"{files.display_name(row['path'])}\t{row['predicted']} {row['score']:.3f}\t-> "

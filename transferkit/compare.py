@@ -189,15 +189,23 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
     if len(set(folder.labels[roles == "test"].tolist())) < 2:
         raise DataError(f"The test split of '{folder.root}' holds a single class; accuracy there says little. "
                         "Add images or raise --test-fraction.")
-    inputs, cache_dir = (config.image_dir, folder.root), config.cache_dir or default_cache_dir()
-    runs.check_outside_inputs(cache_dir, "--cache-dir", inputs)
+    inputs = (config.image_dir, folder.root)
+    # Every check before the claim: a refused start leaves the output folder as it was.
+    runs.check_output_dir(config.output_dir, config.overwrite, inputs=inputs)
+    runs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
+    # Claimed (locked, marked) until run_comparison ends.
     output_dir = runs.prepare_output_dir(config.output_dir, config.overwrite, inputs=inputs, command="compare")
-    runs.check_writable_dir(cache_dir, "--cache-dir")
     if config.with_fine_tune:
         from transferkit.training import prepare_training
 
-        prepare_training(config.train_config(strategy=FINE_TUNE, output_dir=str(output_dir / FINE_TUNE),
-                                             overwrite=True))
+        fine_tune_dir = output_dir / FINE_TUNE
+        try:
+            prepare_training(config.train_config(strategy=FINE_TUNE, output_dir=str(fine_tune_dir), overwrite=True))
+        except BaseException:
+            runs.release_output_dir(output_dir)
+            raise
+        finally:
+            runs.release_output_dir(fine_tune_dir)  # only checked here; its train() claims it again
     return ComparisonPlan(config, spec, image_size, weights, folder, output_dir)
 
 
@@ -472,6 +480,13 @@ def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResul
         plan: from :func:`prepare_comparison`.
         verbose: 0 silent, 1 extraction progress bar.
     """
+    try:
+        return _run_claimed(plan, verbose)
+    finally:
+        runs.release_output_dir(plan.output_dir)  # claimed by prepare_comparison
+
+
+def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:
     from transferkit import comparison_report
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
     from transferkit.training import assign_roles, with_roles

@@ -91,49 +91,50 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
         raise InputError(f"An ensemble needs at least two run folders; received {len(run_dirs)}.")
     for run_dir in run_dirs:
         runs.check_run_dir(run_dir)
-    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite, inputs=[image_dir], command="ensemble")
-    loaded = [runs.load_run(run_dir) for run_dir in run_dirs]
-    class_names = loaded[0].class_names
-    for run in loaded[1:]:
-        if sorted(run.class_names) != sorted(class_names):
-            only_first = sorted(set(class_names) - set(run.class_names))
-            only_other = sorted(set(run.class_names) - set(class_names))
-            raise InputError(
-                f"Runs '{loaded[0].run_dir}' and '{run.run_dir}' predict different classes (only in the first: "
-                f"{only_first or 'none'}; only in the second: {only_other or 'none'}). Ensemble runs trained on "
-                "the same classes."
-            )
-    paths, labels, source, skipped = evaluation_images(loaded, image_dir)
-    ok = np.ones(len(paths), dtype=bool)
-    member_probs = []
-    for run in loaded:
-        result = predict_paths(run.predictor(batch_size), paths,
-                               batch_size=batch_size, tta=tta, verbose=verbose)
-        order = [run.class_names.index(name) for name in class_names]  # columns in the first run's order
-        member_probs.append(result.probabilities[:, order])
-        ok &= result.ok
-        skipped += [(str(paths[i]), reason) for i, reason in sorted(result.errors.items())]
-    if not ok.any():
-        raise DataError(f"None of the {len(paths)} images ({source}) could be decoded; nothing to evaluate.")
-    skipped = list(dict.fromkeys(skipped))
-    average = np.mean(member_probs, axis=0)
-    metrics = classification_metrics(labels[ok], average[ok], class_names)
-    members = []
-    for run, probs in zip(loaded, member_probs, strict=True):
-        member = classification_metrics(labels[ok], probs[ok], class_names)
-        members.append({"run_dir": str(run.run_dir), "backbone": run.config.get("backbone"),
-                        "strategy": run.config.get("strategy"), "accuracy": member["accuracy"],
-                        "macro_f1": member["macro_f1"]})
-    metrics.update(
-        method="mean of the members' class probabilities" + (" (each with 10-crop TTA)" if tta else ""),
-        members=members,
-        gain_over_best_member=metrics["accuracy"] - max(m["accuracy"] for m in members),
-        image_dir=source,
-        skipped=[{"path": p, "reason": r} for p, r in skipped],
-    )
-    files.write_json(output_dir / runs.METRICS_FILE, metrics)
-    used = [str(p) for p, good in zip(paths, ok, strict=True) if good]
-    write_predictions(output_dir / runs.PREDICTIONS_FILE, used, labels[ok], average[ok], class_names)
-    files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
-    metrics["output_dir"] = str(output_dir)
-    return metrics
+    # Claimed (locked, marked) while it is written, released however this ends.
+    with runs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=[image_dir], command="ensemble") as output_dir:
+        loaded = [runs.load_run(run_dir) for run_dir in run_dirs]
+        class_names = loaded[0].class_names
+        for run in loaded[1:]:
+            if sorted(run.class_names) != sorted(class_names):
+                only_first = sorted(set(class_names) - set(run.class_names))
+                only_other = sorted(set(run.class_names) - set(class_names))
+                raise InputError(
+                    f"Runs '{loaded[0].run_dir}' and '{run.run_dir}' predict different classes (only in the first: "
+                    f"{only_first or 'none'}; only in the second: {only_other or 'none'}). Ensemble runs trained on "
+                    "the same classes."
+                )
+        paths, labels, source, skipped = evaluation_images(loaded, image_dir)
+        ok = np.ones(len(paths), dtype=bool)
+        member_probs = []
+        for run in loaded:
+            result = predict_paths(run.predictor(batch_size), paths,
+                                   batch_size=batch_size, tta=tta, verbose=verbose)
+            order = [run.class_names.index(name) for name in class_names]  # columns in the first run's order
+            member_probs.append(result.probabilities[:, order])
+            ok &= result.ok
+            skipped += [(str(paths[i]), reason) for i, reason in sorted(result.errors.items())]
+        if not ok.any():
+            raise DataError(f"None of the {len(paths)} images ({source}) could be decoded; nothing to evaluate.")
+        skipped = list(dict.fromkeys(skipped))
+        average = np.mean(member_probs, axis=0)
+        metrics = classification_metrics(labels[ok], average[ok], class_names)
+        members = []
+        for run, probs in zip(loaded, member_probs, strict=True):
+            member = classification_metrics(labels[ok], probs[ok], class_names)
+            members.append({"run_dir": str(run.run_dir), "backbone": run.config.get("backbone"),
+                            "strategy": run.config.get("strategy"), "accuracy": member["accuracy"],
+                            "macro_f1": member["macro_f1"]})
+        metrics.update(
+            method="mean of the members' class probabilities" + (" (each with 10-crop TTA)" if tta else ""),
+            members=members,
+            gain_over_best_member=metrics["accuracy"] - max(m["accuracy"] for m in members),
+            image_dir=source,
+            skipped=[{"path": p, "reason": r} for p, r in skipped],
+        )
+        files.write_json(output_dir / runs.METRICS_FILE, metrics)
+        used = [str(p) for p, good in zip(paths, ok, strict=True) if good]
+        write_predictions(output_dir / runs.PREDICTIONS_FILE, used, labels[ok], average[ok], class_names)
+        files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+        metrics["output_dir"] = str(output_dir)
+        return metrics

@@ -115,41 +115,42 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     folder = scan_folder(image_dir, class_names=run.class_names)
     folder = dataclasses.replace(folder, root=folder.root.resolve())
     output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / folder.root.name
-    output_dir = runs.prepare_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, folder.root),
-                                         command="evaluate")
-    started = time.perf_counter()
-    result = predict_paths(run.predictor(batch_size),
-                           [folder.abs_path(p) for p in folder.paths], batch_size=batch_size, tta=tta, verbose=verbose)
-    seconds = time.perf_counter() - started
-    ok = result.ok
-    skipped = list(folder.skipped) + [(folder.paths[i], reason) for i, reason in sorted(result.errors.items())]
-    if not ok.any():
-        raise DataError(f"None of the {len(ok)} images in '{folder.root}' could be decoded; nothing to evaluate. "
-                        f"First failure: {skipped[0][0]}: {skipped[0][1]}.")
-    metrics = classification_metrics(folder.labels[ok], result.probabilities[ok], run.class_names)
-    metrics.update(
-        run_dir=str(run.run_dir),
-        image_dir=str(folder.root),
-        skipped=[{"path": p, "reason": r} for p, r in skipped],
-        images_per_second=round(int(ok.sum()) / seconds, 2) if seconds > 0 else 0.0,
-        versions=collect_versions(),
-    )
-    if tta:
-        plain = classification_metrics(folder.labels[ok], result.plain[ok], run.class_names)
-        metrics["tta"] = {
-            "method": TTA_DESCRIPTION,
-            "accuracy_without": plain["accuracy"],
-            "accuracy_with": metrics["accuracy"],
-            "accuracy_gain": metrics["accuracy"] - plain["accuracy"],
-            "macro_f1_without": plain["macro_f1"],
-            "macro_f1_with": metrics["macro_f1"],
-        }
-    files.write_json(output_dir / runs.METRICS_FILE, metrics)
-    used = [str(folder.abs_path(p)) for p, k in zip(folder.paths, ok, strict=True) if k]
-    write_predictions(output_dir / runs.PREDICTIONS_FILE, used, folder.labels[ok], result.probabilities[ok],
-                      run.class_names)
-    files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
-    # Reads the files just written; the loaded model adds Grad-CAM of the worst mistakes.
-    write_report(output_dir, explainer=gradcam_explainer(run))
-    metrics["output_dir"] = str(output_dir)
-    return metrics
+    # Claimed (locked, marked) while it is written, released however this ends.
+    with runs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, folder.root),
+                                 command="evaluate") as output_dir:
+        started = time.perf_counter()
+        result = predict_paths(run.predictor(batch_size), [folder.abs_path(p) for p in folder.paths],
+                               batch_size=batch_size, tta=tta, verbose=verbose)
+        seconds = time.perf_counter() - started
+        ok = result.ok
+        skipped = list(folder.skipped) + [(folder.paths[i], reason) for i, reason in sorted(result.errors.items())]
+        if not ok.any():
+            raise DataError(f"None of the {len(ok)} images in '{folder.root}' could be decoded; nothing to evaluate. "
+                            f"First failure: {skipped[0][0]}: {skipped[0][1]}.")
+        metrics = classification_metrics(folder.labels[ok], result.probabilities[ok], run.class_names)
+        metrics.update(
+            run_dir=str(run.run_dir),
+            image_dir=str(folder.root),
+            skipped=[{"path": p, "reason": r} for p, r in skipped],
+            images_per_second=round(int(ok.sum()) / seconds, 2) if seconds > 0 else 0.0,
+            versions=collect_versions(),
+        )
+        if tta:
+            plain = classification_metrics(folder.labels[ok], result.plain[ok], run.class_names)
+            metrics["tta"] = {
+                "method": TTA_DESCRIPTION,
+                "accuracy_without": plain["accuracy"],
+                "accuracy_with": metrics["accuracy"],
+                "accuracy_gain": metrics["accuracy"] - plain["accuracy"],
+                "macro_f1_without": plain["macro_f1"],
+                "macro_f1_with": metrics["macro_f1"],
+            }
+        files.write_json(output_dir / runs.METRICS_FILE, metrics)
+        used = [str(folder.abs_path(p)) for p, k in zip(folder.paths, ok, strict=True) if k]
+        write_predictions(output_dir / runs.PREDICTIONS_FILE, used, folder.labels[ok], result.probabilities[ok],
+                          run.class_names)
+        files.write_csv(output_dir / runs.SKIPPED_FILE, ["path", "reason"], skipped)
+        # Reads the files just written; the loaded model adds Grad-CAM of the worst mistakes.
+        write_report(output_dir, explainer=gradcam_explainer(run))
+        metrics["output_dir"] = str(output_dir)
+        return metrics

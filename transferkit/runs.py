@@ -21,12 +21,14 @@ delete anything there but the files it names itself (:func:`clear_previous_run`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,28 +64,29 @@ BACKUP_PATTERNS = ("state.json", "epoch-*.weights.h5", "latest.weights.h5", "lat
                    "training_metadata.json", "training_metadata.json.bkp", ".*.tmp", ".*.weights.h5")
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir", *,
-                       inputs: Iterable[str | os.PathLike | None] = (), command: str = "",
-                       resume: bool = False) -> Path:
-    """Check an output folder before a long job starts, then claim it: refuse to mix runs, to write
-    into an input image folder, or to replace what transferkit did not write; fail early if
-    unwritable; lock it for this process (:func:`lock_output_dir`) and mark it as ours.
+#: What a command wrote before the :data:`MARKER_FILE` existed: a folder holding every file of one
+#: of these sets is a transferkit output of an earlier version, which ``--overwrite`` may replace.
+#: (explain's overlays are only PNGs, which cannot be told from the user's own pictures: refused.)
+EARLIER_OUTPUTS = {
+    "train": (MODEL_FILE, LABELS_FILE, CONFIG_FILE),
+    "evaluate/ensemble": (METRICS_FILE, PREDICTIONS_FILE),
+    "compare": ("comparison.json", "comparison.csv"),
+    "export": ("model_card.json", LABELS_FILE),
+}
+#: transferkit's own bookkeeping: a folder holding only these is empty (a start that failed after
+#: claiming the folder leaves them; a plain re-run must not be refused for it).
+BOOKKEEPING_FILES = (MARKER_FILE, LOCK_FILE)
 
-    Args:
-        inputs: the image folders the job reads; the output may not be one of them or inside one.
-        command: the command writing the folder, recorded in its marker file.
-        resume: the folder is an interrupted run to continue (its ``config.yaml`` was checked by
-            :func:`resumable_config`); runs from before the marker file are accepted.
 
-    Raises:
-        InputError: the folder is not empty (and ``overwrite`` is off), is not a transferkit folder
-            (and ``overwrite`` is on), is a file, is inside an input, is read-only, or is in use.
-    """
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir", *,
+                     inputs: Iterable[str | os.PathLike | None] = (), resume: bool = False) -> Path:
+    """Every refusal of :func:`prepare_output_dir`, creating and claiming nothing: callers run it
+    before their other checks (the cache folder), so a refused job leaves nothing behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"Output folder '{path}' ({option}) is a file. Choose a folder path.")
     check_outside_inputs(path, option, inputs)
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(entry.name not in BOOKKEEPING_FILES for entry in path.iterdir()):
         if not (overwrite or resume):
             raise InputError(
                 f"Output folder '{path}' ({option}) already exists and is not empty. "
@@ -95,11 +98,50 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option:
                 f"{MARKER_FILE} file), so --overwrite will not replace anything in it. Choose a new or empty "
                 "folder."
             )
+    existing = path
+    while not existing.is_dir() and existing.parent != existing:
+        existing = existing.parent  # the folder will be created there: prove that is possible
+    check_writable_dir(existing, option)
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir", *,
+                       inputs: Iterable[str | os.PathLike | None] = (), command: str = "",
+                       resume: bool = False) -> Path:
+    """Check an output folder before a long job starts, then claim it: refuse to mix runs, to write
+    into an input image folder, or to replace what transferkit did not write; fail early if
+    unwritable; lock it for this process (:func:`lock_output_dir`) and mark it as ours.
+
+    The claim lasts until :func:`release_output_dir` (or use :func:`claimed_output_dir`).
+
+    Args:
+        inputs: the image folders the job reads; the output may not be one of them or inside one.
+        command: the command writing the folder, recorded in its marker file.
+        resume: the folder is an interrupted run to continue (its ``config.yaml`` was checked by
+            :func:`resumable_config`); runs from before the marker file are accepted.
+
+    Raises:
+        InputError: the folder is not empty (and ``overwrite`` is off), is not a transferkit folder
+            (and ``overwrite`` is on), is a file, is inside an input, is read-only, or is in use.
+    """
+    path = check_output_dir(path, overwrite, option, inputs=inputs, resume=resume)
     check_writable_dir(path, option)
     lock_output_dir(path, option)
-    if not is_output_dir(path):
+    if not (path / MARKER_FILE).is_file():
         mark_output_dir(path, command)
     return path
+
+
+@contextlib.contextmanager
+def claimed_output_dir(path: str | os.PathLike, overwrite: bool = False, option: str = "-o/--output-dir", *,
+                       inputs: Iterable[str | os.PathLike | None] = (), command: str = "") -> Iterator[Path]:
+    """:func:`prepare_output_dir` for the length of a ``with`` block: the lock is released when the
+    work ends, however it ends (another process may then write the folder)."""
+    path = prepare_output_dir(path, overwrite, option, inputs=inputs, command=command)
+    try:
+        yield path
+    finally:
+        release_output_dir(path)
 
 
 def mark_output_dir(path: str | os.PathLike, command: str) -> None:
@@ -109,8 +151,12 @@ def mark_output_dir(path: str | os.PathLike, command: str) -> None:
 
 
 def is_output_dir(path: str | os.PathLike) -> bool:
-    """Whether transferkit marked this folder as one it writes (:data:`MARKER_FILE`)."""
-    return (Path(path) / MARKER_FILE).is_file()
+    """Whether transferkit wrote this folder: it holds the :data:`MARKER_FILE`, or is recognisably
+    the output of an earlier version (:data:`EARLIER_OUTPUTS`)."""
+    path = Path(path)
+    if (path / MARKER_FILE).is_file():
+        return True
+    return any(all((path / name).exists() for name in names) for names in EARLIER_OUTPUTS.values())
 
 
 def check_outside_inputs(path: str | os.PathLike, option: str, inputs: Iterable[str | os.PathLike | None]) -> None:
@@ -138,8 +184,12 @@ def check_cache_dir(cache_dir: str | os.PathLike, inputs: Iterable[str | os.Path
     return check_writable_dir(cache_dir, "--cache-dir")
 
 
-#: Locks this process holds, by resolved folder: a second claim from the same process reuses its lock.
-_LOCKS: dict[Path, int] = {}
+#: Locks this process holds, by the lock file's (st_dev, st_ino): a second claim from the same
+#: process reuses its lock, and a folder deleted and made again (a new lock file) is locked anew.
+#: The value is the open descriptor and the resolved folder it was taken for.
+_LOCKS: dict[tuple[int, int], tuple[int, Path]] = {}
+#: A lock file holding more than this is not one transferkit wrote (it holds a pid, nothing else).
+_PID_BYTES = 20
 
 
 def lock_output_dir(path: str | os.PathLike, option: str = "-o/--output-dir") -> None:
@@ -148,13 +198,33 @@ def lock_output_dir(path: str | os.PathLike, option: str = "-o/--output-dir") ->
     killed run can be resumed at once).
 
     Raises:
-        InputError: another process holds it.
+        InputError: another process holds it, or the lock file is not a plain file of its own (a
+            symlink, a hard link, a folder): transferkit writes the pid into it, so it may not be
+            anybody else's file.
     """
     path = Path(path)
-    key = path.resolve()
-    if fcntl is None or key in _LOCKS:
+    if fcntl is None:
         return
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = path / LOCK_FILE
+    # O_NOFOLLOW: never open what a symlink of that name points to; O_NONBLOCK: a FIFO cannot hang us.
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        try:
+            fd, created = os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            fd, created = os.open(lock, flags), False
+    except OSError as exc:
+        raise _foreign_lock(lock, option, "a symbolic link" if lock.is_symlink() else exc.strerror or str(exc)) \
+            from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise _foreign_lock(lock, option, "not a regular file" if not stat.S_ISREG(info.st_mode)
+                            else f"a file with {info.st_nlink} hard links")
+    key = (info.st_dev, info.st_ino)
+    if key in _LOCKS:  # this process holds it already (the descriptor keeps the inode from being reused)
+        os.close(fd)
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -170,16 +240,32 @@ def lock_output_dir(path: str | os.PathLike, option: str = "-o/--output-dir") ->
         log.warning("Cannot lock output folder '%s' (%s); make sure no other process writes to it.", path,
                     exc.strerror or exc)
         return
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)  # for the message above, nothing else
-    _LOCKS[key] = fd
+    previous = os.pread(fd, _PID_BYTES + 1, 0)
+    if created or (len(previous) <= _PID_BYTES and previous.strip().isdigit()):  # only ever our own pid
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)  # for the message above, nothing else
+    _LOCKS[key] = (fd, path.resolve())
+
+
+def _foreign_lock(lock: Path, option: str, why: str) -> InputError:
+    return InputError(f"Cannot lock output folder '{lock.parent}' ({option}): its {LOCK_FILE} is not a lock file "
+                      f"transferkit can use ({why}); transferkit writes into that file, so it must be a plain file "
+                      "of its own. Remove it if it is yours to remove, or choose another folder.")
 
 
 def release_output_dir(path: str | os.PathLike) -> None:
     """Release the lock :func:`lock_output_dir` took (no-op when this process holds none)."""
-    fd = _LOCKS.pop(Path(path).resolve(), None)
-    if fd is not None:
-        os.close(fd)
+    path = Path(path)
+    resolved = path.resolve()
+    try:
+        info = os.stat(path / LOCK_FILE, follow_symlinks=False)
+        current = (info.st_dev, info.st_ino)
+    except OSError:  # the folder or its lock file is gone: release what was taken for this path
+        current = None
+    for key, (fd, folder) in list(_LOCKS.items()):
+        if key == current or folder == resolved:
+            del _LOCKS[key]
+            os.close(fd)
 
 
 def clear_previous_run(run_dir: str | os.PathLike) -> None:

@@ -118,12 +118,13 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     # A non-chief worker of --distribute multi-worker writes its checkpoints beside RUN_DIR.
     worker_dir = output_dir_for(config.output_dir, config.distribute)
     inputs = (config.image_dir, folder.root)  # folder.root: where a tfds: input was written out
-    cache_dir = config.cache_dir or default_cache_dir()
-    runs.check_outside_inputs(cache_dir, "--cache-dir", inputs)
-    # It locks RUN_DIR for this process and marks it as a transferkit folder.
-    run_dir = runs.prepare_output_dir(worker_dir, config.overwrite or worker_dir != Path(config.output_dir),
-                                      inputs=inputs, command="train", resume=resume)
-    runs.check_writable_dir(cache_dir, "--cache-dir")
+    overwrite = config.overwrite or worker_dir != Path(config.output_dir)
+    # Every check before the claim: a refused start leaves RUN_DIR as it was (a read-only -o
+    # creates no cache folder; a bad --cache-dir leaves no locked, marked RUN_DIR).
+    runs.check_output_dir(worker_dir, overwrite, inputs=inputs, resume=resume)
+    runs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
+    # It locks RUN_DIR for this process (run_training releases it) and marks it as a transferkit folder.
+    run_dir = runs.prepare_output_dir(worker_dir, overwrite, inputs=inputs, command="train", resume=resume)
     return TrainingPlan(config, spec, image_size, weights, folder, run_dir)
 
 
