@@ -132,9 +132,9 @@ def test_outputs_inside_the_image_folder_are_refused(tmp_path, case):
         "lr-find-o": ["lr-find", str(photos), "-o", str(photos / "lr.png"), *TINY],
         "features-export-o": ["features", "export", str(photos), "-o", str(photos / "f.npz"), *TINY],
         "explain-o": ["explain", str(tmp_path / "no-run"), str(photos), "-o", str(photos / "cams")],
-        # One photo named, not its folder: the folder holding it is an image folder all the same.
+        # One photo named, not its folder: the overlays may not land beside it.
         "explain-file-o": ["explain", str(tmp_path / "no-run"), str(sorted((photos / "class_0").iterdir())[0]),
-                           "-o", str(photos / "class_0" / "cams")],
+                           "-o", str(photos / "class_0")],
     }[case]
     if case.startswith("explain"):  # a run folder is checked first: give it the two files it looks for
         (tmp_path / "no-run").mkdir()
@@ -464,3 +464,16 @@ def test_a_report_without_readable_settings_says_why(tmp_path, caplog):
     assert run.config == {} and "settings were left out" in caplog.text and "config.yaml" in caplog.text
     section = _Builder(run, PlotFolder(tmp_path)).configuration()
     assert "settings were left out" in repr(section) and "mapping" in repr(section)
+
+
+def test_explain_of_one_photo_may_write_below_its_folder(tmp_path, monkeypatch):
+    """'explain RUN photo.jpg -o cams' beside the photo: a photo named alone does not make its folder a dataset."""
+    photos = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=2, image_size=32, formats=("png",))
+    (tmp_path / "no-run").mkdir()
+    (tmp_path / "no-run" / "model.keras").write_bytes(b"")  # passes the run-folder check, then fails to load
+    (tmp_path / "no-run" / "labels.txt").write_text("class_0\nclass_1\n")
+    monkeypatch.chdir(photos / "class_0")
+    photo = sorted(Path(".").iterdir())[0]
+    result = CliRunner().invoke(main, ["explain", str(tmp_path / "no-run"), str(photo), "-o", "cams"])
+    assert "image folder" not in result.output
+    assert "Cannot load model" in result.output, result.output

@@ -1122,8 +1122,14 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     paths = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
     if not paths:
         raise click.BadParameter("no image files found", param_hint="IMAGE")
-    # A file's folder is an input too: the overlays must not land among the photos.
-    inputs = [item if Path(item).is_dir() else Path(item).parent for item in images]
+    # A folder named is an image folder: nothing is written in it. A photo named alone does not make its
+    # folder a dataset ('explain RUN photo.jpg -o cams' beside the photo is fine), but the overlays may
+    # not land among the photos themselves.
+    for item in images:
+        if not Path(item).is_dir() and Path(output_dir).resolve() == Path(item).resolve().parent:
+            raise click.BadParameter(f"'{output_dir}' is the image folder of '{item}': the overlays (PNG files) "
+                                     "would land among your photos; choose a path outside it.", param_hint="-o")
+    inputs = [item for item in images if Path(item).is_dir()]
     with runs.claimed_output_dir(output_dir, overwrite, inputs=inputs, command="explain") as output:
         runtime.start_tensorflow()
         run = runs.load_run(run_dir)
