@@ -49,3 +49,31 @@ def test_unknown_mode_is_refused():
 
     with pytest.raises(ValueError, match="Unknown preprocessing mode 'bgr'"):
         Preprocess(mode="bgr")
+
+
+def test_a_mirrored_backbone_averages_each_image_and_its_mirror(tmp_path):
+    """--flip-average: one flat graph whose features are (f(x) + f(mirror x)) / 2, saved and
+    reloaded as such, under a cache key of its own."""
+    import keras
+
+    from transferkit.backbones import build_backbone
+    from transferkit.cache import FeatureSpec
+    from transferkit.runs import save_model
+
+    spec = get_backbone("tiny_test")
+    keras.utils.set_random_seed(0)
+    plain = build_backbone(spec, image_size=32)
+    mirrored = build_backbone(spec, image_size=32, mirror=True)
+    mirrored.set_weights(plain.get_weights())
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    expected = (plain.predict(images, verbose=0) + plain.predict(images[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(mirrored.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(plain.predict(images, verbose=0), expected, atol=1e-3), "the mirror must differ here"
+    assert all(not isinstance(layer, keras.Model) for layer in mirrored.layers), "flat, like every backbone"
+    save_model(mirrored, tmp_path / "m.keras")
+    import transferkit.layers  # noqa: F401 - registers the layers
+
+    reloaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    keys = {FeatureSpec.for_model(spec, model).key() for model in (plain, mirrored)}
+    assert len(keys) == 2 and FeatureSpec.for_model(spec, mirrored).tta == "hflip-mean"

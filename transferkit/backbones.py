@@ -407,7 +407,8 @@ def check_image_size(spec: BackboneSpec, image_size: int | None) -> int:
     return size
 
 
-def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: int | None = None):
+def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: int | None = None, *,
+                   mirror: bool = False):
     """Build a backbone as one flat Keras model: raw RGB pixels in, pooled features out.
 
     The graph is ``Input((size, size, 3), name="image")`` (floats in 0-255) ->
@@ -421,6 +422,9 @@ def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: i
             EfficientNet (v1) adds a rescaling layer only when weights == "imagenet"; a file
             path gets the same graph, since ImageNet-derived weights need it.
         image_size: square input size; None = the native size.
+        mirror: test-time flip averaging: ``MirrorBatch`` after the preprocessing and
+            ``MirrorMean`` after the pooling (see :mod:`transferkit.layers`), so the features
+            are the mean of each image's and its mirror's, in one flat graph.
 
     Raises:
         InputError: image_size is below the backbone's minimum.
@@ -433,11 +437,13 @@ def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: i
     size = check_image_size(spec, image_size)
     import keras
 
-    from transferkit.layers import Preprocess
+    from transferkit.layers import MirrorBatch, MirrorMean, Preprocess
 
     constructor = backbone_constructor(spec)
     image = keras.Input((size, size, 3), name="image")
     pixels = Preprocess(mode=spec.preprocessing, name="preprocess")(image)
+    if mirror:
+        pixels = MirrorBatch(name="mirror_batch")(pixels)
     kwargs = dict(spec.kwargs)
     if spec.family in _INCLUDE_PREPROCESSING:
         kwargs["include_preprocessing"] = True
@@ -450,7 +456,8 @@ def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: i
     else:
         app = constructor(weights=weights, **kwargs)
     # A new Model on the same tensors: single (not list) input, named after the registry entry.
-    model = keras.Model(image, app.output, name=spec.name)
+    features = MirrorMean(name="mirror_mean")(app.output) if mirror else app.output
+    model = keras.Model(image, features, name=spec.name)
     if any(isinstance(layer, keras.Model) for layer in model.layers):
         model = _flatten(model)
     return model

@@ -127,6 +127,10 @@ def gradcam(model, images, class_index: int | Sequence[int] | None = None) -> np
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
+    if cam.shape[0] == 2 * images.shape[0]:
+        # A flip-averaged model (transferkit.layers.MirrorBatch) ran each image and its mirror:
+        # the evidence is both views', the mirror's map flipped back onto the image.
+        cam = (cam[: images.shape[0]] + tf.reverse(cam[images.shape[0]:], axis=[2])) / 2
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
     cam = tf.math.divide_no_nan(cam, peak)
     return cam.numpy().astype(np.float32)

@@ -47,3 +47,33 @@ class Preprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class MirrorBatch(keras.layers.Layer):
+    """Test-time flip averaging, first half: each image and its left-right mirror in one batch.
+
+    ``(n, h, w, c) -> (2n, h, w, c)``: the n images, then their mirrors. The backbone then runs
+    once on the doubled batch and :class:`MirrorMean` averages each image's two pooled features,
+    so the features the head sees (in training, from the cache, and in the saved model) are
+    ``(f(x) + f(mirror(x))) / 2``. Measured on mobilenet_v2 (README, Results): +1.3 points on
+    ants/bees and on sign digits for the freeze-all head, at twice the extraction cost.
+    """
+
+    def call(self, inputs):
+        return keras.ops.concatenate([inputs, keras.ops.flip(inputs, axis=2)], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class MirrorMean(keras.layers.Layer):
+    """Test-time flip averaging, second half: ``(2n, d) -> (n, d)``, the mean of each image's
+    features and its mirror's (the batch :class:`MirrorBatch` made)."""
+
+    def call(self, inputs):
+        return keras.ops.mean(keras.ops.reshape(inputs, (2, -1, inputs.shape[-1])), axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

@@ -186,17 +186,18 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def load_backbone(spec: BackboneSpec, resolved: ResolvedWeights, image_size: int | None = None):
+def load_backbone(spec: BackboneSpec, resolved: ResolvedWeights, image_size: int | None = None, *,
+                  mirror: bool = False):
     """Build the backbone with its weights; a file that does not fit raises WeightsError.
 
     Returns:
         The flat Keras model from :func:`transferkit.backbones.build_backbone` (raw RGB 0-255
-        in, pooled features out).
+        in, pooled features out; ``mirror``: flip-averaged, see :func:`build_backbone`).
     """
     from transferkit.backbones import build_backbone
 
     try:
-        return build_backbone(spec, weights=resolved.keras_arg, image_size=image_size)
+        return build_backbone(spec, weights=resolved.keras_arg, image_size=image_size, mirror=mirror)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - h5py/Keras raise many types for a bad file

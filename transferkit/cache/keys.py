@@ -33,6 +33,10 @@ RESIZE_METHOD = "pillow-draft-bilinear-squash"
 HASHES_FILE = "file-hashes.sqlite"
 
 
+#: ``FeatureSpec.tta`` of flip-averaged features (a backbone built with ``mirror=True``).
+MIRROR = "hflip-mean"
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """Everything that changes a feature vector besides the image bytes.
@@ -55,6 +59,8 @@ class FeatureSpec:
     #: Augmented views (see transferkit.views): the augmentation settings, and which view (1..K).
     augmentation: str = ""
     view: int = 0
+    #: Test-time views averaged into the vector: "" (none) or MIRROR ("hflip-mean": the image and its mirror).
+    tta: str = ""
 
     def __post_init__(self):
         if bool(self.augmentation) != (self.view > 0):
@@ -69,8 +75,9 @@ class FeatureSpec:
         """
         from transferkit.weights import weights_fingerprint
 
+        mirrored = any(type(layer).__name__ == "MirrorBatch" for layer in model.layers)
         return cls(backbone.name, weights_fingerprint(model), int(model.input_shape[1]), backbone.preprocessing,
-                   dtype=dtype)
+                   dtype=dtype, tta=MIRROR if mirrored else "")
 
     def for_view(self, augmentation: str, view: int) -> FeatureSpec:
         """The spec of augmented view ``view`` (>= 1) of these features, for augmentation settings
@@ -82,6 +89,8 @@ class FeatureSpec:
         if not self.augmentation:
             # Un-augmented features keep the key they had before views existed: old caches stay valid.
             del fields["augmentation"], fields["view"]
+        if not self.tta:
+            del fields["tta"]  # likewise for features without test-time views
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

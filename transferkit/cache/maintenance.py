@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
-from transferkit.cache.keys import FeatureSpec, FileHashes
+from transferkit.cache.keys import MIRROR, FeatureSpec, FileHashes
 from transferkit.cache.store import (
     LAST_RUN_FILE,
     SPEC_FILE,
@@ -265,12 +265,12 @@ def _rebuild_model(spec: FeatureSpec, models: dict, weights: str | None, seed: i
     choices = [weights] if weights else (["imagenet"] if backbone.pretrained else []) + ["none"]
     tried = []
     for choice in choices:
-        slot = (spec.backbone, spec.image_size, choice, seed)
+        slot = (spec.backbone, spec.image_size, choice, seed, spec.tta)
         if slot not in models:
             try:
                 resolved = resolve_weights(backbone, choice, spec.image_size, download=False)
                 keras.utils.set_random_seed(seed)  # --weights none: the seed gives the weights
-                models[slot] = load_backbone(backbone, resolved, spec.image_size)
+                models[slot] = load_backbone(backbone, resolved, spec.image_size, mirror=spec.tta == MIRROR)
             except Exception as exc:  # noqa: BLE001 - missing or unfit weights: try the next source
                 models[slot] = exc
         model = models[slot]
