@@ -125,11 +125,12 @@ def test_train_evaluate_predict_through_the_cli(tmp_path, image_folder):
 
 
 def test_train_from_a_saved_config_with_overrides(tmp_path, image_folder):
-    assert tiny_train(image_folder, tmp_path / "a", "--epochs", "2").exit_code == 0
+    assert tiny_train(image_folder, tmp_path / "a", "--head-solver", "adam", "--epochs", "2").exit_code == 0
     result = run("train", "--config", tmp_path / "a" / "config.yaml", "-o", tmp_path / "b", "--epochs", "3", "-q")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert metrics["backbone"] == "tiny_test" and metrics["epochs_run"] <= 3
+    assert metrics["backbone"] == "tiny_test" and metrics["head_fit"]["solver"] == "adam"
+    assert metrics["epochs_run"] == 3, "--epochs overrides the saved 2 (patience 20 never stops 3 epochs early)"
 
 
 def test_unknown_config_key_suggests_the_nearest(tmp_path, image_folder):
@@ -188,10 +189,10 @@ def test_demo_runs_offline_and_reaches_the_expected_accuracy(tmp_path, no_downlo
 
 def test_a_recipe_may_hold_only_some_options(tmp_path, image_folder):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("backbone: tiny_test\nweights: none\nepochs: 2\nlearning_rate: 0.01\n")
+    recipe.write_text("backbone: tiny_test\nweights: none\nhead_solver: adam\nepochs: 2\nlearning_rate: 0.01\n")
     result = run("train", "--config", recipe, image_folder, "-o", tmp_path / "run", "-q")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] <= 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] == 2
 
 
 def test_wrong_type_in_a_recipe_names_the_option(tmp_path, image_folder):

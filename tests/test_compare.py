@@ -57,7 +57,7 @@ def test_compare_end_to_end_through_the_cli(compared):
     heads = HEADS
     plots = ["accuracy.png"] + [f"confusion_{h}_{kind}.png" for h in heads for kind in ("counts", "normalized")]
     for name in ["comparison.md", "comparison.csv", "comparison.json", "splits.csv", "skipped.csv", "config.yaml",
-                 "history-softmax.csv", "report.html", "report.md"] + [f"plots/{p}" for p in plots]:
+                 "report.html", "report.md"] + [f"plots/{p}" for p in plots]:
         assert (out / name).is_file(), name
     for name in plots:
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,6 +97,22 @@ def test_compare_end_to_end_through_the_cli(compared):
     # The same folder again is refused without --overwrite, before any work.
     again = run("compare", photos, "-o", out, "--backbone", "tiny_test", "--weights", "none")
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_train_and_compare_fit_the_same_freeze_all_head(compared, tmp_path):
+    """compare's softmax arm is train's freeze-all head: the same split, C and probabilities."""
+    from transferkit.config import TrainConfig
+    from transferkit.training import train
+
+    photos, out, _ = compared
+    result = train(TrainConfig(str(photos), str(tmp_path / "run"), backbone="tiny_test", weights="none",
+                               cache_dir=str(out.parent / "cache")), verbose=0)
+    summary = json.loads((out / "comparison.json").read_text())
+    softmax = next(row for row in summary["heads"] if row["head"] == "softmax")
+    arm = softmax["runs"][0]
+    assert arm["solver"] == "exact" and arm["C"] == result.metrics["head_fit"]["C"]
+    assert arm["cv_curve"] == result.metrics["head_fit"]["cv_curve"]
+    assert arm["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
 
 
 COMPARE_SECTIONS = {"summary": "Summary", "config": "Configuration and versions", "dataset": "Dataset",

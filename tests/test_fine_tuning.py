@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -47,7 +48,13 @@ def test_fine_tune_top_writes_a_two_phase_run(tmp_path, folder):
     assert f"{train_images} training images (< 1000)" in result.output
     assert set(metrics["class_weight"]) == {"class_0", "class_1", "class_2"}
     phases = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
-    assert phases.count("fine-tune") == 2 and phases[0] == "head"
+    assert phases == ["fine-tune", "fine-tune"], "the exact head phase has no epochs"
+    with open(run / "history.csv", newline="") as handle:
+        epochs = list(csv.DictReader(handle))
+    seconds = [float(row["seconds"]) for row in epochs]
+    assert all(s > 0 for s in seconds) and float(epochs[-1]["elapsed_seconds"]) == pytest.approx(sum(seconds), abs=0.02)
+    assert "s into the phase" in (run / "report.md").read_text(), "time to accuracy in the report"
+    assert metrics["head_fit"]["solver"] == "exact" and metrics["head_fit"]["images"] == train_images
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert not (run / "checkpoints" / "backup").exists()
     # The saved model is one flat float32 graph that evaluate can load (safe mode).
@@ -57,8 +64,8 @@ def test_fine_tune_top_writes_a_two_phase_run(tmp_path, folder):
 
 
 def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
-    """The saved model's head is LogisticRegression(C=1/regularization) fitted on the fine-tuned
-    backbone's features of train + val, and the reported predictions are that model's.
+    """The saved model's head is LogisticRegression at the C its cross-validation chose, fitted on
+    the fine-tuned backbone's features of train + val, and the reported predictions are that model's.
 
     Checked by the optimum's own equation: the gradient of scikit-learn's objective (mean log-loss
     + ||W||^2 / (2 C n)) vanishes at the saved weights. That is exact algebra, whatever path a solver
@@ -86,11 +93,13 @@ def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
                                [str(folder / roles.paths[i]) for i in trval + test], 8).astype(np.float64)
     kernel, bias = (w.astype(np.float64) for w in model.get_layer("predictions").get_weights())
     x, y = features[:len(trval)], roles.labels[trval]
-    residual = softmax(x @ kernel + bias, axis=1) - np.eye(3)[y]  # regularization 1.0: C = 1
-    gradient = np.concatenate([(x.T @ residual / len(y) + kernel / len(y)).ravel(), residual.mean(axis=0)])
+    C = metrics["fine_tune"]["head_refit"]["C"]
+    assert metrics["fine_tune"]["head_refit"]["chosen_by"] == "cross-validation"
+    residual = softmax(x @ kernel + bias, axis=1) - np.eye(3)[y]
+    gradient = np.concatenate([(x.T @ residual / len(y) + kernel / (C * len(y))).ravel(), residual.mean(axis=0)])
     assert np.abs(gradient).max() < 1e-5  # the refit solves to 1e-8; saving as float32 adds ~1e-7
     # The same optimum as scikit-learn's own solver run to convergence on these features.
-    expected = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(x, y).predict_proba(features[len(trval):])
+    expected = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x, y).predict_proba(features[len(trval):])
     probabilities = _predict_images(model, [str(folder / roles.paths[i]) for i in test], 8)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     rows = {r.split(",")[0]: r.split(",") for r in (run / "predictions.csv").read_text().splitlines()[1:]}
@@ -118,8 +127,30 @@ def _explains_and_exports(tmp_path, run, folder):
 def test_auto_says_what_it_picked_and_why(tmp_path, folder):
     result, run = _train(tmp_path, folder, "--strategy", "auto")
     assert result.exit_code == 0, result.output
-    assert "Strategy freeze-all (the smallest class has" in result.output
-    assert json.loads((run / "metrics.json").read_text())["strategy_reason"].startswith("the smallest class")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["strategy"] == "freeze-all" and "training images (< 100): too few to fine-tune" in result.output
+    evidence = metrics["auto_evidence"]
+    assert [point["share"] for point in evidence["learning_curve"]] == [0.25, 0.5, 1.0]
+    assert 0 <= evidence["cv_accuracy"] <= 1 and evidence["estimated_fine_tune_seconds"] > 0
+    assert f"cross-validated accuracy is {evidence['cv_accuracy']:.3f}" in metrics["strategy_reason"]
+
+
+def test_auto_fine_tunes_where_the_evidence_says_it_pays(tmp_path, folder, monkeypatch):
+    """Where auto fine-tunes, the head phase trains on plain features (the flip-averaged ones
+    served the decision) and the saved model has no mirror."""
+    from transferkit import strategies
+
+    monkeypatch.setattr(strategies, "AUTO_ERROR_FROM", 0.0)  # any held-out error counts as room to gain
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("auto_fine_tune_from: 1\n")
+    result, run = _train(tmp_path, folder, "--strategy", "auto", "--config", recipe, "--fine-tune-epochs", "1")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["strategy"] == "fine-tune-top" and "expected wall time about" in metrics["strategy_reason"]
+    assert "extracting the head phase's features without the mirror" in result.output
+    from transferkit.runs import load_run
+
+    assert not any(type(layer).__name__ == "MirrorBatch" for layer in load_run(run).model.layers)
 
 
 def test_full_retrain_with_mixed_precision_saves_float32(tmp_path, folder):

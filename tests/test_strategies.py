@@ -36,12 +36,25 @@ def test_plan_rejects_bad_values():
         plan_phases("fine-tune-everything", num_blocks=5)
 
 
-def test_auto_picks_by_the_smallest_class():
-    assert choose_strategy([40, 500])[0] == "freeze-all"
-    assert choose_strategy([100, 500])[0] == "fine-tune-top"
-    assert choose_strategy([1000, 1200])[0] == "full-retrain"
-    strategy, why = choose_strategy([30, 30], fine_tune_from=20, full_retrain_from=25)
-    assert strategy == "full-retrain" and "30" in why and ">= 25" in why
+def _evidence(accuracy: float, rise: float):
+    from transferkit.strategies import AutoEvidence
+
+    curve = ((0.25, accuracy - 2 * rise), (0.5, accuracy - rise), (1.0, accuracy))
+    return AutoEvidence(accuracy, curve, rise, seconds_per_epoch=90.0, fine_tune_epochs=20)
+
+
+def test_auto_fine_tunes_only_with_data_and_something_to_gain():
+    rising, flat, poor = _evidence(0.94, 0.026), _evidence(0.96, 0.004), _evidence(0.85, 0.0)
+    assert choose_strategy([40, 500], rising)[0] == "freeze-all", "too few images to fine-tune"
+    strategy, why = choose_strategy([120, 130], flat)
+    assert strategy == "freeze-all" and "saturated" in why and "about 30 min" in why
+    strategy, why = choose_strategy([120, 130], rising)
+    assert strategy == "fine-tune-top" and "+2.6 points per doubling" in why and "up to 6.0 points" in why
+    assert "about 30 min" in why
+    assert choose_strategy([120, 130], poor)[0] == "fine-tune-top", "a 15% error leaves room even when flat"
+    assert choose_strategy([1000, 1200], rising)[0] == "full-retrain"
+    strategy, why = choose_strategy([30, 30], rising, fine_tune_from=20, full_retrain_from=25)
+    assert strategy == "full-retrain" and "30 training images" in why
 
 
 def test_layer_rates_top_block_and_deeper():

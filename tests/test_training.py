@@ -22,7 +22,7 @@ RUN_FILES = {"model.keras", "labels.txt", "config.yaml", "splits.csv", "history.
 
 def tiny_config(image_dir, output_dir, **changes) -> TrainConfig:
     base = TrainConfig(image_dir=str(image_dir), output_dir=str(output_dir), backbone="tiny_test",
-                       weights="none", epochs=60, patience=15, learning_rate=0.01, batch_size=8)
+                       weights="none", batch_size=8)
     return base.replace(**changes)
 
 
@@ -49,7 +49,13 @@ def test_run_folder_holds_everything(trained_run):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 60 and {r["split"] for r in rows} == {"train", "val", "test"}
     history = (result.run_dir / "history.csv").read_text().splitlines()
-    assert history[0].startswith("phase,epoch") and len(history) - 1 == metrics["epochs_run"]
+    assert history == ["phase,epoch"], "the exact head has no epochs"
+    head_fit = metrics["head_fit"]
+    assert head_fit["solver"] == "exact" and head_fit["chosen_by"] == "cross-validation"
+    assert head_fit["C"] in [point["C"] for point in head_fit["cv_curve"]]
+    assert min(head_fit["cv_curve"], key=lambda point: point["log_loss"])["C"] == head_fit["C"]
+    report = (result.run_dir / "report.md").read_text()
+    assert "Head regularisation: cross-validated log-loss against C" in report and "Training curves" not in report
     assert load_config(result.run_dir / "config.yaml") == tiny_config(folder, result.run_dir,
                                                                          cache_dir=metrics["extraction"]["cache_dir"]
                                                                          .rsplit("/", 1)[0])
@@ -138,7 +144,7 @@ def test_config_yaml_reruns_the_same_experiment(trained_run, tmp_path):
     assert data["backbone"] == "tiny_test" and data["overwrite"] is False
     again = train(load_config(result.run_dir / "config.yaml").replace(output_dir=str(tmp_path / "again")), verbose=0)
     assert again.metrics["test"]["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
-    assert again.metrics["best_epoch"] == result.metrics["best_epoch"]
+    assert again.metrics["head_fit"]["C"] == result.metrics["head_fit"]["C"]
 
 
 def test_splits_csv_reads_back(trained_run):
@@ -151,13 +157,48 @@ def test_splits_csv_reads_back(trained_run):
 
 def test_no_refit_when_val_is_the_reported_split(tmp_path):
     folder = make_image_folder(tmp_path / "p", num_classes=2, images_per_class=10, image_size=32)
-    result = train(tiny_config(folder, tmp_path / "run", test_fraction=0.0, epochs=5), verbose=0)
+    result = train(tiny_config(folder, tmp_path / "run", test_fraction=0.0), verbose=0)
     assert result.metrics["test"]["split"] == "val"
-    assert result.metrics["refit_epochs"] == 0, "refitting on val would test on training data"
+    assert result.metrics["head_fit"]["images"] == sum(result.metrics["counts"]["train"].values()), \
+        "fitting on val would test on training data"
 
 
 def test_refit_uses_train_and_val(trained_run):
-    assert trained_run[1].metrics["refit_epochs"] == trained_run[1].metrics["best_epoch"]
+    counts = trained_run[1].metrics["counts"]
+    assert trained_run[1].metrics["head_fit"]["images"] == sum(counts["train"].values()) + sum(counts["val"].values())
+
+
+def test_the_model_is_the_exact_logistic_regression_optimum(trained_run):
+    """The saved model's probabilities are scikit-learn's LogisticRegression at the chosen C, fitted
+    on the same train + val features: the optimum itself, not an epoch count's approximation."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+
+    from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+    from transferkit.data import scan_folder
+    from transferkit.training import assign_roles
+
+    folder, result = trained_run
+    model = runs.load_run(result.run_dir).model
+    backbone = keras.Model(model.input, model.get_layer("predictions").input)
+    scanned = scan_folder(folder, seed=0, val_fraction=0.15, test_fraction=0.15)
+    features = extract_features(backbone, [scanned.abs_path(p) for p in scanned.paths], None, verbose=0).vectors
+    roles = assign_roles(scanned, np.ones(len(scanned.paths), bool), 0)
+    fit, test = np.isin(roles, ["train", "val"]), roles == "test"
+    reference = LogisticRegression(C=result.metrics["head_fit"]["C"], tol=1e-10, max_iter=10000).fit(
+        features[fit].astype(np.float64), scanned.labels[fit])
+    ours = model.get_layer("predictions")(features[test]).numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(features[test]), atol=2e-4)
+
+
+def test_adam_head_solver_trains_for_epochs_and_refits(tmp_path):
+    folder = make_image_folder(tmp_path / "p", num_classes=2, images_per_class=10, image_size=32)
+    result = train(tiny_config(folder, tmp_path / "run", head_solver="adam", epochs=6, patience=2), verbose=0)
+    head_fit = result.metrics["head_fit"]
+    assert head_fit["solver"] == "adam" and 1 <= head_fit["best_epoch"] <= head_fit["epochs_run"] <= 6
+    assert result.metrics["refit_epochs"] == head_fit["best_epoch"]
+    history = (result.run_dir / "history.csv").read_text().splitlines()
+    assert len(history) - 1 == head_fit["epochs_run"]
 
 
 def test_a_class_without_training_images_fails_before_any_work(tmp_path):

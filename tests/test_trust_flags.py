@@ -119,7 +119,7 @@ def test_tensorboard_with_a_scikit_learn_head_is_refused(tmp_path, folder):
 
 
 def test_freeze_all_logs_its_head_to_tensorboard_and_says_what_it_trained_on(tmp_path, folder):
-    result, run = _train(tmp_path, folder, "--tensorboard", "--augment-views", "1", "--xla")
+    result, run = _train(tmp_path, folder, "--tensorboard", "--augment-views", "1", "--xla", "--head-solver", "adam")
     assert result.exit_code == 0, result.output
     logs = run / "checkpoints" / "logs" / "head"
     assert list((logs / "train").glob("events.out.tfevents.*")) and list((logs / "validation").glob("events.*"))
@@ -128,6 +128,14 @@ def test_freeze_all_logs_its_head_to_tensorboard_and_says_what_it_trained_on(tmp
     assert _metrics(run)["augmentation"].startswith("head: each training image and 1 cached augmented view")
     assert "--xla only shapes the fine-tune phase; freeze-all has none, so it is not used" in result.output
     assert not TERMINAL_CONTROL.search(result.output), "the extraction bar wrote terminal codes into a log"
+
+
+def test_the_exact_head_says_which_flags_it_does_not_use(tmp_path, folder):
+    result, run = _train(tmp_path, folder, "--tensorboard", "--epochs", "7", "--dropout", "0.2")
+    assert result.exit_code == 0, result.output
+    assert ("--epochs, --learning-rate, --dropout and --tensorboard only shape the Keras-trained head "
+            "(--head-solver adam)" in result.output)
+    assert not (run / "checkpoints" / "logs").exists()
 
 
 def test_a_fresh_phase_drops_the_tensorboard_events_of_an_earlier_run_only(tmp_path):
@@ -159,8 +167,11 @@ def test_phase_lines_describe_the_head_that_trains():
     assert sklearn.startswith("scikit-learn head logreg on the cached features of train + val (grid search")
     assert not re.search(r"epochs|rate \d", sklearn), "a scikit-learn head has no epochs or learning rate"
     assert "default hyper-parameters" in _describe_phase(head, TrainConfig("photos", "run", head="ridge", search=False))
-    softmax = _describe_phase(head, TrainConfig("photos", "run"))
-    assert softmax == "head on cached features (up to 500 epochs, rate 0.001)"
+    exact = _describe_phase(head, TrainConfig("photos", "run"), mirrored=True)
+    assert exact == "exact softmax head on cached features (L2 strength chosen by cross-validation, flip-averaged features)"
+    assert not re.search(r"epochs|rate \d", exact), "the exact head has no epochs or learning rate"
+    adam = _describe_phase(head, TrainConfig("photos", "run", head_solver="adam"))
+    assert adam == "head on cached features (up to 500 epochs, rate 0.001)"
 
 
 def test_grid_searches_report_each_candidate(caplog):

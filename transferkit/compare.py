@@ -5,9 +5,10 @@ of :mod:`transferkit.heads` then train on the same labelled images and are score
 images. What is the same for every head:
 
 - the split (train / val / test roles, from ``--seed`` exactly as ``transferkit train`` makes it);
-- the labelled data: the softmax head early-stops on val and is then refitted on train + val; the
-  scikit-learn heads train on train + val, their cross-validated grid search taking the place of
-  early stopping;
+- the labelled data: train + val. The softmax head is ``transferkit train``'s freeze-all head (the
+  same function, :func:`transferkit.training.fit_softmax_head`): the exact regularised optimum,
+  its ``C`` chosen by cross-validation; the scikit-learn heads run their cross-validated grid
+  search;
 - the seed of each repetition: with ``num_seeds`` N, every head trains N times with seeds
   ``seed, seed + 1, ...`` (weight initialisation, shuffling, cross-validation folds, a forest's
   trees) and the bootstrap resamples with the same seed; the split never changes.
@@ -86,6 +87,7 @@ class CompareConfig:
     calibrate: bool = False
     num_seeds: int = 1
     with_fine_tune: bool = False
+    flip_average: bool = True
     weights: str = "imagenet"
     image_size: int | None = None
     batch_size: int = 32
@@ -111,7 +113,7 @@ class CompareConfig:
         return TrainConfig(self.image_dir, self.output_dir, backbone=self.backbone, weights=self.weights,
                            image_size=self.image_size, batch_size=self.batch_size, seed=self.seed,
                            val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                           cache_dir=self.cache_dir, cache_dtype=self.cache_dtype,
+                           cache_dir=self.cache_dir, cache_dtype=self.cache_dtype, flip_average=self.flip_average,
                            overwrite=self.overwrite).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,7 +271,8 @@ def fit_sklearn_arm(name: str, features: np.ndarray, labels: np.ndarray, fit_idx
 def fit_softmax_arm(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                     test_idx: np.ndarray, config: TrainConfig, seed: int, *,
                     history_path: Path | None = None) -> HeadRun:
-    """Train the softmax head exactly as ``transferkit train`` does (early stopping, refit) and score it."""
+    """Fit the softmax head exactly as ``transferkit train`` does (the same function and settings)
+    and score it."""
     import keras
 
     from transferkit.training import fit_softmax_head
@@ -279,9 +282,8 @@ def fit_softmax_arm(features: np.ndarray, labels: np.ndarray, train_idx: np.ndar
                             history_path=history_path)
     x_test = features[test_idx]
     probabilities = np.asarray(head.predict(x_test))
-    info = {"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "refit_epochs": head.refit_epochs}
     return HeadRun(SOFTMAX, seed, probabilities.argmax(axis=1), probabilities, "proba", head.fit_seconds,
-                   _latency_ms(lambda: head.predict(x_test), len(test_idx)), info)
+                   _latency_ms(lambda: head.predict(x_test), len(test_idx)), head.info)
 
 
 def fit_fine_tune_arm(plan: ComparisonPlan, test_paths: Sequence[str], verbose: int) -> HeadRun:
@@ -305,7 +307,7 @@ def fit_fine_tune_arm(plan: ComparisonPlan, test_paths: Sequence[str], verbose: 
         raise DataError(f"{int((~extraction.ok).sum())} test images could not be read again for the fine-tune-top "
                         "model; the folder changed during the comparison. Run again.")
     probabilities = extraction.vectors
-    info = {key: result.metrics.get(key) for key in ("epochs_run", "best_epoch", "fine_tune")}
+    info = {key: result.metrics.get(key) for key in ("head_fit", "fine_tune")}
     info["run_dir"] = str(run_dir)
     return HeadRun(FINE_TUNE, plan.config.seed, probabilities.argmax(axis=1), probabilities, "proba",
                    float(result.metrics["timings"]["fit_seconds"]), None, info)
@@ -501,7 +503,7 @@ def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:
     import keras
 
     keras.utils.set_random_seed(config.seed)  # --weights none: the same seed gives the same (cached) vectors
-    backbone = load_backbone(spec, plan.weights, plan.image_size)
+    backbone = load_backbone(spec, plan.weights, plan.image_size, mirror=config.flip_average)
     cache = FeatureCache(config.cache_dir or default_cache_dir(), FeatureSpec.for_model(spec, backbone,
                                                                                         config.cache_dtype))
     extraction = extract_features(backbone, [folder.abs_path(p) for p in folder.paths], cache,

@@ -313,7 +313,7 @@ def write_outputs(plan, summary: dict[str, Any], run_folder, skipped, features: 
         "weights": plan.weights.source,
         "seeds": list(config.seeds),
         "softmax": {key: value for key, value in config.train_config().to_dict().items()
-                    if key in ("epochs", "learning_rate", "patience", "dropout", "regularization", "refit")},
+                    if key in ("head_solver", "regularization", "refit")},
         "grids": {name: {key: list(values) for key, values in HEADS[name].grid.items()}
                   for name in config.heads if name in HEADS} if config.search else {},
     }

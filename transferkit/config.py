@@ -25,6 +25,9 @@ from transferkit.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, 
 
 SCHEDULES = ("cosine", "one-cycle", "constant")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")
+#: How the softmax head is fitted on cached features: exact (L-BFGS to the L2-regularised optimum,
+#: C by cross-validation; transferkit.softmax_head) or adam (Keras, epochs and early stopping).
+HEAD_SOLVERS = ("exact", "adam")
 
 # Bounds of the numeric settings, the same for command-line options (cli.py builds its option types from
 # them) and recipes: a value outside them is a typo or an accident, refused before any work.
@@ -66,13 +69,15 @@ class TrainConfig:
     weights: str = "imagenet"
     strategy: str = "freeze-all"
     head: str = "softmax"
+    head_solver: str = "exact"
+    flip_average: bool = True
     image_size: int | None = None
     batch_size: int | str = 32
     epochs: int = 500
     learning_rate: float = 1e-3
     patience: int = 20
     dropout: float = 0.0
-    regularization: float = 1.0
+    regularization: float | None = None  # None: chosen by cross-validation (exact head), 1.0 for adam
     refit: bool = True
     search: bool = True
     unfreeze_blocks: int | None = None
@@ -145,7 +150,9 @@ class TrainConfig:
         _check(0 < self.learning_rate < 10, "learning_rate", "a number between 0 and 10", self.learning_rate)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
         _check(0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
-        _check(self.regularization >= 0, "regularization", "a number >= 0", self.regularization)
+        _check(self.regularization is None or self.regularization >= 0, "regularization",
+               "a number >= 0, or none (chosen by cross-validation)", self.regularization)
+        _check(self.head_solver in HEAD_SOLVERS, "head_solver", f"one of {', '.join(HEAD_SOLVERS)}", self.head_solver)
         _check(self.cache_dtype in ("float32", "float16"), "cache_dtype", "float32 or float16", self.cache_dtype)
         _check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)", self.val_fraction)
         _check(0 <= self.test_fraction < 1, "test_fraction", "a number in [0, 1)", self.test_fraction)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,9 +275,17 @@ def atomic_callbacks():
         def __init__(self, path: Path, earlier: list[dict]):
             super().__init__()
             self.path, self.rows = Path(path), list(earlier)
+            self.started = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            self.rows.append({"epoch": epoch, **{key: float(value) for key, value in (logs or {}).items()}})
+            # Time to accuracy: each epoch's wall time (validation included) and the running total.
+            seconds = time.perf_counter() - self.started
+            elapsed = seconds + sum(row.get("seconds", 0.0) for row in self.rows)
+            self.rows.append({"epoch": epoch, **{key: float(value) for key, value in (logs or {}).items()},
+                              "seconds": round(seconds, 2), "elapsed_seconds": round(elapsed, 2)})
             columns = ["epoch"] + sorted({key for row in self.rows for key in row} - {"epoch"})
             files.write_csv(self.path, columns, [[row.get(c, "") for c in columns] for row in self.rows])
 

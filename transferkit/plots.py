@@ -136,6 +136,34 @@ def training_curves_png(history: dict[str, list[float]], phases: Sequence[str] |
     return _png(fig)
 
 
+def cv_curve_png(curve: Sequence[Mapping[str, float]], chosen_c: float) -> bytes:
+    """The exact head's cross-validation curve: held-out log-loss against ``C`` (log axis), one
+    standard deviation over the folds shaded, the chosen ``C`` marked.
+
+    Args:
+        curve: one mapping per grid point with ``C``, ``log_loss`` and ``log_loss_std``, as in
+            ``metrics.json``'s ``head_fit.cv_curve``.
+        chosen_c: the ``C`` the head was fitted with.
+    """
+    c = np.array([float(point["C"]) for point in curve])
+    loss = np.array([float(point["log_loss"]) for point in curve])
+    std = np.array([float(point.get("log_loss_std", 0.0)) for point in curve])
+    fig = _figure(5.6, 3.6)
+    ax = fig.subplots()
+    ax.plot(c, loss, "-", marker=".", label="held-out log-loss (mean of folds)")
+    ax.fill_between(c, loss - std, loss + std, alpha=0.2, label="+- 1 standard deviation")
+    ax.axvline(chosen_c, color="0.4", linewidth=1, linestyle=":")
+    ax.annotate(f"chosen C = {chosen_c:.3g}", (chosen_c, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                textcoords="offset points", fontsize=8, color="0.3")
+    ax.set_xscale("log")
+    ax.set_xlabel("C (inverse L2 strength; right = weaker penalty)")
+    ax.set_ylabel("log-loss")
+    ax.set_title("Head regularisation by cross-validation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
 def _mark_phases(ax, phases: Sequence[str] | None) -> None:
     if not phases or len(set(phases)) < 2:
         return

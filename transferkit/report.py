@@ -331,6 +331,10 @@ class _Builder:
 
     def training(self) -> Section:
         history, phases = self.run.history, self.run.phases
+        head_fit = self.run.metrics.get("head_fit") or {}
+        curve = [] if history else self._cv_curve(head_fit)
+        if curve:  # the exact head has no epochs: its cross-validation curve shows how it was chosen
+            return Section("training", "Head fit", curve)
         if not history:
             why = "an evaluation has no training" if self.run.kind == "evaluate" else f"no {runs.HISTORY_FILE}"
             return Section("training", "Training curves", [Paragraph(f"No training history ({why}).", muted=True)])
@@ -344,12 +348,30 @@ class _Builder:
         if self.run.metrics.get("refit_epochs"):
             notes.append(f"then the head was retrained on train + val for {self.run.metrics['refit_epochs']} epochs "
                          "(not plotted)")
+        notes += _time_to_accuracy(history)
         refit = (self.run.metrics.get("fine_tune") or {}).get("head_refit")
         if refit:
             notes.append(f"then the head was refitted on the fine-tuned features of train + val ({refit['images']} "
                          "images; not plotted)")
         return Section("training", "Training curves", [
+            *self._cv_curve(head_fit),
             Image(path, "Loss and accuracy per epoch", "; ".join(notes) + ". Solid: training; dashed: validation.")])
+
+    def _cv_curve(self, head_fit: dict) -> list:
+        """The exact head's cross-validation curve (plot and caption), or nothing without a search."""
+        curve = head_fit.get("cv_curve")
+        if not isinstance(curve, list) or not curve or not isinstance(head_fit.get("C"), int | float):
+            return []
+        try:
+            png = plots.cv_curve_png(curve, float(head_fit["C"]))
+        except (KeyError, TypeError, ValueError):
+            return []  # a hand-edited metrics.json: the report still renders, without this plot
+        path = self.plots.save("head_cv_curve.png", png)
+        return [Image(path, "Head regularisation: cross-validated log-loss against C",
+                      f"The softmax head is the exact L2-regularised optimum; C = {head_fit['C']:.3g} had the lowest "
+                      f"held-out log-loss over {head_fit.get('cv_folds')} stratified folds of its "
+                      f"{head_fit.get('images', '?')} training images, then the head was fitted on all of them. "
+                      "Shaded: one standard deviation over the folds.")]
 
     def metrics_section(self) -> Section:
         t = self.run.test
@@ -494,6 +516,20 @@ def _thumbnail_png(path: Path) -> bytes:
     buffer = io.BytesIO()
     PILImage.fromarray(display_image(path, _THUMBNAIL_PX)).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def _time_to_accuracy(history: dict) -> list[str]:
+    """The epoch of the best validation accuracy and the wall time it took (``history.csv``'s
+    ``elapsed_seconds``, written by fine-tune phases), as a caption note; nothing without them."""
+    accuracy = np.asarray(history.get("val_accuracy", []), dtype=float)
+    elapsed = np.asarray(history.get("elapsed_seconds", []), dtype=float)
+    if not len(accuracy) or len(elapsed) != len(accuracy) or not np.isfinite(accuracy).any():
+        return []
+    best = int(np.nanargmax(accuracy))
+    if not np.isfinite(elapsed[best]):
+        return []
+    return [f"best validation accuracy {accuracy[best]:.3f} at epoch {best + 1}, {elapsed[best]:.0f} s into the "
+            f"phase (of {np.nanmax(elapsed):.0f} s)"]
 
 
 def _describe_phase(phase: dict) -> str:

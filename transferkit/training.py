@@ -260,14 +260,22 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         log.info("--deterministic: TensorFlow op determinism is on (slower; results repeat exactly).")
         tf.config.experimental.enable_op_determinism()
     log.info("Backbone %s at %d px, weights: %s", spec.name, image_size, weights.source)
-    backbone = load_backbone(spec, weights, image_size)
-    cache = FeatureCache(config.cache_dir or default_cache_dir(),
-                         FeatureSpec.for_model(spec, backbone, config.cache_dtype))
+    # Flip averaging is a freeze-all feature (fine-tuning sees mirrored images through augmentation);
+    # auto starts from the freeze-all head, and extracts plain features again if it fine-tunes.
+    mirrored = config.flip_average and config.strategy in ("freeze-all", "auto")
+    backbone = load_backbone(spec, weights, image_size, mirror=mirrored)
     paths = [folder.abs_path(p) for p in folder.paths]
-    extraction, extraction_batch = with_batch_backoff(
-        lambda batch: extract_features(backbone, paths, cache, batch_size=batch, verbose=verbose,
-                                       views=config.augment_views, augmentation=config),
-        config.batch_size, "extraction")  # a retry resumes: the vectors computed so far are in the cache
+
+    def extract(model):
+        store = FeatureCache(config.cache_dir or default_cache_dir(),
+                             FeatureSpec.for_model(spec, model, config.cache_dtype))
+        result, batch_size = with_batch_backoff(
+            lambda batch: extract_features(model, paths, store, batch_size=batch, verbose=verbose,
+                                           views=config.augment_views, augmentation=config),
+            config.batch_size, "extraction")  # a retry resumes: the vectors computed so far are in the cache
+        return result, batch_size, store
+
+    extraction, extraction_batch, cache = extract(backbone)
     log.info("Features: %d images, %s.", len(folder.paths), extraction.summary())
     for rel, reason in extraction.skipped_files(folder.paths):
         log.warning("Skipped %s: %s", rel, reason)
@@ -279,13 +287,24 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     features, labels = extraction.vectors, folder.labels
     train_idx, val_idx, test_idx = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
     num_classes = len(folder.class_names)
-    strategy, why = resolve_strategy(config, np.bincount(labels[train_idx], minlength=num_classes))
+    evidence = None
+    if config.strategy == "auto":
+        evidence = _auto_evidence(config, backbone, features, labels, train_idx, val_idx, mirrored)
+    strategy, why = resolve_strategy(config, np.bincount(labels[train_idx], minlength=num_classes), evidence)
+    if mirrored and strategy != "freeze-all":
+        log.info("Fine-tuning trains on plain images: extracting the head phase's features without the mirror.")
+        backbone = load_backbone(spec, weights, image_size)
+        extraction, extraction_batch, cache = extract(backbone)
+        if not np.array_equal(extraction.ok, roles != "skipped"):
+            raise DataError("Images changed while transferkit read them (some decode now and not before, or the "
+                            "reverse). Run again.")
+        features = extraction.vectors
     rate, rate_reason = fine_tune_rate(len(train_idx), config.fine_tune_learning_rate)
     config = config.replace(fine_tune_learning_rate=rate)  # config.yaml keeps the setting as given
     phases = plan_phases(strategy, num_blocks=len(block_boundaries(spec, backbone)),
                          unfreeze_blocks=config.unfreeze_blocks)
     log.info("Strategy %s%s: %s.", strategy, f" ({why})" if why else "",
-             " then ".join(_describe_phase(p, config) for p in phases))
+             " then ".join(_describe_phase(p, config, mirrored and strategy == "freeze-all") for p in phases))
     if len(phases) > 1 and config.head == "softmax":
         log.info("Fine-tune rate %g: %s.", rate, rate_reason)
     weights_by_class = class_weights(labels[train_idx], num_classes) if config.class_weight == "auto" else None
@@ -306,19 +325,21 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
                            head_features, head_labels, head_train_idx, val_idx, test_idx, checkpoint_dir,
                            refit=len(phases) == 1, class_weight=weights_by_class, resume=resume, verbose=verbose)
         history += [{"phase": "head", **row} for row in head.history]
-        head_info = {"epochs_run": head.epochs_run, "best_epoch": head.best_epoch, "refit_epochs": head.refit_epochs}
+        # The epoch counts stay top-level for the adam head, where earlier versions kept them.
+        head_info = {"head_fit": head.info, **{key: head.info[key] for key in ("epochs_run", "best_epoch", "refit_epochs")
+                                               if key in head.info}}
         # The model reuses the very head layers trained above on the backbone's output: one
         # flat graph, raw pixels in, no weight copying that could drift.
         model = keras.Model(backbone.input, head.head(backbone.output), name=f"transferkit_{spec.name}")
         if len(phases) == 1:
             probabilities = head.predict(features[eval_idx])
         else:
-            head_val_losses = [row["val_loss"] for row in head.history if "val_loss" in row]
+            baseline = head_val_loss(head, features, labels, val_idx)
 
             def tune(batch: int):
                 return fine_tune_phase(config.replace(batch_size=batch), spec, image_size, backbone, model, phases[1],
                                        folder, labels, train_idx, val_idx, checkpoint_dir, weights_by_class,
-                                       distribution, verbose, baseline=min(head_val_losses, default=None))
+                                       distribution, verbose, baseline=baseline)
 
             (model, rows, fine_tune_info), tuned_batch = with_batch_backoff(
                 tune, config.batch_size, "the fine-tune phase")
@@ -345,6 +366,7 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
         "weights": weights.source,
         "strategy": strategy,
         "strategy_reason": why,
+        "auto_evidence": evidence.as_dict() if evidence is not None else None,
         "phases": [dataclasses.asdict(p) for p in phases],
         "head": config.head,
         **head_info,
@@ -401,15 +423,16 @@ def clear_backup(checkpoint_dir: Path) -> None:
         pass  # absent, or holds a file that is not ours
 
 
-def resolve_strategy(config: TrainConfig, train_counts: np.ndarray) -> tuple[str, str]:
-    """The strategy to run and why (``auto`` decides from the training images per class).
+def resolve_strategy(config: TrainConfig, train_counts: np.ndarray, evidence=None) -> tuple[str, str]:
+    """The strategy to run and why (``auto`` decides from the training images per class and the
+    frozen head's ``evidence``, :func:`_auto_evidence`).
 
     Flags that only shape the fine-tune phase are named when the strategy has none, so that no
     flag is silently without effect.
     """
     strategy, why = config.strategy, ""
     if strategy == "auto":
-        strategy, why = choose_strategy(train_counts.tolist(), fine_tune_from=config.auto_fine_tune_from,
+        strategy, why = choose_strategy(train_counts.tolist(), evidence, fine_tune_from=config.auto_fine_tune_from,
                                         full_retrain_from=config.auto_full_retrain_from)
     if strategy == "freeze-all":
         moot = [flag for flag, given in (("--xla", config.xla), ("--mixed-precision", config.mixed_precision))
@@ -417,10 +440,53 @@ def resolve_strategy(config: TrainConfig, train_counts: np.ndarray) -> tuple[str
         if moot:
             log.warning("WARNING: %s only shape%s the fine-tune phase; freeze-all has none, so %s not used.",
                         " and ".join(moot), "s" if len(moot) == 1 else "", "it is" if len(moot) == 1 else "they are")
+    if config.head == "softmax" and config.head_solver == "exact":
+        defaults = TrainConfig("", "")
+        moot = [f"--{name.replace('_', '-')}" for name in ("epochs", "learning_rate", "patience")
+                if getattr(config, name) != getattr(defaults, name)]
+        if strategy == "freeze-all":  # dropout and TensorBoard also shape a fine-tune phase
+            moot += [flag for flag, given in (("--dropout", config.dropout), ("--tensorboard", config.tensorboard))
+                     if given]
+        if moot:
+            log.warning("WARNING: %s only shape%s the Keras-trained head (--head-solver adam); the exact head "
+                        "(the default) has no epochs, so %s not used.", _in_words(moot),
+                        "s" if len(moot) == 1 else "", "it is" if len(moot) == 1 else "they are")
     return strategy, why
 
 
-def _describe_phase(phase, config: TrainConfig) -> str:
+def _in_words(flags: list[str]) -> str:
+    """``--a``, ``--a and --b``, ``--a, --b and --c``."""
+    return " and ".join(flags) if len(flags) < 3 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
+#: A fine-tune epoch's cost in forward passes of its training images (backward through the top
+#: blocks, augmentation and decoding included) plus one pass of the val images. Measured: sign
+#: digits, mobilenet_v2, 1,444 training images at 32.6 s an epoch against 79 images/s forward: 1.6.
+FINE_TUNE_EPOCH_COST = 2.0
+
+
+def _auto_evidence(config: TrainConfig, backbone, features, labels, train_idx, val_idx, mirrored: bool):
+    """``--strategy auto``'s evidence: the frozen head on train + val (C, learning curve) and the
+    fine-tune epoch time estimated from one timed forward batch on this machine."""
+    from transferkit.softmax_head import auto_evidence
+
+    size = int(backbone.input_shape[1])
+    batch = np.zeros((16, size, size, 3), np.float32)
+    backbone.predict(batch, verbose=0)  # warm-up: graph tracing is not the steady state
+    started = time.perf_counter()
+    backbone.predict(batch, verbose=0)
+    per_image = (time.perf_counter() - started) / len(batch) / (2 if mirrored else 1)
+    epoch_seconds = per_image * (FINE_TUNE_EPOCH_COST * len(train_idx) + len(val_idx))
+    trval_idx = np.concatenate([train_idx, val_idx])
+    evidence = auto_evidence(features[trval_idx], labels[trval_idx], seed=config.seed,
+                             seconds_per_epoch=epoch_seconds, fine_tune_epochs=config.fine_tune_epochs)
+    log.info("auto: frozen head cross-validated accuracy %.3f; learning curve %s; fine-tune estimate %.0f s an epoch.",
+             evidence.cv_accuracy, ", ".join(f"{share:.0%}: {acc:.3f}" for share, acc in evidence.learning_curve),
+             epoch_seconds)
+    return evidence
+
+
+def _describe_phase(phase, config: TrainConfig, mirrored: bool = False) -> str:
     """The phase in words, as it will run: a scikit-learn head has no epochs or rate to show."""
     if phase.on_features:
         views = describe_views(config)
@@ -428,6 +494,11 @@ def _describe_phase(phase, config: TrainConfig) -> str:
         if config.head != "softmax":
             fit = "grid search by cross-validation, then a refit" if config.search else "default hyper-parameters"
             return f"scikit-learn head {config.head} on the cached features of train + val ({fit}{rows})"
+        if config.head_solver == "exact":
+            penalty = ("L2 strength chosen by cross-validation" if config.regularization is None
+                       else f"L2 strength {config.regularization:g}")
+            mirror = ", flip-averaged features" if mirrored else ""
+            return f"exact softmax head on cached features ({penalty}{mirror}{rows})"
         return f"head on cached features (up to {config.epochs} epochs, rate {config.learning_rate:g}{rows})"
     return (f"{phase.unfreeze_blocks} top block(s) with the head on live images ({config.fine_tune_epochs} epochs, "
             f"{config.schedule} schedule, rates {config.fine_tune_learning_rate:g} head / "
@@ -438,19 +509,19 @@ def _describe_phase(phase, config: TrainConfig) -> str:
 
 @dataclass
 class SoftmaxHead:
-    """A softmax head trained on cached features by :func:`fit_softmax_head`.
+    """A softmax head fitted on cached features by :func:`fit_softmax_head`.
 
     Attributes:
-        head: applies the trained layers to a Keras tensor (``head(backbone.output)``).
-        model: the compiled Keras model, features in, probabilities out.
-        history: one dictionary per epoch of the early-stopped fit.
+        head: applies the fitted layers to a Keras tensor (``head(backbone.output)``).
+        model: a Keras model of those layers, features in, probabilities out.
+        info: how it was fitted, for ``metrics.json`` (``head_fit``): the solver, and the chosen
+            ``C`` with its cross-validation curve (exact) or the epoch counts (adam).
+        history: one dictionary per epoch (adam; empty for the exact head, which has no epochs).
     """
 
     head: Callable
     model: object
-    epochs_run: int
-    best_epoch: int
-    refit_epochs: int
+    info: dict
     fit_seconds: float
     history: list[dict]
 
@@ -462,14 +533,54 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
                      test_idx: np.ndarray, config: TrainConfig, *, history_path: str | os.PathLike | None = None,
                      class_weight: dict | None = None, verbose: int = 0,
                      extra_callbacks: list | None = None) -> SoftmaxHead:
-    """Train the softmax head on features: early stopping on ``val_idx``, then (``config.refit``)
-    a refit on train + val for the best epoch count.
+    """The softmax head on cached features, as ``config.head_solver`` fits it; ``train`` and
+    ``compare`` both fit theirs here.
 
-    ``extra_callbacks`` join the early-stopped fit (e.g. ``--tensorboard``'s).
+    ``exact`` (the default): :func:`transferkit.softmax_head.fit_exact_softmax` on train + val when
+    ``config.refit`` (and a test split is reported), else on train only, its ``C`` chosen by
+    cross-validation on those images (or ``config.regularization``).
+    ``adam``: the Keras head, early-stopped on ``val_idx`` and refitted (``config.refit``) on
+    train + val for the best epoch count; ``history_path`` and ``extra_callbacks`` (e.g.
+    ``--tensorboard``'s) join its fit.
 
-    No refit when there is no test split: val is then the reported split, and refitting on it
-    would test on training data.
+    No refit when there is no test split: val is then the reported split, and fitting on it would
+    test on training data.
     """
+    if config.head_solver == "adam":
+        return _fit_adam_head(features, labels, train_idx, val_idx, test_idx, config, history_path=history_path,
+                              class_weight=class_weight, verbose=verbose, extra_callbacks=extra_callbacks)
+    import keras
+
+    from transferkit.softmax_head import fit_exact_softmax
+
+    fit_idx = np.concatenate([train_idx, val_idx]) if refits(config, val_idx, test_idx) else train_idx
+    num_classes = max(int(labels.max()) + 1 if len(labels) else 0, len(np.unique(labels)))
+    exact = fit_exact_softmax(features[fit_idx], labels[fit_idx], seed=config.seed,
+                              regularization=config.regularization, class_weight=class_weight)
+    if len(exact.classes) != num_classes:  # every class has training images (assign_roles checks it)
+        raise DataError(f"The head's training images hold {len(exact.classes)} of {num_classes} classes.")
+    head, model = _head_layers(keras, config, features.shape[1], num_classes,
+                               1 / exact.C if np.isfinite(exact.C) else 0.0, len(fit_idx))
+    model.get_layer("predictions").set_weights([w.astype(np.float32) for w in exact.kernel_bias()])
+    info = {**exact.info(), "images": len(fit_idx)}
+    log.info("Head fitted exactly on %d images in %.1f s: C = %g (%s%s).", len(fit_idx), exact.fit_seconds, exact.C,
+             exact.chosen_by, f", {exact.num_folds} folds" if exact.num_folds else "")
+    return SoftmaxHead(head, model, info, exact.fit_seconds, [])
+
+
+def head_val_loss(head: SoftmaxHead, features: np.ndarray, labels: np.ndarray, val_idx: np.ndarray) -> float | None:
+    """The head's validation loss as the fine-tune phase measures its own (cross-entropy plus the
+    head's L2 penalty, by Keras): the baseline fine-tuning must beat. None without val images."""
+    if not len(val_idx):
+        return None
+    head.model.compile(loss="sparse_categorical_crossentropy")
+    return float(head.model.evaluate(features[val_idx], labels[val_idx], verbose=0, batch_size=1024))
+
+
+def _fit_adam_head(features, labels, train_idx, val_idx, test_idx, config: TrainConfig, *, history_path,
+                   class_weight, verbose, extra_callbacks) -> SoftmaxHead:
+    """``--head-solver adam``: the Keras head trained with Adam, early-stopped on ``val_idx``, then
+    (``config.refit``) refitted on train + val for the best epoch count."""
     import keras
 
     started = time.perf_counter()
@@ -477,6 +588,7 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
     num_classes = max(num_classes, len(np.unique(labels)))
     feature_dim = features.shape[1]
     monitor = "val_loss" if len(val_idx) else "loss"
+    config = config.replace(regularization=1.0) if config.regularization is None else config
     head, head_model = _compiled_head(keras, config, feature_dim, num_classes, len(train_idx))
     callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience, restore_best_weights=True)]
     if history_path is not None:
@@ -495,15 +607,15 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
     refit_epochs = 0
     if refits(config, val_idx, test_idx):
         # Early stopping chose the epoch count; now use every labelled non-test image for it.
-        # Measured with patience 10: +0.6 points on ants/bees, +3.6 on all sign digits (compare
-        # benchmarks/head_defaults.py with and without refit=false).
         trval_idx = np.concatenate([train_idx, val_idx])
         head, head_model = _compiled_head(keras, config, feature_dim, num_classes, len(trval_idx))
         head_model.fit(_feature_dataset(features, labels, trval_idx, config, shuffle=True),
                        epochs=best_epoch, verbose=0, shuffle=False, class_weight=class_weight)
         refit_epochs = best_epoch
         log.info("Refit on train + val (%d images) for %d epochs.", len(trval_idx), best_epoch)
-    return SoftmaxHead(head, head_model, len(losses), best_epoch, refit_epochs, time.perf_counter() - started, rows)
+    info = {"solver": "adam", "epochs_run": len(losses), "best_epoch": best_epoch, "refit_epochs": refit_epochs,
+            "regularization": config.regularization}
+    return SoftmaxHead(head, head_model, info, time.perf_counter() - started, rows)
 
 
 def refits(config: TrainConfig, val_idx: np.ndarray, test_idx: np.ndarray) -> bool:
@@ -518,38 +630,32 @@ def refit_tuned_head(model, backbone, paths: list[str], labels: np.ndarray, trva
     features through the fine-tuned ``backbone`` (whose layers ``model`` shares), as freeze-all
     refits its head: every labelled non-test image counts, the early-stopping images included.
 
-    The fit is scikit-learn's ``LogisticRegression(C=1 / regularization)``, the optimum the Keras
-    head's L2 penalty defines (see :func:`_compiled_head`), found exactly by L-BFGS: no epoch count
-    has to be chosen for features the head phase never saw. It is folded into the layer in place,
-    so the saved graph is unchanged. Measured with mobilenet_v2 (README, Results): on the same
-    fine-tuned models, ants/bees seeds 0-2 0.954/0.948/0.941 against 0.941/0.941/0.928 without;
-    sign digits 0.979 against 0.981.
+    The fit is the exact head of freeze-all (:func:`transferkit.softmax_head.fit_exact_softmax`,
+    its ``C`` chosen by cross-validation on these features unless ``--regularization`` is given):
+    no epoch count has to be chosen for features the head phase never saw. It is folded into the
+    layer in place, so the saved graph is unchanged. Measured with mobilenet_v2 (README, Results):
+    on the same fine-tuned models, ants/bees seeds 0-2 0.954/0.948/0.941 against 0.941/0.941/0.928
+    without; sign digits 0.979 against 0.981.
 
     Returns:
         ``(probabilities of the eval_idx images, info for metrics.json)``.
     """
-    from sklearn.linear_model import LogisticRegression
-
-    from transferkit.heads import fold_linear_head
+    from transferkit.softmax_head import fit_exact_softmax
 
     started = time.perf_counter()
     index = np.concatenate([trval_idx, eval_idx])
     features, _ = with_batch_backoff(lambda batch: _predict_images(backbone, [paths[i] for i in index], batch),
                                      config.batch_size, "prediction")
     # Every class has training images (assign_roles), so the columns follow the class indices.
-    # In float64 and to a gradient of 1e-8: the optimum itself, not wherever L-BFGS stopped at its
-    # default tol (1e-4, on float32 features whose loss changes vanish below float32 resolution
-    # there), which left the probabilities up to ~1e-4 from it, differently on every machine.
-    # Without regularization the optimum may not exist (separable classes): the default tol then.
-    fitted = LogisticRegression(C=1 / config.regularization if config.regularization else np.inf, max_iter=2000,
-                                tol=1e-8 if config.regularization else 1e-4, class_weight=class_weight).fit(
-        features[:len(trval_idx)].astype(np.float64), labels[trval_idx])
-    kernel, bias = fold_linear_head(fitted)
+    exact = fit_exact_softmax(features[:len(trval_idx)], labels[trval_idx], seed=config.seed,
+                              regularization=config.regularization, class_weight=class_weight)
     layer = model.get_layer("predictions")  # on the backbone's output (the dropout before it passes inputs through)
-    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    layer.set_weights([w.astype(np.float32) for w in exact.kernel_bias()])
     probabilities = np.asarray(layer(features[len(trval_idx):].astype(np.float32)))
-    log.info("Head refit on the fine-tuned features of train + val (%d images).", len(trval_idx))
-    return probabilities, {"images": len(trval_idx), "seconds": round(time.perf_counter() - started, 2)}
+    log.info("Head refit on the fine-tuned features of train + val (%d images): C = %g (%s).", len(trval_idx),
+             exact.C, exact.chosen_by)
+    return probabilities, {"images": len(trval_idx), "seconds": round(time.perf_counter() - started, 2),
+                           "C": exact.C, "chosen_by": exact.chosen_by}
 
 
 def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoint_dir: Path, *, refit: bool,
@@ -561,12 +667,13 @@ def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoi
     saved = checkpoint_dir / "head.weights.h5"
     num_classes = int(labels.max()) + 1
     if resume and saved.is_file() and not refit:
-        head, model = _compiled_head(keras, config, features.shape[1], num_classes, len(train_idx))
         try:
+            state = json.loads((checkpoint_dir / "head.json").read_text(encoding="utf-8"))
+            info = dict(state["info"])
+            head, model = _head_layers(keras, config, features.shape[1], num_classes, info.get("regularization"),
+                                       int(info.get("images", len(train_idx))))
             model.load_weights(saved)
-            info = json.loads((checkpoint_dir / "head.json").read_text(encoding="utf-8"))
-            restored = SoftmaxHead(head, model, int(info["epochs_run"]), int(info["best_epoch"]), 0, 0.0,
-                                   list(info["history"]))
+            restored = SoftmaxHead(head, model, info, 0.0, list(state["history"]))
         except Exception as exc:  # noqa: BLE001 - HDF5, JSON and shape errors all mean "damaged checkpoint"
             log.warning("WARNING: the head phase's checkpoint in %s is damaged (%s: %s); training the head again.",
                         checkpoint_dir, type(exc).__name__, str(exc)[:200])
@@ -579,8 +686,7 @@ def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoi
     if not refit:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         runs.save_weights(result.model, saved)
-        files.write_json(checkpoint_dir / "head.json", {"epochs_run": result.epochs_run,
-                                                        "best_epoch": result.best_epoch, "history": result.history})
+        files.write_json(checkpoint_dir / "head.json", {"info": result.info, "history": result.history})
     return result
 
 
@@ -654,14 +760,16 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     files.write_csv(path, columns, [[row.get(c, "") for c in columns] for row in rows])
 
 
-def _compiled_head(keras, config: TrainConfig, feature_dim: int, num_classes: int, num_train: int):
-    """The softmax head as reusable layers, and a compiled model that trains them on features.
+def _head_layers(keras, config: TrainConfig, feature_dim: int, num_classes: int, regularization: float | None,
+                 num_train: int):
+    """The softmax head as reusable layers (dropout, then ``Dense(softmax)`` named ``predictions``),
+    and an uncompiled model of them on features: the one head definition of every strategy.
 
     The L2 penalty ``regularization / (2 * num_train) * ||W||^2`` on the mean loss is the penalty of
-    scikit-learn's ``LogisticRegression(C=1 / regularization)``: with the defaults the head reaches
-    the same optimum as that well-tested baseline (measured in benchmarks/head_defaults.py).
+    scikit-learn's ``LogisticRegression(C=1 / regularization)`` on ``num_train`` images, so a
+    fine-tune phase after the exact head continues the objective that head solved.
     """
-    regularizer = keras.regularizers.L2(config.regularization / (2 * num_train)) if config.regularization else None
+    regularizer = keras.regularizers.L2(regularization / (2 * num_train)) if regularization else None
     layers = [keras.layers.Dropout(config.dropout, name="head_dropout"),
               keras.layers.Dense(num_classes, activation="softmax", kernel_regularizer=regularizer,
                                  name="predictions")]
@@ -672,7 +780,12 @@ def _compiled_head(keras, config: TrainConfig, feature_dim: int, num_classes: in
         return x
 
     features = keras.Input((feature_dim,), name="features")
-    model = keras.Model(features, head(features), name="head")
+    return head, keras.Model(features, head(features), name="head")
+
+
+def _compiled_head(keras, config: TrainConfig, feature_dim: int, num_classes: int, num_train: int):
+    """The head of :func:`_head_layers`, compiled to train on features with Adam (``--head-solver adam``)."""
+    head, model = _head_layers(keras, config, feature_dim, num_classes, config.regularization, num_train)
     # Several steps per call: the head is tiny, so Keras' per-step overhead would dominate.
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=16)
