@@ -530,7 +530,8 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
     The sweep trains a softmax head on the cached features with the rate growing each batch
     (the range test of Smith 2015, as fastai's lr_find); the plot shows the loss against the
     rate. The suggestion (steepest fall of the loss) is a starting point, not a guarantee:
-    check the plot, then pass it to train --learning-rate.
+    check the plot, then pass it to train --head-solver adam --learning-rate (the default,
+    exact head has no learning rate).
     """
     import numpy as np
 
@@ -554,8 +555,8 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
     files.write_bytes(output, plot_sweep(sweep, f"{Path(image_dir).resolve().name}: {backbone} head"))
     click.echo(f"Swept {len(sweep.rates)} rates on {int(train.sum())} training images; lowest loss at "
                f"{sweep.min_loss_rate:.1e}.")
-    click.echo(f"Suggested learning rate: {sweep.suggestion:.1e} (steepest fall of the loss; a suggestion, "
-               f"check the plot: {output}).")
+    click.echo(f"Suggested learning rate: {sweep.suggestion:.1e} for --head-solver adam (steepest fall of the loss; "
+               f"a suggestion, check the plot: {output}).")
 
 
 # ----------------------------------------------------------------------------- cache
