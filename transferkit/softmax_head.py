@@ -89,7 +89,8 @@ class ExactSoftmax:
 
 
 def fit_exact_softmax(features: np.ndarray, labels: np.ndarray, *, seed: int = 0, regularization: float | None = None,
-                      class_weight: dict | None = None, num_folds: int = MAX_FOLDS) -> ExactSoftmax:
+                      class_weight: dict | None = None, num_folds: int = MAX_FOLDS,
+                      groups: np.ndarray | None = None) -> ExactSoftmax:
     """Fit the exact L2-regularised softmax head, its ``C`` chosen by cross-validation.
 
     Args:
@@ -98,6 +99,7 @@ def fit_exact_softmax(features: np.ndarray, labels: np.ndarray, *, seed: int = 0
         seed: shuffling of the stratified folds.
         regularization: a fixed L2 strength (``C = 1 / regularization``; 0 = none) instead of the
             search; None searches :data:`C_GRID`.
+        groups: rows of one group stay in one fold (an image and its augmented views).
         class_weight: per-class loss weights (``--class-weight auto``).
         num_folds: at most this many folds (fewer when the smallest class has fewer images; no
             search below 2, and then ``C = 1``, said in ``chosen_by``).
@@ -116,7 +118,7 @@ def fit_exact_softmax(features: np.ndarray, labels: np.ndarray, *, seed: int = 0
     elif folds < 2:
         C, chosen_by, folds = 1.0, "default C = 1 (a class has fewer than 2 images: nothing to cross-validate)", 0
     else:
-        losses = cross_validated_losses(x, y, folds, seed, class_weight)
+        losses = cross_validated_losses(x, y, folds, seed, class_weight, groups)
         searched = ~np.isnan(losses[0])
         mean, std = losses[:, searched].mean(axis=0), losses[:, searched].std(axis=0)
         C, chosen_by = C_GRID[int(np.argmin(mean))], "cross-validation"
@@ -133,7 +135,7 @@ def fit_exact_softmax(features: np.ndarray, labels: np.ndarray, *, seed: int = 0
 
 
 def cross_validated_losses(x: np.ndarray, y: np.ndarray, folds: int, seed: int,
-                           class_weight: dict | None = None) -> np.ndarray:
+                           class_weight: dict | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     """Held-out log-loss of each fold (rows) at each ``C`` of :data:`C_GRID` (columns).
 
     The folds walk the grid together from the strongest penalty to the weakest, each with warm
@@ -152,11 +154,14 @@ def cross_validated_losses(x: np.ndarray, y: np.ndarray, folds: int, seed: int,
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     x = np.asarray(x, dtype=np.float32)
     classes = np.unique(y)
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
+    if groups is None:
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
+    else:
+        splits = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, y, groups))
     models = [LogisticRegression(solver="newton-cg", max_iter=1000, tol=1e-5, warm_start=True,
                                  class_weight=class_weight) for _ in splits]
     losses = np.full((folds, len(C_GRID)), np.nan)
