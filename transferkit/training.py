@@ -33,7 +33,7 @@ from transferkit.finetune import class_weights, fine_tune_phase, tensorboard_cal
 from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff
 from transferkit.splits import hash_splits
 from transferkit.strategies import choose_strategy, fine_tune_rate, plan_phases
-from transferkit.views import with_view_rows
+from transferkit.views import view_groups, with_view_rows
 from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
 
 log = logging.getLogger("transferkit")
@@ -323,7 +323,8 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
     else:
         head = _head_phase(config.replace(batch_size=AUTO_BATCH_START) if config.batch_size == "auto" else config,
                            head_features, head_labels, head_train_idx, val_idx, test_idx, checkpoint_dir,
-                           refit=len(phases) == 1, class_weight=weights_by_class, resume=resume, verbose=verbose)
+                           refit=len(phases) == 1, class_weight=weights_by_class, resume=resume, verbose=verbose,
+                           groups=view_groups(extraction, train_idx))
         history += [{"phase": "head", **row} for row in head.history]
         # The epoch counts stay top-level for the adam head, where earlier versions kept them.
         head_info = {"head_fit": head.info, **{key: head.info[key] for key in ("epochs_run", "best_epoch", "refit_epochs")
@@ -472,10 +473,13 @@ def _auto_evidence(config: TrainConfig, backbone, features, labels, train_idx, v
 
     size = int(backbone.input_shape[1])
     batch = np.zeros((16, size, size, 3), np.float32)
-    backbone.predict(batch, verbose=0)  # warm-up: graph tracing is not the steady state
-    started = time.perf_counter()
-    backbone.predict(batch, verbose=0)
-    per_image = (time.perf_counter() - started) / len(batch) / (2 if mirrored else 1)
+    backbone.predict_on_batch(batch)  # warm-up: graph tracing is not the steady state
+    timings = []
+    for _ in range(3):  # the fastest of three: other processes only ever slow a run down
+        started = time.perf_counter()
+        backbone.predict_on_batch(batch)
+        timings.append(time.perf_counter() - started)
+    per_image = min(timings) / len(batch) / (2 if mirrored else 1)
     epoch_seconds = per_image * (FINE_TUNE_EPOCH_COST * len(train_idx) + len(val_idx))
     trval_idx = np.concatenate([train_idx, val_idx])
     evidence = auto_evidence(features[trval_idx], labels[trval_idx], seed=config.seed,
@@ -532,9 +536,10 @@ class SoftmaxHead:
 def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                      test_idx: np.ndarray, config: TrainConfig, *, history_path: str | os.PathLike | None = None,
                      class_weight: dict | None = None, verbose: int = 0,
-                     extra_callbacks: list | None = None) -> SoftmaxHead:
+                     extra_callbacks: list | None = None, groups: np.ndarray | None = None) -> SoftmaxHead:
     """The softmax head on cached features, as ``config.head_solver`` fits it; ``train`` and
-    ``compare`` both fit theirs here.
+    ``compare`` both fit theirs here. ``groups`` (one per row of ``features``): rows of one image
+    (its augmented views, :func:`transferkit.views.view_groups`) stay in one cross-validation fold.
 
     ``exact`` (the default): :func:`transferkit.softmax_head.fit_exact_softmax` on train + val when
     ``config.refit`` (and a test split is reported), else on train only, its ``C`` chosen by
@@ -556,7 +561,8 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
     fit_idx = np.concatenate([train_idx, val_idx]) if refits(config, val_idx, test_idx) else train_idx
     num_classes = max(int(labels.max()) + 1 if len(labels) else 0, len(np.unique(labels)))
     exact = fit_exact_softmax(features[fit_idx], labels[fit_idx], seed=config.seed,
-                              regularization=config.regularization, class_weight=class_weight)
+                              regularization=config.regularization, class_weight=class_weight,
+                              groups=None if groups is None else groups[fit_idx])
     if len(exact.classes) != num_classes:  # every class has training images (assign_roles checks it)
         raise DataError(f"The head's training images hold {len(exact.classes)} of {num_classes} classes.")
     head, model = _head_layers(keras, config, features.shape[1], num_classes,
@@ -659,7 +665,7 @@ def refit_tuned_head(model, backbone, paths: list[str], labels: np.ndarray, trva
 
 
 def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoint_dir: Path, *, refit: bool,
-                class_weight, resume: bool, verbose: int) -> SoftmaxHead:
+                class_weight, resume: bool, verbose: int, groups: np.ndarray | None = None) -> SoftmaxHead:
     """Phase 1 on cached features; before a fine-tune phase its weights are checkpointed so that
     ``--resume`` does not train it again."""
     import keras
@@ -682,7 +688,7 @@ def _head_phase(config, features, labels, train_idx, val_idx, test_idx, checkpoi
             return restored
     result = fit_softmax_head(features, labels, train_idx, val_idx, test_idx,
                               config.replace(refit=config.refit and refit), class_weight=class_weight, verbose=verbose,
-                              extra_callbacks=tensorboard_callbacks(config, checkpoint_dir, "head"))
+                              extra_callbacks=tensorboard_callbacks(config, checkpoint_dir, "head"), groups=groups)
     if not refit:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         runs.save_weights(result.model, saved)
