@@ -78,13 +78,14 @@ def main(image_dir: str, backbone: str, batch_size: int = 32) -> None:
         keras.backend.clear_session()
         start = time.perf_counter()
         pass_folder = scan_folder(image_dir)
-        pass_model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size)
+        # Flip-averaged, as train's freeze-all extracts by default: the ratio below is train's overhead.
+        pass_model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size, mirror=True)
         pass_spec = FeatureSpec.for_model(spec, pass_model)
         extract_features(pass_model, [pass_folder.abs_path(p) for p in pass_folder.paths],
                          FeatureCache(Path(tmp) / "cache-pass", pass_spec), batch_size=batch_size, verbose=0,
                          keep_vectors=False)
         pass_seconds = time.perf_counter() - start
-        config = TrainConfig(image_dir, str(Path(tmp) / "run"), backbone=backbone, epochs=20,
+        config = TrainConfig(image_dir, str(Path(tmp) / "run"), backbone=backbone,
                              cache_dir=str(Path(tmp) / "cache-train"))
         keras.backend.clear_session()
         start = time.perf_counter()

@@ -64,7 +64,7 @@ def main(image_dir: str, backbone: str, seeds: list[int], **overrides) -> None:
             ours_x = features_of(folder, backbone, cache_dir, mirror=config.flip_average)
             plain_x = features_of(folder, backbone, cache_dir, mirror=False)
 
-            def score(x, c):
+            def score(x, c, fit=fit, test=test, y=y):
                 model = LogisticRegression(C=c, max_iter=5000, solver="newton-cg").fit(x[fit], y[fit])
                 return float(model.score(x[test], y[test]))
 

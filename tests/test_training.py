@@ -174,7 +174,7 @@ def test_the_model_is_the_exact_logistic_regression_optimum(trained_run):
     import keras
     from sklearn.linear_model import LogisticRegression
 
-    from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+    from transferkit.cache import extract_features
     from transferkit.data import scan_folder
     from transferkit.training import assign_roles
 

@@ -168,7 +168,8 @@ def test_phase_lines_describe_the_head_that_trains():
     assert not re.search(r"epochs|rate \d", sklearn), "a scikit-learn head has no epochs or learning rate"
     assert "default hyper-parameters" in _describe_phase(head, TrainConfig("photos", "run", head="ridge", search=False))
     exact = _describe_phase(head, TrainConfig("photos", "run"), mirrored=True)
-    assert exact == "exact softmax head on cached features (L2 strength chosen by cross-validation, flip-averaged features)"
+    assert exact == ("exact softmax head on cached features (L2 strength chosen by cross-validation, "
+                     "flip-averaged features)")
     assert not re.search(r"epochs|rate \d", exact), "the exact head has no epochs or learning rate"
     adam = _describe_phase(head, TrainConfig("photos", "run", head_solver="adam"))
     assert adam == "head on cached features (up to 500 epochs, rate 0.001)"

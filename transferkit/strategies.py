@@ -139,7 +139,8 @@ class AutoEvidence:
 
     def as_dict(self) -> dict:
         return {"cv_accuracy": round(self.cv_accuracy, 4),
-                "learning_curve": [{"share": share, "cv_accuracy": round(acc, 4)} for share, acc in self.learning_curve],
+                "learning_curve": [{"share": share, "cv_accuracy": round(acc, 4)}
+                                   for share, acc in self.learning_curve],
                 "rise_per_doubling": round(self.rise_per_doubling, 4),
                 "estimated_fine_tune_seconds": round(self.seconds_per_epoch * self.fine_tune_epochs),
                 "seconds_per_epoch": round(self.seconds_per_epoch, 1)}
@@ -182,7 +183,8 @@ def choose_strategy(train_counts: Sequence[int], evidence: AutoEvidence, *, fine
     because = (f"still rising (>= {AUTO_RISING_PER_DOUBLING * 100:g})" if rising
                else f"with {error:.1%} held-out error (>= {AUTO_ERROR_FROM:.0%})")
     return strategy, (f"{seen}, {because}, and the smallest class has {smallest} training images: fine-tuning is "
-                      f"expected to gain up to {error * 100:.1f} points; expected wall time about {_duration(evidence)}")
+                      f"expected to gain up to {error * 100:.1f} points; expected wall time about "
+                      f"{_duration(evidence)}")
 
 
 def _duration(evidence: AutoEvidence) -> str:

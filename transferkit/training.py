@@ -327,8 +327,8 @@ def _run_phases(plan: TrainingPlan, started: float, verbose: int, resume: bool) 
                            groups=view_groups(extraction, train_idx))
         history += [{"phase": "head", **row} for row in head.history]
         # The epoch counts stay top-level for the adam head, where earlier versions kept them.
-        head_info = {"head_fit": head.info, **{key: head.info[key] for key in ("epochs_run", "best_epoch", "refit_epochs")
-                                               if key in head.info}}
+        head_info = {"head_fit": head.info, **{key: head.info[key] for key in ("epochs_run", "best_epoch",
+                                                                               "refit_epochs") if key in head.info}}
         # The model reuses the very head layers trained above on the backbone's output: one
         # flat graph, raw pixels in, no weight copying that could drift.
         model = keras.Model(backbone.input, head.head(backbone.output), name=f"transferkit_{spec.name}")

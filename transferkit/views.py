@@ -189,7 +189,8 @@ def view_groups(result: ExtractionResult, train_idx: np.ndarray) -> np.ndarray |
     chose C = 31.6 from such leaky folds)."""
     if result.view_vectors is None or result.view_vectors.shape[1] == 0:
         return None
-    return np.concatenate([np.arange(len(result.vectors)), np.repeat(np.asarray(train_idx), result.view_vectors.shape[1])])
+    views = np.repeat(np.asarray(train_idx), result.view_vectors.shape[1])
+    return np.concatenate([np.arange(len(result.vectors)), views])
 
 
 def training_rows(result: ExtractionResult, labels: np.ndarray, train_idx: np.ndarray) -> tuple[np.ndarray,
