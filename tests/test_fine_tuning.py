@@ -131,8 +131,10 @@ def test_auto_says_what_it_picked_and_why(tmp_path, folder):
     assert metrics["strategy"] == "freeze-all" and "training images (< 100): too few to fine-tune" in result.output
     evidence = metrics["auto_evidence"]
     assert [point["share"] for point in evidence["learning_curve"]] == [0.25, 0.5, 1.0]
-    assert 0 <= evidence["cv_accuracy"] <= 1 and evidence["estimated_fine_tune_seconds"] > 0
-    assert f"cross-validated accuracy is {evidence['cv_accuracy']:.3f}" in metrics["strategy_reason"]
+    # The estimate is a timing: a tiny backbone on a fast machine may round it to 0.0.
+    assert 0 <= evidence["cv_accuracy"] <= 1 and evidence["estimated_fine_tune_seconds"] >= 0
+    said = float(metrics["strategy_reason"].split("cross-validated accuracy is ")[1].split(" ")[0])
+    assert said == pytest.approx(evidence["cv_accuracy"], abs=6e-4)
 
 
 def test_auto_fine_tunes_where_the_evidence_says_it_pays(tmp_path, folder, monkeypatch):

@@ -142,8 +142,8 @@ class AutoEvidence:
                 "learning_curve": [{"share": share, "cv_accuracy": round(acc, 4)}
                                    for share, acc in self.learning_curve],
                 "rise_per_doubling": round(self.rise_per_doubling, 4),
-                "estimated_fine_tune_seconds": round(self.seconds_per_epoch * self.fine_tune_epochs),
-                "seconds_per_epoch": round(self.seconds_per_epoch, 1)}
+                "estimated_fine_tune_seconds": round(self.seconds_per_epoch * self.fine_tune_epochs, 1),
+                "seconds_per_epoch": round(self.seconds_per_epoch, 3)}
 
 
 def choose_strategy(train_counts: Sequence[int], evidence: AutoEvidence, *, fine_tune_from: int = AUTO_FINE_TUNE_FROM,
