@@ -33,12 +33,13 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """``root/photos`` split as ``train/`` + ``val/`` only, and a finished softmax run ``root/run`` on it
-    (3 epochs on random-init features: some test images are wrong, so the report shows mistakes)."""
+    (the Adam head, 3 epochs on plain random-init features: some test images are wrong, so the report
+    shows mistakes; the exact head gets these synthetic classes all right)."""
     root = tmp_path_factory.mktemp("shown")
     photos = make_image_folder(root / "photos", num_classes=3, images_per_class=15, image_size=32, split_dirs=True)
     shutil.rmtree(photos / "test")
-    result = run_cli("train", photos, "-o", root / "run", "--cache-dir", root / "cache", *TINY, "--epochs", "3",
-                     "--patience", "2", "--learning-rate", "0.01", "-q")
+    result = run_cli("train", photos, "-o", root / "run", "--cache-dir", root / "cache", *TINY, "--head-solver", "adam",
+                     "--no-flip-average", "--epochs", "3", "--patience", "2", "--learning-rate", "0.01", "-q")
     assert result.exit_code == 0, result.output
     assert ",0\n" in (root / "run" / "predictions.csv").read_text(), "these tests need test mistakes"
     return root

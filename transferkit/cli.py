@@ -530,8 +530,8 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
     The sweep trains a softmax head on the cached features with the rate growing each batch
     (the range test of Smith 2015, as fastai's lr_find); the plot shows the loss against the
     rate. The suggestion (steepest fall of the loss) is a starting point, not a guarantee:
-    check the plot, then pass it to train --head-solver adam --learning-rate (the default,
-    exact head has no learning rate).
+    check the plot, then pass it to train --learning-rate, with train --head-solver adam (the
+    default, exact head has no learning rate).
     """
     import numpy as np
 
