@@ -155,6 +155,31 @@ def test_auto_fine_tunes_where_the_evidence_says_it_pays(tmp_path, folder, monke
     assert not any(type(layer).__name__ == "MirrorBatch" for layer in load_run(run).model.layers)
 
 
+def test_the_rebuilt_mixed_precision_model_keeps_the_heads_l2_penalty(tmp_path, folder, monkeypatch):
+    """Under --mixed-precision (on a CPU with bfloat16) and --distribute the model is rebuilt; its head
+    is the head phase's, penalty included (a rebuilt copy once fine-tuned without it)."""
+    from transferkit import finetune
+
+    fitted = []
+    real = finetune.fine_tune
+
+    def spy(model, *args, **kwargs):
+        layer = model.get_layer("predictions")
+        fitted.append((layer.kernel_regularizer and layer.kernel_regularizer.get_config(), layer.dtype_policy.name,
+                       model.get_layer("block3_conv").dtype_policy.name))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "fine_tune", spy)
+    for name, extra in (("plain", []), ("mixed", ["--mixed-precision", "--distribute", "mirrored"])):
+        result, _ = _train(tmp_path / name, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1", *extra)
+        assert result.exit_code == 0, result.output
+    (plain_l2, _, _), (mixed_l2, mixed_dtype, block_dtype) = fitted
+    assert plain_l2 is not None and mixed_l2 == plain_l2
+    assert mixed_dtype == "float32"
+    policy, _ = finetune.mixed_precision_policy()
+    assert block_dtype == (policy or "float32"), "the backbone runs in the machine's mixed policy"
+
+
 def test_full_retrain_with_mixed_precision_saves_float32(tmp_path, folder):
     result, run = _train(tmp_path, folder, "--strategy", "full-retrain", "--fine-tune-epochs", "1",
                          "--mixed-precision", "--xla", "--distribute", "mirrored")

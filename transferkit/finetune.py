@@ -448,10 +448,11 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
             if policy or config.distribute != "none":
                 tuned_backbone = build_backbone(spec, weights=None, image_size=image_size)
                 x = tuned_backbone.output
-                for layer in (keras.layers.Dropout(config.dropout, name="head_dropout"),
-                              keras.layers.Dense(len(folder.class_names), activation="softmax", dtype="float32",
-                                                 name="predictions")):
-                    x = layer(x)
+                for name in ("head_dropout", "predictions"):  # the head phase's layers, L2 penalty included
+                    layer_config = model.get_layer(name).get_config()
+                    if name == "predictions":
+                        layer_config["dtype"] = "float32"  # softmax in float32 under a mixed policy
+                    x = model.get_layer(name).__class__.from_config(layer_config)(x)
                 tuned = training_model(tuned_backbone.input, x, name=model.name, strategy=distribution,
                                        batch_spec=train_data.element_spec)
                 tuned.set_weights(head_weights)
