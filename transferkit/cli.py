@@ -742,6 +742,10 @@ def cache_merge(sources, cache_dir) -> None:
                    "[default: 1e-3, scaled down in proportion below 1,000 training images]")
 @click.option("--fine-tune-patience", type=click.IntRange(min=0), default=_default("fine_tune_patience"),
               show_default=True, help="Stop fine-tuning after this many epochs without improvement (0 = never).")
+@click.option("--fine-tune-views", type=_AUGMENT_VIEWS, default=_default("fine_tune_views"),
+              show_default=True,
+              help="fine-tune-top: run the frozen blocks once on this many augmented views of each training image "
+                   "and train the top blocks on their output, epoch after epoch (0 = live images every epoch).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_default("schedule"), show_default=True,
               help="Fine-tune learning-rate schedule: warm-up then cosine decay, one-cycle, or constant.")
 @click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers train while fine-tuning "

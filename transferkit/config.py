@@ -84,6 +84,7 @@ class TrainConfig:
     fine_tune_epochs: int = 20
     fine_tune_learning_rate: float | None = None  # None: strategies.fine_tune_rate decides from the data
     fine_tune_patience: int = 0
+    fine_tune_views: int = 4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     train_bn: bool = False
@@ -124,6 +125,8 @@ class TrainConfig:
         _check(self.fine_tune_learning_rate is None or 0 < self.fine_tune_learning_rate < 10,
                "fine_tune_learning_rate", "a number between 0 and 10", self.fine_tune_learning_rate)
         _check(self.fine_tune_patience >= 0, "fine_tune_patience", "an integer >= 0", self.fine_tune_patience)
+        _check(0 <= self.fine_tune_views <= MAX_AUGMENT_VIEWS, "fine_tune_views", AUGMENT_VIEWS_RANGE,
+               self.fine_tune_views)
         _check(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _check(0 <= self.warmup_epochs <= MAX_EPOCHS, "warmup_epochs", f"a number from 0 to {MAX_EPOCHS}",
                self.warmup_epochs)

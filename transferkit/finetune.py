@@ -114,8 +114,8 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int, epochs: int):
 
 def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_data, val_data, *,
               steps_per_epoch: int, checkpoint_dir: Path, class_weight: dict | None = None,
-              baseline: float | None = None, verbose: int = 1,
-              extra_callbacks: list | None = None) -> tuple[list[dict], bool]:
+              baseline: float | None = None, verbose: int = 1, extra_callbacks: list | None = None,
+              elapsed_before: float = 0.0) -> tuple[list[dict], bool]:
     """Compile ``model`` for the fine-tune phase and fit it, resuming from ``checkpoint_dir``.
 
     On return the model holds the weights of its best epoch (lowest validation loss), if one
@@ -123,6 +123,8 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
 
     Args:
         baseline: the validation loss to beat (the head phase's), or None.
+        elapsed_before: seconds the phase spent before its first epoch (the frozen blocks'
+            activations), counted in the history's ``elapsed_seconds``.
 
     Returns:
         ``(rows, improved)``: one dictionary per epoch run (``epoch``, ``loss``, ``accuracy``,
@@ -154,7 +156,7 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
         callbacks_.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
                                    initial_value_threshold=min(best_so_far, default=None)),
         _resumed_early_stopping(keras, monitor, config.fine_tune_patience, earlier),
-        callbacks_.History(history_path, earlier),
+        callbacks_.History(history_path, earlier, elapsed_before),
         *(extra_callbacks or []),
         *tensorboard_callbacks(config, checkpoint_dir, "fine-tune", resumed=start > 0),
         backup,  # last: its state file commits an epoch once the best weights and the history hold it
@@ -272,9 +274,9 @@ def atomic_callbacks():
         """Keras' ``CSVLogger`` appends each row in place, so an interrupt can leave half a row; this
         rewrites the whole (small) file atomically at each epoch's end, in the same columns."""
 
-        def __init__(self, path: Path, earlier: list[dict]):
+        def __init__(self, path: Path, earlier: list[dict], elapsed_before: float = 0.0):
             super().__init__()
-            self.path, self.rows = Path(path), list(earlier)
+            self.path, self.rows, self.elapsed_before = Path(path), list(earlier), elapsed_before
             self.started = time.perf_counter()
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -283,7 +285,7 @@ def atomic_callbacks():
         def on_epoch_end(self, epoch, logs=None):
             # Time to accuracy: each epoch's wall time (validation included) and the running total.
             seconds = time.perf_counter() - self.started
-            elapsed = seconds + sum(row.get("seconds", 0.0) for row in self.rows)
+            elapsed = seconds + sum(row.get("seconds", 0.0) for row in self.rows) + self.elapsed_before
             self.rows.append({"epoch": epoch, **{key: float(value) for key, value in (logs or {}).items()},
                               "seconds": round(seconds, 2), "elapsed_seconds": round(elapsed, 2)})
             columns = ["epoch"] + sorted({key for row in self.rows for key in row} - {"epoch"})
@@ -423,6 +425,7 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
     """
     import keras
 
+    from transferkit import frozen_views
     from transferkit.augment import training_images
     from transferkit.backbones import build_backbone
     from transferkit.distribute import shard_by_data, sync_weights, training_model
@@ -465,9 +468,13 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
             rates["predictions"] = phase.rate_multipliers[0]
             trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
             log.info("Fine-tuning %d trainable weights in %d layers.", trainable, len(rates))
-            rows, improved = fine_tune(tuned, config, rates, train_data, val_data,
+            fitted, fit_train, fit_val, callbacks, views_info = frozen_views.fit_inputs(
+                config, spec, tuned, tuned_backbone, phase, train_data, val_data, len(train_idx), len(val_idx),
+                batch, verbose)
+            rows, improved = fine_tune(fitted, config, rates, fit_train, fit_val,
                                        steps_per_epoch=steps_for(len(train_idx), batch), checkpoint_dir=checkpoint_dir,
-                                       class_weight=class_weight, baseline=baseline, verbose=verbose)
+                                       class_weight=class_weight, baseline=baseline, verbose=verbose,
+                                       extra_callbacks=callbacks, elapsed_before=views_info.get("seconds", 0.0))
     except BaseException:
         model.set_weights(head_weights)  # a retry (--batch-size auto) starts where this attempt did
         raise
@@ -482,7 +489,9 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
     # A new, uncompiled model on the same layers: the saved file needs no optimizer class to load.
     model = keras.Model(model.input, model.output, name=model.name)
     info = {"epochs_run": len(rows), "trainable_weights": trainable, "trained_layers": len(rates),
-            "mixed_precision": policy or "none", "xla": bool(tuned.jit_compile), "device": xla_device(),
+            "frozen_views": views_info,
+            "mixed_precision": policy or "none", "xla": bool(fitted.jit_compile), "device": xla_device(),
             "distribute": config.distribute,
             "replicas": distribution.num_replicas_in_sync, "kept": "fine-tune" if improved else "head"}
     return model, rows, info
+

@@ -349,6 +349,10 @@ class _Builder:
             notes.append(f"then the head was retrained on train + val for {self.run.metrics['refit_epochs']} epochs "
                          "(not plotted)")
         notes += _time_to_accuracy(history)
+        views = (self.run.metrics.get("fine_tune") or {}).get("frozen_views") or {}
+        if isinstance(views.get("views"), int) and views["views"] and isinstance(views.get("seconds"), int | float):
+            notes.append(f"the top blocks trained on {views['views']} augmented views of the frozen blocks' output, "
+                         f"computed once in {views['seconds']:.0f} s (counted in those times)")
         refit = (self.run.metrics.get("fine_tune") or {}).get("head_refit")
         if refit:
             notes.append(f"then the head was refitted on the fine-tuned features of train + val ({refit['images']} "
