@@ -57,6 +57,16 @@ def test_auto_fine_tunes_only_with_data_and_something_to_gain():
     assert strategy == "full-retrain" and "30 training images" in why
 
 
+def test_the_estimate_counts_the_frozen_views_before_the_epochs():
+    from transferkit.strategies import AutoEvidence
+
+    evidence = AutoEvidence(0.94, ((0.5, 0.92), (1.0, 0.94)), 0.02, seconds_per_epoch=10.0, fine_tune_epochs=20,
+                            setup_seconds=150.0)
+    assert evidence.fine_tune_seconds == 350.0
+    assert evidence.as_dict()["estimated_fine_tune_seconds"] == 350.0 and evidence.as_dict()["setup_seconds"] == 150.0
+    assert "about 6 min" in choose_strategy([120, 130], evidence)[1]
+
+
 def test_layer_rates_top_block_and_deeper():
     bounds = [("b1", 2), ("b2", 4), ("b3", 6)]
     assert layer_rates(bounds, 7, Phase("head", 0, True)) == [None] * 7

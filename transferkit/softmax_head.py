@@ -213,7 +213,7 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, C: float, *, seed: 
 
 
 def auto_evidence(features: np.ndarray, labels: np.ndarray, *, seed: int, seconds_per_epoch: float,
-                  fine_tune_epochs: int, class_weight: dict | None = None):
+                  fine_tune_epochs: int, setup_seconds: float = 0.0, class_weight: dict | None = None):
     """What ``--strategy auto`` decides from (:class:`transferkit.strategies.AutoEvidence`): the
     exact head's C by cross-validation on ``features`` (train + val), its learning curve at that
     C, and the fine-tune cost estimate passed in."""
@@ -226,4 +226,4 @@ def auto_evidence(features: np.ndarray, labels: np.ndarray, *, seed: int, second
     else:
         slope = 0.0
     cv_accuracy = curve[-1][1] if curve else float("nan")
-    return AutoEvidence(cv_accuracy, curve, slope, seconds_per_epoch, fine_tune_epochs)
+    return AutoEvidence(cv_accuracy, curve, slope, seconds_per_epoch, fine_tune_epochs, setup_seconds)

@@ -129,6 +129,7 @@ class AutoEvidence:
         rise_per_doubling: least-squares slope of accuracy against log2(share).
         seconds_per_epoch: estimated wall time of one fine-tune epoch on this machine.
         fine_tune_epochs: epochs the fine-tune phase would run (at most).
+        setup_seconds: estimated wall time before the first epoch (the frozen blocks' views).
     """
 
     cv_accuracy: float
@@ -136,14 +137,20 @@ class AutoEvidence:
     rise_per_doubling: float
     seconds_per_epoch: float
     fine_tune_epochs: int
+    setup_seconds: float = 0.0
+
+    @property
+    def fine_tune_seconds(self) -> float:
+        """The fine-tune phase's estimated wall time."""
+        return self.setup_seconds + self.seconds_per_epoch * self.fine_tune_epochs
 
     def as_dict(self) -> dict:
         return {"cv_accuracy": round(self.cv_accuracy, 4),
                 "learning_curve": [{"share": share, "cv_accuracy": round(acc, 4)}
                                    for share, acc in self.learning_curve],
                 "rise_per_doubling": round(self.rise_per_doubling, 4),
-                "estimated_fine_tune_seconds": round(self.seconds_per_epoch * self.fine_tune_epochs, 1),
-                "seconds_per_epoch": round(self.seconds_per_epoch, 3)}
+                "estimated_fine_tune_seconds": round(self.fine_tune_seconds, 1),
+                "seconds_per_epoch": round(self.seconds_per_epoch, 3), "setup_seconds": round(self.setup_seconds, 1)}
 
 
 def choose_strategy(train_counts: Sequence[int], evidence: AutoEvidence, *, fine_tune_from: int = AUTO_FINE_TUNE_FROM,
@@ -188,7 +195,7 @@ def choose_strategy(train_counts: Sequence[int], evidence: AutoEvidence, *, fine
 
 
 def _duration(evidence: AutoEvidence) -> str:
-    seconds = evidence.seconds_per_epoch * evidence.fine_tune_epochs
+    seconds = evidence.fine_tune_seconds
     minutes = seconds / 60
     return f"{seconds:.0f} s" if seconds < 120 else f"{minutes:.0f} min"
 
