@@ -29,7 +29,7 @@ DISTRIBUTE = ("none", "mirrored", "multi-worker")
 #: C by cross-validation; transferkit.softmax_head) or adam (Keras, epochs and early stopping).
 HEAD_SOLVERS = ("exact", "adam")
 
-# Bounds of the numeric settings, the same for command-line options (cli.py builds its option types from
+# Bounds of the numeric settings, the same for command-line options (cli/options.py builds its types from
 # them) and recipes: a value outside them is a typo or an accident, refused before any work.
 #: NumPy's and TensorFlow's seeds are unsigned 32-bit integers.
 MAX_SEED = 2**32 - 1

@@ -1,4 +1,4 @@
-"""Exceptions raised by the library; only ``cli.py`` turns them into messages and exit codes.
+"""Exceptions raised by the library; only ``transferkit.cli`` turns them into messages and exit codes.
 
 Every message says what is wrong, what is allowed, what was received and how to fix it.
 """

@@ -1,0 +1,256 @@
+"""``transferkit extract`` and ``transferkit features``: bottleneck features into the cache and out to files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from transferkit import runtime
+from transferkit.cli.app import handle_errors, main
+from transferkit.cli.options import (
+    IMAGE_DIR_TYPE,
+    SEED,
+    augment_views_option,
+    backbone_option,
+    batch_size_option,
+    cache_dir_option,
+    cache_dtype_option,
+    image_dir_argument,
+    image_size_option,
+    merge_config,
+    quiet_option,
+    strict_option,
+    weights_option,
+)
+from transferkit.config import TrainConfig
+
+log = logging.getLogger("transferkit")
+
+
+# ----------------------------------------------------------------------------- extract
+
+@main.command()
+@image_dir_argument
+@backbone_option()
+@weights_option
+@image_size_option
+@batch_size_option
+@cache_dir_option
+@cache_dtype_option
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the random initialisation with --weights none (so re-runs hit the cache).")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the images across this many workers (e.g. jobs of a cluster scheduler).")
+@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which part this worker extracts (0 .. num-shards - 1).")
+@augment_views_option
+@strict_option
+@quiet_option
+@handle_errors
+def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, num_shards,
+            shard_index, augment_views, strict, quiet) -> None:
+    """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
+
+    Images already in the cache (same bytes, same settings) are not computed again. With
+    --num-shards N, N workers (--shard-index 0 .. N-1) each extract a fixed part, chosen by a
+    hash of each file's relative path; 'transferkit cache merge' then joins their caches.
+    """
+    from transferkit.data import stable_fraction
+
+    if shard_index >= num_shards:
+        raise click.BadParameter(f"must be below --num-shards ({num_shards}), received {shard_index}",
+                                 param_hint="--shard-index")
+    folder, paths, result, cache = extract_folder(
+        image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
+        select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False,
+        strict=strict, views=augment_views)
+    skipped = list(folder.skipped) + result.skipped_files(paths)
+    rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
+    part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
+    click.echo(
+        f"Images seen: {len(folder.paths) + len(folder.skipped)}{part}; computed: {result.num_computed}; "
+        f"already cached: {result.num_cached}; skipped: {len(skipped)}; ignored: {folder.num_ignored} "
+        f"(hidden, system and non-image files){rate}.\nCache: {cache.dir}"
+    )
+    if augment_views:
+        rate = f"; {result.views_per_second:.1f} views/s" if result.num_views_computed else ""
+        click.echo(f"Augmented views ({augment_views} per image): computed: {result.num_views_computed}; "
+                   f"already cached: {result.num_views_cached}{rate}.")
+
+
+def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
+                    select=None, keep_vectors=True, strict=False, views=0):
+    """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
+
+    With ``views`` K, also K augmented views per image (TrainConfig's default strengths, ``seed``).
+
+    Returns:
+        ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
+        are logged (with ``strict``, any skipped file raises instead).
+    """
+    from transferkit import runs
+    from transferkit.backbones import check_image_size, get_backbone
+    from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
+    from transferkit.checks import check_strict
+    from transferkit.data import scan_folder
+    from transferkit.weights import load_backbone, resolve_weights
+
+    spec = get_backbone(backbone)
+    size = check_image_size(spec, image_size)
+    folder = scan_folder(image_dir, seed=seed)  # the hash split of train with the same --seed
+    if strict:
+        check_strict(folder.skipped)  # before any TensorFlow work
+    paths = [p for p in folder.paths if select is None or select(p)]
+    resolved = resolve_weights(spec, weights, size)
+    cache_dir = runs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, folder.root))
+    runtime.start_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
+    model = load_backbone(spec, resolved, size)
+    cache = FeatureCache(cache_dir, FeatureSpec.for_model(spec, model, cache_dtype))
+    augmentation = TrainConfig(image_dir=str(image_dir), output_dir="", seed=seed) if views else None
+    result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
+                              verbose=0 if quiet else 1, keep_vectors=keep_vectors, views=views,
+                              augmentation=augmentation)
+    skipped = list(folder.skipped) + result.skipped_files(paths)
+    if strict:
+        check_strict(skipped)  # the vectors computed so far stay in the cache
+    for rel, reason in skipped:
+        log.warning("Skipped %s: %s", rel, reason)
+    return folder, paths, result, cache
+
+
+# ----------------------------------------------------------------------------- features
+
+@main.group()
+def features() -> None:
+    """Bottleneck features for use in other tools."""
+
+
+@features.command("export")
+@click.argument("image_dir", type=IMAGE_DIR_TYPE, required=False, metavar="IMAGE_DIR")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML recipe of these options (e.g. recipes/ants-bees-export-features.yaml); flags override it.")
+@backbone_option()
+@click.option("--format", "format", type=click.Choice(["npz", "parquet", "csv"]), default=None,
+              help="File format. Default: from the -o file's extension.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="File to write (required, here or in --config): one row per image (relative path, label, split, "
+                   "feature vector).")
+@weights_option
+@image_size_option
+@batch_size_option
+@cache_dir_option
+@cache_dtype_option
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split (and of --weights none).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@augment_views_option
+@strict_option
+@quiet_option
+@handle_errors
+def features_export(image_dir, output, config_path, quiet, **options) -> None:
+    """Write the features of every image in IMAGE_DIR to one npz, parquet or CSV file.
+
+    Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
+    (class index), class_name, split (as train would make it with the same --seed), then the
+    vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz). With
+    --augment-views K, K + 1 rows per image and a column 'view' after split: 0 is the image
+    itself, 1..K its augmented views. IMAGE_DIR may be tfds:NAME[:SPLIT] (TensorFlow Datasets).
+    """
+    import numpy as np
+
+    from transferkit.cache import write_features
+    from transferkit.config import FeatureExportConfig, config_from_dict
+
+    settings = merge_config(config_path, options, FeatureExportConfig, image_dir=image_dir, output=output)
+    config = config_from_dict(settings, FeatureExportConfig, source="the options")
+    output, file_format, augment_views = Path(config.output), config.file_format, config.augment_views
+    if output.exists() and not config.overwrite:
+        raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    from transferkit.runs import check_outside_inputs, check_writable_dir
+
+    check_outside_inputs(output, "-o/--output", [config.image_dir])  # never write into the image folder
+    output.resolve().parent.mkdir(parents=True, exist_ok=True)  # as train makes its run folder
+
+    check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
+    folder, paths, result, cache = extract_folder(
+        config.image_dir, config.backbone, config.weights, config.image_size, config.batch_size, config.cache_dir,
+        config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views)
+    from transferkit.cache import FileHashes
+    from transferkit.checks import dataset_warnings
+
+    # The rows carry each image's split: say so when a copy of one image sits in two splits.
+    hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read
+    for message in dataset_warnings(folder, hashes):
+        log.warning(message)
+    index = {p: i for i, p in enumerate(folder.paths)}
+    rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
+    from transferkit.training import assign_roles
+
+    used = np.zeros(len(folder.paths), dtype=bool)
+    used[rows] = True
+    # Train's rule, not the folders' names: a train/val folder's val/ is train's test split (and a
+    # share of train/ its early-stopping val), so the split column is the split train uses.
+    roles = assign_roles(folder, used, config.seed, check=False)
+    vectors, views = result.vectors[result.ok], None
+    if augment_views:  # K + 1 rows per image, image by image: view 0 (the image), then its views 1..K
+        vectors = np.concatenate([vectors[:, None], result.view_vectors[result.ok]], axis=1)
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        rows = np.repeat(rows, augment_views + 1).tolist()
+        views = np.tile(np.arange(augment_views + 1), len(rows) // (augment_views + 1))
+    write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
+                   [str(roles[i]) for i in rows], vectors, views=views)
+    click.echo(f"Wrote {len(rows)} rows x {result.vectors.shape[1]} features to {output} ({file_format}).")
+
+
+@features.command("plot")
+@image_dir_argument
+@backbone_option()
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
+              help="PNG file to write.")
+@click.option("--method", type=click.Choice(["pca", "tsne", "both"]), default="pca", show_default=True,
+              help="pca: linear, fast; tsne: keeps neighbourhoods (slower, sampled); both: side by side.")
+@click.option("--max-points", type=click.IntRange(min=3), default=None,
+              help="Images drawn (a stratified sample). Default: 2,000 for t-SNE, 10,000 for PCA.")
+@weights_option
+@image_size_option
+@batch_size_option
+@cache_dir_option
+@cache_dtype_option
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@quiet_option
+@handle_errors
+def features_plot(image_dir, backbone, output_path, method, max_points, weights, image_size, batch_size, cache_dir,
+                  cache_dtype, seed, overwrite, quiet) -> None:
+    """Draw the features of IMAGE_DIR in 2-D, coloured by class: how separable are the classes?
+
+    Features come from the cache (computed where missing). Well separated clusters mean a
+    head on the frozen backbone (freeze-all) can tell the classes apart; overlapping ones
+    suggest fine-tuning, a bigger backbone or cleaner labels.
+    """
+    from transferkit import files, plots
+
+    output = Path(output_path)
+    if output.suffix.lower() != ".png":
+        raise click.BadParameter(f"must end in .png, received '{output.name}'", param_hint="-o/--output")
+    if output.exists() and not overwrite:
+        raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
+    if not output.resolve().parent.is_dir():
+        raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
+    from transferkit.runs import check_outside_inputs
+
+    check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
+    folder, _, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
+                                           cache_dtype, seed, quiet)
+    vectors, labels = result.vectors[result.ok], folder.labels[result.ok]
+    methods = ["pca", "tsne"] if method == "both" else [method]
+    projections = [plots.project_features(vectors, labels, m, max_points=max_points, seed=seed) for m in methods]
+    title = f"{Path(image_dir).resolve().name}: {backbone} features"
+    files.write_bytes(output, plots.feature_map_png(projections, folder.class_names, title))
+    drawn = ", ".join(f"{info['method']}: {info['num_points']} of {info['num_total']} images"
+                      for _, _, info in projections)
+    click.echo(f"Wrote {output} ({drawn}; {len(folder.class_names)} classes).")
