@@ -496,6 +496,20 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     return Run(run_dir, model, class_names, config or {}, head)
 
 
+def write_prediction_rows(path: str | os.PathLike, rows: list[dict], top_k: int) -> None:
+    """``predict -o``: :func:`predict_files`' rows as JSON (``.json``) or CSV, atomically.
+
+    CSV columns: ``path, ok, error, class_1, prob_1, ... class_k, prob_k``; a failed image gets
+    empty class and probability cells, so every row has every column.
+    """
+    if str(path).lower().endswith(".json"):
+        files.write_json(path, rows)
+        return
+    columns = ["path", "ok", "error"] + [c for i in range(1, top_k + 1) for c in (f"class_{i}", f"prob_{i}")]
+    files.write_csv(path, columns, [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair]
+                                    + ["", ""] * (top_k - len(r["predictions"])) for r in rows])
+
+
 def predict_files(run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32,
                   verbose: int = 0, tta: bool = False) -> list[dict]:
     """Classify image files and folders (searched recursively) with a loaded run or a predictor.

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from transferkit import runtime
 from transferkit.cli.app import handle_errors, main
 from transferkit.cli.options import (
     IMAGE_DIR_TYPE,
@@ -24,7 +23,6 @@ from transferkit.cli.options import (
     strict_option,
     weights_option,
 )
-from transferkit.config import TrainConfig
 
 log = logging.getLogger("transferkit")
 
@@ -62,6 +60,8 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
     if shard_index >= num_shards:
         raise click.BadParameter(f"must be below --num-shards ({num_shards}), received {shard_index}",
                                  param_hint="--shard-index")
+    from transferkit.features import extract_folder
+
     folder, paths, result, cache = extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
         select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False,
@@ -78,49 +78,6 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
         rate = f"; {result.views_per_second:.1f} views/s" if result.num_views_computed else ""
         click.echo(f"Augmented views ({augment_views} per image): computed: {result.num_views_computed}; "
                    f"already cached: {result.num_views_cached}{rate}.")
-
-
-def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
-                    select=None, keep_vectors=True, strict=False, views=0):
-    """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
-
-    With ``views`` K, also K augmented views per image (TrainConfig's default strengths, ``seed``).
-
-    Returns:
-        ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
-        are logged (with ``strict``, any skipped file raises instead).
-    """
-    from transferkit import runs
-    from transferkit.backbones import check_image_size, get_backbone
-    from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
-    from transferkit.checks import check_strict
-    from transferkit.data import scan_folder
-    from transferkit.weights import load_backbone, resolve_weights
-
-    spec = get_backbone(backbone)
-    size = check_image_size(spec, image_size)
-    folder = scan_folder(image_dir, seed=seed)  # the hash split of train with the same --seed
-    if strict:
-        check_strict(folder.skipped)  # before any TensorFlow work
-    paths = [p for p in folder.paths if select is None or select(p)]
-    resolved = resolve_weights(spec, weights, size)
-    cache_dir = runs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, folder.root))
-    runtime.start_tensorflow()
-    import keras
-
-    keras.utils.set_random_seed(seed)  # --weights none: the same seed gives the same vectors
-    model = load_backbone(spec, resolved, size)
-    cache = FeatureCache(cache_dir, FeatureSpec.for_model(spec, model, cache_dtype))
-    augmentation = TrainConfig(image_dir=str(image_dir), output_dir="", seed=seed) if views else None
-    result = extract_features(model, [folder.abs_path(p) for p in paths], cache, batch_size=batch_size,
-                              verbose=0 if quiet else 1, keep_vectors=keep_vectors, views=views,
-                              augmentation=augmentation)
-    skipped = list(folder.skipped) + result.skipped_files(paths)
-    if strict:
-        check_strict(skipped)  # the vectors computed so far stay in the cache
-    for rel, reason in skipped:
-        log.warning("Skipped %s: %s", rel, reason)
-    return folder, paths, result, cache
 
 
 # ----------------------------------------------------------------------------- features
@@ -160,10 +117,8 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     --augment-views K, K + 1 rows per image and a column 'view' after split: 0 is the image
     itself, 1..K its augmented views. IMAGE_DIR may be tfds:NAME[:SPLIT] (TensorFlow Datasets).
     """
-    import numpy as np
-
-    from transferkit.cache import write_features
     from transferkit.config import FeatureExportConfig, config_from_dict
+    from transferkit.features import export_folder_features, extract_folder
 
     settings = merge_config(config_path, options, FeatureExportConfig, image_dir=image_dir, output=output)
     config = config_from_dict(settings, FeatureExportConfig, source="the options")
@@ -179,31 +134,9 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     folder, paths, result, cache = extract_folder(
         config.image_dir, config.backbone, config.weights, config.image_size, config.batch_size, config.cache_dir,
         config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views)
-    from transferkit.cache import FileHashes
-    from transferkit.checks import dataset_warnings
-
-    # The rows carry each image's split: say so when a copy of one image sits in two splits.
-    hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read
-    for message in dataset_warnings(folder, hashes):
-        log.warning(message)
-    index = {p: i for i, p in enumerate(folder.paths)}
-    rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
-    from transferkit.training import assign_roles
-
-    used = np.zeros(len(folder.paths), dtype=bool)
-    used[rows] = True
-    # Train's rule, not the folders' names: a train/val folder's val/ is train's test split (and a
-    # share of train/ its early-stopping val), so the split column is the split train uses.
-    roles = assign_roles(folder, used, config.seed, check=False)
-    vectors, views = result.vectors[result.ok], None
-    if augment_views:  # K + 1 rows per image, image by image: view 0 (the image), then its views 1..K
-        vectors = np.concatenate([vectors[:, None], result.view_vectors[result.ok]], axis=1)
-        vectors = vectors.reshape(-1, vectors.shape[-1])
-        rows = np.repeat(rows, augment_views + 1).tolist()
-        views = np.tile(np.arange(augment_views + 1), len(rows) // (augment_views + 1))
-    write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
-                   [str(roles[i]) for i in rows], vectors, views=views)
-    click.echo(f"Wrote {len(rows)} rows x {result.vectors.shape[1]} features to {output} ({file_format}).")
+    rows, dim = export_folder_features(folder, paths, result, cache, output, file_format, config.seed,
+                                       augment_views)
+    click.echo(f"Wrote {rows} rows x {dim} features to {output} ({file_format}).")
 
 
 @features.command("plot")
@@ -244,6 +177,8 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
     from transferkit.runs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
+    from transferkit.features import extract_folder
+
     folder, _, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                            cache_dtype, seed, quiet)
     vectors, labels = result.vectors[result.ok], folder.labels[result.ok]

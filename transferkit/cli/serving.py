@@ -9,7 +9,6 @@ import click
 
 from transferkit import runtime
 from transferkit.cli.app import handle_errors, main
-from transferkit.cli.features import extract_folder
 from transferkit.cli.options import IMAGE_DIR_TYPE, batch_size_option, quiet_option, tta_option
 
 log = logging.getLogger("transferkit")
@@ -85,17 +84,7 @@ def predict(run_dir, paths, top_k, output_path, overwrite, batch_size, tta) -> N
             shown = click.style(f"skipped: {row['error']}", fg="yellow")
         click.echo(f"{files.display_name(row['path'])}\t{shown}")  # one line per image, whatever its name
     if output_path:
-        if output_path.lower().endswith(".json"):
-            files.write_json(output_path, rows)
-        else:
-            k = min(top_k, len(run.class_names))
-            files.write_csv(
-                output_path,
-                ["path", "ok", "error"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")],
-                # Failed images get empty class/probability cells, so every row has every column.
-                [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair]
-                 + ["", ""] * (k - len(r["predictions"])) for r in rows],
-            )
+        runs.write_prediction_rows(output_path, rows, min(top_k, len(run.class_names)))
         click.echo(f"Wrote {len(rows)} predictions to {output_path}")
 
 
@@ -124,6 +113,8 @@ def report(run_dir, feature_map, gradcam, batch_size, quiet) -> None:
     settings = feature_settings(run_dir) if feature_map else None  # fails before any TensorFlow work
     if settings:
         import numpy as np
+
+        from transferkit.features import extract_folder
 
         folder, _, result, _ = extract_folder(
             settings["image_dir"], settings["backbone"], settings["weights"], settings["image_size"], batch_size,

@@ -9,7 +9,6 @@ import click
 
 from transferkit import DEMO_DIR, runtime
 from transferkit.cli.app import handle_errors, main
-from transferkit.cli.features import extract_folder
 from transferkit.cli.options import (
     AUGMENT_VIEWS,
     DEMO_BACKBONE,
@@ -71,6 +70,8 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
     from transferkit.runs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
+    from transferkit.features import extract_folder
+
     folder, paths, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                                cache_dtype, seed, quiet)
     train = result.ok & (np.array(folder.splits) == "train")
