@@ -18,9 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from transferkit.config import PREPROCESSING_MODES
 from transferkit.errors import InputError, UnknownBackboneError
-
-PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
 
 
 class _Kwargs(Mapping):

@@ -28,6 +28,9 @@ DISTRIBUTE = ("none", "mirrored", "multi-worker")
 #: How the softmax head is fitted on cached features: exact (L-BFGS to the L2-regularised optimum,
 #: C by cross-validation; transferkit.softmax_head) or adam (Keras, epochs and early stopping).
 HEAD_SOLVERS = ("exact", "adam")
+#: How a backbone's input is scaled (Keras' ``imagenet_utils`` modes, or ``none`` where the backbone
+#: rescales inside): the registry's ``preprocessing`` and the ``Preprocess`` layer's ``mode``.
+PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
 
 # Bounds of the numeric settings, the same for command-line options (cli/options.py builds its types from
 # them) and recipes: a value outside them is a typo or an accident, refused before any work.

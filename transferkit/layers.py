@@ -8,7 +8,7 @@ from __future__ import annotations
 import keras
 from keras.applications import imagenet_utils
 
-from transferkit.backbones import PREPROCESSING_MODES
+from transferkit.config import PREPROCESSING_MODES
 
 
 @keras.saving.register_keras_serializable(package="transferkit")
