@@ -45,7 +45,7 @@ from transferkit.config import TrainConfig
 from transferkit.data import ImageFolder
 from transferkit.errors import DataError, InputError
 from transferkit.heads import HEADS
-from transferkit.stats import bootstrap_accuracy_ci, mcnemar
+from transferkit.stats import ALPHA, bootstrap_accuracy_ci, mcnemar
 from transferkit.weights import ResolvedWeights
 
 log = logging.getLogger("transferkit")
@@ -56,8 +56,6 @@ FINE_TUNE = "fine-tune-top"
 #: benchmarks/compare.py, 3,000 images (2,539 to train on), 2-core CPU shared at load 4.5: the five fits took
 #: 162 s, 128 s of them logreg's grid search (2,062 images on a quieter machine: 38 s for the whole run).
 DEFAULT_HEADS = (SOFTMAX, "linear-svm", "logreg", "ridge", "knn")
-#: McNemar p-value below which a difference counts as significant.
-ALPHA = 0.05
 #: Top-k accuracies reported (only for k below the number of classes).
 TOP_K = (3, 5)
 #: Bins of the expected calibration error (equal-width confidence bins, as in Guo et al. 2017).

@@ -49,7 +49,7 @@ def summarise(per_head: Mapping[str, Sequence[dict]], mcnemar_p: Mapping[str, fl
     Heads are listed best first (mean accuracy). ``accuracy_ci`` is the bootstrap interval of the
     first seed's run; ``mcnemar_p`` is against ``reference``, the largest over seeds.
     """
-    from transferkit.compare import ALPHA
+    from transferkit.stats import ALPHA
 
     config, folder = plan.config, plan.folder
     heads = []

@@ -17,6 +17,9 @@ from scipy import stats
 
 from transferkit.errors import InputError
 
+#: p-value below which a difference between two heads counts as significant (McNemar).
+ALPHA = 0.05
+
 #: Below this many discordant pairs the chi-square approximation is poor; use the exact test.
 EXACT_BELOW = 25
 
