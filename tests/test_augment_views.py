@@ -137,11 +137,11 @@ np.save(sys.argv[2], result.view_vectors)
 
 
 def test_interrupted_view_extraction_keeps_finished_views_and_resumes(tmp_path, photos, tiny_model, monkeypatch):
-    from transferkit.cache import extraction
+    from transferkit.cache import compute
 
     paths = _paths(photos)
     expected = _extract(tiny_model, paths, None)
-    real = extraction.compiled_predict
+    real = compute.compiled_predict
     calls = []
 
     def interrupted_after_two_view_batches(model):
@@ -155,7 +155,7 @@ def test_interrupted_view_extraction_keeps_finished_views_and_resumes(tmp_path, 
 
         return run
 
-    monkeypatch.setattr(extraction, "compiled_predict", interrupted_after_two_view_batches)
+    monkeypatch.setattr(compute, "compiled_predict", interrupted_after_two_view_batches)
     with pytest.raises(KeyboardInterrupt):
         _extract(tiny_model, paths, tmp_path / "cache", flush_every=100)
     monkeypatch.undo()

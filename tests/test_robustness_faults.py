@@ -144,18 +144,18 @@ _KILLED_SCRIPT = """\
 import sys, time, keras
 from pathlib import Path
 from transferkit.backbones import get_backbone
-from transferkit.cache import FeatureCache, FeatureSpec, extract_features, extraction
+from transferkit.cache import FeatureCache, FeatureSpec, compute, extract_features
 from transferkit.weights import load_backbone, resolve_weights
 # The tiny model runs thousands of images a second: at that pace the kill, which lands up to 50 ms
 # after the progress the parent reads, could come after the last image. Pace it like a real backbone.
-compiled = extraction.compiled_predict
+compiled = compute.compiled_predict
 def paced(model):
     predict = compiled(model)
     def call(images):
         time.sleep(0.01)
         return predict(images)
     return call
-extraction.compiled_predict = paced
+compute.compiled_predict = paced
 keras.utils.set_random_seed(0)
 spec = get_backbone('tiny_test')
 model = load_backbone(spec, resolve_weights(spec, 'none'), 32)

@@ -127,7 +127,7 @@ def _default_augmentation():
 
 @pytest.mark.parametrize("fmt", ["png", "jpg", "bmp", "gif", "webp", "tif"])
 def test_reading_once_keeps_the_pixels_and_the_key(tmp_path, fmt):
-    from transferkit.cache.extraction import read_image
+    from transferkit.cache.compute import read_image
 
     folder = make_image_folder(tmp_path / "p", num_classes=1, images_per_class=2, image_size=300, formats=(fmt,))
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -137,7 +137,7 @@ def test_reading_once_keeps_the_pixels_and_the_key(tmp_path, fmt):
 
 
 def test_reading_a_fifo_named_like_an_image_refuses_at_once(tmp_path):
-    from transferkit.cache.extraction import read_image
+    from transferkit.cache.compute import read_image
 
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)

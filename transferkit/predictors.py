@@ -288,7 +288,7 @@ def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: boo
     """
 
     from transferkit import tta as tta_module
-    from transferkit.cache.extraction import decode_error
+    from transferkit.cache.compute import decode_error
     from transferkit.data import image_dataset
 
     paths = [Path(p) for p in paths]

@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.augment import augmented_view, view_seed
-from transferkit.cache import ExtractionResult, FeatureCache, extraction, hash_file
+from transferkit.cache import compute
+from transferkit.cache.compute import ExtractionResult
+from transferkit.cache.keys import hash_file
+from transferkit.cache.store import FeatureCache
 from transferkit.config import TrainConfig
 from transferkit.progress import progress_bar
 
@@ -95,10 +98,10 @@ def extract_views(model, paths: Sequence[Path], hashes: Sequence[str | None], re
         seeds = np.stack([[view_seed(digests[i], k + 1, config.seed) for k in range(views)] for i in todo])
         dataset = view_dataset([paths[i] for i in todo], seeds, missing[todo], image_size, batch_size, config,
                                digests=[digests[i] for i in todo])
-        predict = extraction.compiled_predict(model)
+        predict = compute.compiled_predict(model)
         progress = progress_bar(len(pairs), "view", verbose)
         done = 0
-        with extraction.PendingVectors(flush_every).kept() as pending:  # one shard per view's cache
+        with compute.PendingVectors(flush_every).kept() as pending:  # one shard per view's cache
             for batch, flags in dataset:
                 batch_vectors = predict(batch).numpy()
                 for (i, k), vector, good in zip(pairs[done:done + len(batch_vectors)], batch_vectors,
@@ -124,7 +127,7 @@ def view_dataset(paths: Sequence[str | os.PathLike], seeds: np.ndarray, wanted: 
     """A ``tf.data.Dataset`` of ``(views, ok)`` batches: for each image in order, the views ``k``
     where ``wanted[i, k]``, made with ``seeds[i, k]`` (each image is read and decoded once).
 
-    Images are read once and decoded by :func:`transferkit.cache.extraction.read_image` (the
+    Images are read once and decoded by :func:`transferkit.cache.compute.read_image` (the
     decoder of the cache's own vectors). With ``digests``, an image whose bytes no longer hash to
     ``digests[i]`` (the key its views are stored under, and their seeds' source) gives ``ok``
     False, like an image that fails to decode: its views are blank and must not be stored.
@@ -136,7 +139,7 @@ def view_dataset(paths: Sequence[str | os.PathLike], seeds: np.ndarray, wanted: 
 
     def _decode(position) -> tuple[np.ndarray, np.bool_]:
         position = int(position)
-        image, read = extraction.read_image(paths[position], size)
+        image, read = compute.read_image(paths[position], size)
         if image is None or (digests is not None and read.digest != digests[position]):
             return blank, np.bool_(False)
         return image.astype(np.float32), np.bool_(True)

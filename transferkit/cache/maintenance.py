@@ -291,7 +291,7 @@ def _compare(spec: FeatureSpec, spec_dir: Path, model, augmentation, keys: list[
     ``augmentation`` is the TrainConfig of an augmented view's settings (None for plain vectors)."""
     import tensorflow as tf
 
-    from transferkit.cache.extraction import compiled_predict, read_image
+    from transferkit.cache.compute import compiled_predict, read_image
 
     images, found, paths = [], [], []
     for key in keys:
