@@ -34,7 +34,7 @@ def test_hymenoptera_with_mobilenet_v2_reaches_the_promised_accuracy(shared_kera
 
 def test_real_weights_make_real_predictions_through_the_saved_model(shared_keras_home, tmp_path):
     """MobileNet v1 0.75 features separate ants from bees; random init cannot (the README's 0.458)."""
-    from transferkit import runs
+    from transferkit import predictors, runs
     from transferkit.config import TrainConfig
     from transferkit.training import train
 
@@ -42,6 +42,6 @@ def test_real_weights_make_real_predictions_through_the_saved_model(shared_keras
     result = train(TrainConfig(str(data), str(tmp_path / "run"), backbone="mobilenet_075"), verbose=0)
     assert result.test_accuracy >= 0.88
     run = runs.load_run(result.run_dir)
-    rows = runs.predict_files(run, [data / "val" / "bees"], top_k=1)
+    rows = predictors.predict_files(run, [data / "val" / "bees"], top_k=1)
     share_bees = np.mean([r["predictions"][0][0] == "bees" for r in rows])
     assert share_bees >= 0.85

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from transferkit import runs
+from transferkit import predictors, runs
 from transferkit.config import TrainConfig, load_config
 from transferkit.evaluation import evaluate_run
 from transferkit.testing import make_image_folder
@@ -108,7 +108,7 @@ def test_evaluate_and_predict(trained_run, tmp_path):
     assert metrics["num_examples"] == 60 and metrics["accuracy"] >= 0.7
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     run = runs.load_run(result.run_dir)
-    rows = runs.predict_files(run, [folder / "class_1"], top_k=2)
+    rows = predictors.predict_files(run, [folder / "class_1"], top_k=2)
     assert len(rows) == 20 and all(r["ok"] and len(r["predictions"]) == 2 for r in rows)
     assert sum(r["predictions"][0][0] == "class_1" for r in rows) >= 14
 

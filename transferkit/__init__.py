@@ -28,7 +28,7 @@ _EXPORTS = {
     "evaluate_run": "transferkit.evaluation",
     "load_predictor": "transferkit.predictors",
     "predict_paths": "transferkit.predictors",
-    "predict_files": "transferkit.runs",
+    "predict_files": "transferkit.predictors",
     "load_run": "transferkit.runs",
     "extract_features": "transferkit.cache",
     "FeatureCache": "transferkit.cache",

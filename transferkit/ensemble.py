@@ -85,7 +85,7 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
         InputError: fewer than two runs, different class names, or no common evaluation images.
     """
     from transferkit.evaluation import classification_metrics, write_predictions
-    from transferkit.predictors import predict_paths
+    from transferkit.predictors import predict_paths, run_predictor
 
     if len(run_dirs) < 2:
         raise InputError(f"An ensemble needs at least two run folders; received {len(run_dirs)}.")
@@ -108,7 +108,7 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
         ok = np.ones(len(paths), dtype=bool)
         member_probs = []
         for run in loaded:
-            result = predict_paths(run.predictor(batch_size), paths,
+            result = predict_paths(run_predictor(run, batch_size), paths,
                                    batch_size=batch_size, tta=tta, verbose=verbose)
             order = [run.class_names.index(name) for name in class_names]  # columns in the first run's order
             member_probs.append(result.probabilities[:, order])

@@ -102,7 +102,7 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     from transferkit import files, runs
     from transferkit.data import scan_folder
     from transferkit.errors import DataError
-    from transferkit.predictors import predict_paths
+    from transferkit.predictors import predict_paths, run_predictor
     from transferkit.report import gradcam_explainer, write_report
     from transferkit.report_data import collect_versions
     from transferkit.tta import TTA_DESCRIPTION
@@ -119,7 +119,7 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     with runs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, folder.root),
                                  command="evaluate") as output_dir:
         started = time.perf_counter()
-        result = predict_paths(run.predictor(batch_size), [folder.abs_path(p) for p in folder.paths],
+        result = predict_paths(run_predictor(run, batch_size), [folder.abs_path(p) for p in folder.paths],
                                batch_size=batch_size, tta=tta, verbose=verbose)
         seconds = time.perf_counter() - started
         ok = result.ok

@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from transferkit import files, runs
 from transferkit.errors import InputError
 from transferkit.progress import progress_bar
 from transferkit.runtime import native_stderr_quiet
@@ -191,9 +193,69 @@ def read_labels(path: Path, artifact: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"No {LABELS_FILE} beside '{artifact}' (looked for '{path}'): the class names are "
                          f"unknown. Put the {LABELS_FILE} of the export (one class a line, in output order) there.")
-    from transferkit.runs import read_labels as read_label_file
+    return runs.read_labels(path)  # one reader of labels.txt: run folders and exports split names alike
 
-    return read_label_file(path)  # one reader of labels.txt: run folders and exports split names alike
+
+def run_predictor(run, batch_size: int = 32) -> Predictor:
+    """A loaded run (:func:`transferkit.runs.load_run`) as a :class:`Predictor` (pixels in, class scores out)."""
+    if run.head is not None:
+        return HeadPredictor(run.model, run.head, run.class_names, run.run_dir, batch_size)
+    return KerasPredictor(run.model, run.class_names, run.run_dir, batch_size)
+
+
+def write_prediction_rows(path: str | os.PathLike, rows: list[dict], top_k: int) -> None:
+    """``predict -o``: :func:`predict_files`' rows as JSON (``.json``) or CSV, atomically.
+
+    CSV columns: ``path, ok, error, class_1, prob_1, ... class_k, prob_k``; a failed image gets
+    empty class and probability cells, so every row has every column.
+    """
+    if str(path).lower().endswith(".json"):
+        files.write_json(path, rows)
+        return
+    columns = ["path", "ok", "error"] + [c for i in range(1, top_k + 1) for c in (f"class_{i}", f"prob_{i}")]
+    files.write_csv(path, columns, [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair]
+                                    + ["", ""] * (top_k - len(r["predictions"])) for r in rows])
+
+
+def predict_files(run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32,
+                  verbose: int = 0, tta: bool = False) -> list[dict]:
+    """Classify image files and folders (searched recursively) with a loaded run or a predictor.
+
+    Args:
+        run: a :class:`transferkit.runs.Run`, or a :class:`Predictor` (any exported model).
+        tta: average the 10-crop test-time augmentation (:mod:`transferkit.tta`).
+
+    Returns:
+        One row per image, in the order given (folders sorted): ``{"path", "ok", "error",
+        "predictions": [(class name, probability), ...]}`` with the ``top_k`` best first.
+    """
+    from transferkit.data import find_images
+
+    found: list[Path] = []
+    for item in paths:
+        item = Path(item)
+        if item.is_dir():
+            found.extend(find_images(item))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise InputError(f"'{item}' is neither an image file nor a folder. Check the path.")
+    if not found:
+        raise InputError(f"No image files found in {', '.join(map(str, paths))}.")
+    predictor = run_predictor(run, batch_size) if isinstance(run, runs.Run) else run
+    result = predict_paths(predictor, found, batch_size=batch_size, tta=tta, verbose=verbose)
+    k = max(1, min(top_k, len(run.class_names)))
+    rows = []
+    for i, path in enumerate(found):
+        probs = result.probabilities[i]
+        best = np.argsort(-probs)[:k] if result.ok[i] else []
+        rows.append({
+            "path": str(path),
+            "ok": bool(result.ok[i]),
+            "error": result.errors.get(i, ""),
+            "predictions": [(run.class_names[c], float(probs[c])) for c in best],
+        })
+    return rows
 
 
 def load_predictor(path: str | os.PathLike, batch_size: int = 32) -> Predictor:
@@ -219,9 +281,7 @@ def load_predictor(path: str | os.PathLike, batch_size: int = 32) -> Predictor:
     if path.is_file() and path.suffix.lower() in (".keras", ".tflite"):
         return _load_artifact(path, read_labels(path.parent / LABELS_FILE, path), batch_size)
     if path.is_dir():
-        from transferkit import runs
-
-        return runs.load_run(path).predictor(batch_size)  # raises the "not a run folder" message
+        return run_predictor(runs.load_run(path), batch_size)  # raises the "not a run folder" message
     raise InputError(f"'{path}' is not a model: give a run folder, an export folder (with {CARD_FILE}), a .keras "
                      "or .tflite file, or a SavedModel folder.")
 

@@ -388,14 +388,6 @@ class Run:
     config: dict
     head: object = None  # a non-linear scikit-learn head on the model's features (train --head knn)
 
-    def predictor(self, batch_size: int = 32):
-        """The run as a :class:`transferkit.predictors.Predictor` (pixels in, class scores out)."""
-        from transferkit.predictors import HeadPredictor, KerasPredictor
-
-        if self.head is not None:
-            return HeadPredictor(self.model, self.head, self.class_names, self.run_dir, batch_size)
-        return KerasPredictor(self.model, self.class_names, self.run_dir, batch_size)
-
     def require_keras_head(self, action: str) -> None:
         """Refuse ``action`` (export, Grad-CAM) on a run whose head is not a Keras layer."""
         if self.head is not None:
@@ -494,61 +486,3 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             f"but {LABELS_FILE} lists {len(class_names)} classes."
         )
     return Run(run_dir, model, class_names, config or {}, head)
-
-
-def write_prediction_rows(path: str | os.PathLike, rows: list[dict], top_k: int) -> None:
-    """``predict -o``: :func:`predict_files`' rows as JSON (``.json``) or CSV, atomically.
-
-    CSV columns: ``path, ok, error, class_1, prob_1, ... class_k, prob_k``; a failed image gets
-    empty class and probability cells, so every row has every column.
-    """
-    if str(path).lower().endswith(".json"):
-        files.write_json(path, rows)
-        return
-    columns = ["path", "ok", "error"] + [c for i in range(1, top_k + 1) for c in (f"class_{i}", f"prob_{i}")]
-    files.write_csv(path, columns, [[r["path"], r["ok"], r["error"]] + [v for pair in r["predictions"] for v in pair]
-                                    + ["", ""] * (top_k - len(r["predictions"])) for r in rows])
-
-
-def predict_files(run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32,
-                  verbose: int = 0, tta: bool = False) -> list[dict]:
-    """Classify image files and folders (searched recursively) with a loaded run or a predictor.
-
-    Args:
-        run: a :class:`Run`, or a :class:`transferkit.predictors.Predictor` (any exported model).
-        tta: average the 10-crop test-time augmentation (:mod:`transferkit.tta`).
-
-    Returns:
-        One row per image, in the order given (folders sorted): ``{"path", "ok", "error",
-        "predictions": [(class name, probability), ...]}`` with the ``top_k`` best first.
-    """
-    import numpy as np
-
-    from transferkit.data import find_images
-    from transferkit.predictors import predict_paths
-
-    files: list[Path] = []
-    for item in paths:
-        item = Path(item)
-        if item.is_dir():
-            files.extend(find_images(item))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise InputError(f"'{item}' is neither an image file nor a folder. Check the path.")
-    if not files:
-        raise InputError(f"No image files found in {', '.join(map(str, paths))}.")
-    predictor = run.predictor(batch_size) if isinstance(run, Run) else run
-    result = predict_paths(predictor, files, batch_size=batch_size, tta=tta, verbose=verbose)
-    k = max(1, min(top_k, len(run.class_names)))
-    rows = []
-    for i, path in enumerate(files):
-        probs = result.probabilities[i]
-        best = np.argsort(-probs)[:k] if result.ok[i] else []
-        rows.append({
-            "path": str(path),
-            "ok": bool(result.ok[i]),
-            "error": result.errors.get(i, ""),
-            "predictions": [(run.class_names[c], float(probs[c])) for c in best],
-        })
-    return rows

@@ -76,7 +76,7 @@ def predict(run_dir, paths, top_k, output_path, overwrite, batch_size, tta) -> N
         runs.check_run_dir(run_dir)
     runtime.start_tensorflow()
     run = predictors.load_predictor(run_dir, batch_size=batch_size)
-    rows = runs.predict_files(run, paths, top_k=top_k, batch_size=batch_size, tta=tta)
+    rows = predictors.predict_files(run, paths, top_k=top_k, batch_size=batch_size, tta=tta)
     for row in rows:
         if row["ok"]:
             shown = "  ".join(f"{name} {prob:.3f}" for name, prob in row["predictions"])
@@ -84,7 +84,7 @@ def predict(run_dir, paths, top_k, output_path, overwrite, batch_size, tta) -> N
             shown = click.style(f"skipped: {row['error']}", fg="yellow")
         click.echo(f"{files.display_name(row['path'])}\t{shown}")  # one line per image, whatever its name
     if output_path:
-        runs.write_prediction_rows(output_path, rows, min(top_k, len(run.class_names)))
+        predictors.write_prediction_rows(output_path, rows, min(top_k, len(run.class_names)))
         click.echo(f"Wrote {len(rows)} predictions to {output_path}")
 
 
