@@ -181,7 +181,7 @@ def export_folder_features(folder, paths, result, cache, output, file_format: st
     """
     from transferkit.cache import FileHashes, write_features
     from transferkit.checks import dataset_warnings
-    from transferkit.training import assign_roles
+    from transferkit.splits import assign_roles
 
     # The rows carry each image's split: say so when a copy of one image sits in two splits.
     hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read

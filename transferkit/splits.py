@@ -13,6 +13,7 @@ back (:func:`read_splits_csv`) by evaluation, export and ensembles. Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
-from transferkit.errors import DataError
+from transferkit.errors import DataError, InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -266,3 +267,71 @@ def _is_inside(rel: str) -> bool:
         return False
     parts = rel.replace("\\", "/").split("/")
     return not (rel.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts)
+
+
+# ----------------------------------------------------------------------------- a run's roles
+
+#: Share of the training images held out for early stopping when the folder's own ``val/``
+#: split serves as the test split.
+EARLY_STOPPING_FRACTION = 0.15
+
+
+def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int, *, check: bool = True) -> np.ndarray:
+    """The role of each image in this run: ``train``, ``val`` (early stopping), ``test`` or ``skipped``.
+
+    The one rule for a run's splits: ``train`` uses it, and so does ``features export``, whose
+    ``split`` column is therefore the split ``train`` would use with the same seed.
+
+    A folder split as ``train/`` + ``val/`` without ``test/`` uses its ``val/`` images as the test
+    split, so the reported accuracy is on images that chose nothing (not even the epoch), and
+    early stopping uses a stable share of ``train/`` instead (the same hash rule as the folder
+    split).  ``train/`` + ``test/`` without ``val/`` carves early-stopping images the same way.
+
+    Args:
+        folder: the scanned folder (its ``splits`` as found on disk or hashed with ``seed``).
+        ok: ``(n,)`` False for images that could not be used (their role is ``skipped``).
+        seed: seed of the early-stopping share carved from ``train/``.
+        check: refuse roles a run cannot train on (a class without training images, nothing held
+            out); ``features export`` labels any folder and passes False.
+
+    Example:
+        >>> roles = assign_roles(folder, np.ones(len(folder.paths), bool), seed=0)  # doctest: +SKIP
+        >>> with_roles(folder, roles).counts()["test"]  # doctest: +SKIP
+        {'ants': 70, 'bees': 83}
+    """
+    roles = np.array(folder.splits, dtype=object)
+    if folder.split_source == "folders":
+        if not (roles == "test").any():
+            roles[roles == "val"] = "test"
+        if not (roles == "val").any():
+            # The hash split's rule, so whether a class keeps training images depends on its count, not the seed.
+            train = np.flatnonzero(roles == "train")
+            roles[train] = hash_splits(tuple(folder.paths[i] for i in train), folder.labels[train], seed,
+                                       val_fraction=EARLY_STOPPING_FRACTION, test_fraction=0.0)
+    roles[~ok] = "skipped"
+    if not check:
+        return roles
+    train_classes = set(folder.labels[roles == "train"].tolist())
+    missing = [folder.class_names[c] for c in range(len(folder.class_names)) if c not in train_classes]
+    if missing:
+        raise DataError(
+            f"No training images for class(es) {', '.join(missing)} in '{folder.root}'. "
+            "Add images to those class folders (at least 3 each), or remove the folders."
+        )
+    if not (roles == "test").any() and not (roles == "val").any():
+        raise InputError(
+            f"'{folder.root}' has too few images to hold any out for testing. Add images, or raise "
+            "--val-fraction / --test-fraction."
+        )
+    return roles
+
+
+def with_roles(folder: ImageFolder, roles: np.ndarray) -> ImageFolder:
+    """The folder with each image's role in this run as its split; skipped images left out."""
+    keep = roles != "skipped"
+    return dataclasses.replace(
+        folder,
+        paths=tuple(p for p, k in zip(folder.paths, keep, strict=True) if k),
+        labels=folder.labels[keep],
+        splits=tuple(str(r) for r in roles[keep]),
+    )
