@@ -43,7 +43,7 @@ def main(image_dir: str, backbone: str, seeds: list[int], live: bool, **override
 
     arms = [("views", {}), *([("live", {"fine_tune_views": 0})] if live else [])]
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in arms}
-    print(f"record (live images, seed 0): accuracy {RECORD[0]:.3f} in {RECORD[1]:.0f} s")
+    print(f"sign-digit record (live images, seed 0; other folders: compare with --live): accuracy {RECORD[0]:.3f} in {RECORD[1]:.0f} s")
     print("arm    seed  test acc  fine-tune s  best val epoch (acc)  views")
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = str(Path(tmp) / "cache")
@@ -63,7 +63,7 @@ def main(image_dir: str, backbone: str, seeds: list[int], live: bool, **override
         accuracy = sum(a for a, _ in rows) / len(rows)
         seconds = sum(s for _, s in rows) / len(rows)
         print(f"{name}: mean accuracy {accuracy:.3f}, mean wall time {seconds:.0f} s "
-              f"({seconds / RECORD[1]:.2f} of the record's {RECORD[1]:.0f} s)")
+              f"({seconds / RECORD[1]:.2f} of the sign-digit record's {RECORD[1]:.0f} s)")
     if live:
         ratios = [v[1] / w[1] for v, w in zip(results["views"], results["live"], strict=True)]
         print("views / live wall time, same seed, same session: " + ", ".join(f"{r:.2f}" for r in ratios))
