@@ -43,7 +43,8 @@ def main(image_dir: str, backbone: str, seeds: list[int], live: bool, **override
 
     arms = [("views", {}), *([("live", {"fine_tune_views": 0})] if live else [])]
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in arms}
-    print(f"sign-digit record (live images, seed 0; other folders: compare with --live): accuracy {RECORD[0]:.3f} in {RECORD[1]:.0f} s")
+    print(f"sign-digit record (live images, seed 0; other folders: compare with --live): accuracy {RECORD[0]:.3f} "
+          f"in {RECORD[1]:.0f} s")
     print("arm    seed  test acc  fine-tune s  best val epoch (acc)  views")
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = str(Path(tmp) / "cache")
