@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: transferkit's)")
     args = parser.parse_args()
 
-    from transferkit.compare import CompareConfig, prepare_comparison, run_comparison
+    from transferkit.heads.compare import CompareConfig, prepare_comparison, run_comparison
     from transferkit.runtime import start_tensorflow
 
     start_tensorflow()

@@ -24,12 +24,12 @@ def main(image_dir: str, backbone: str, batch_size: int = 32) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from transferkit.backbones import get_backbone
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
     from transferkit.config import TrainConfig
-    from transferkit.data import load_image, scan_folder
-    from transferkit.training import train
-    from transferkit.weights import load_backbone, resolve_weights
+    from transferkit.data.scan import load_image, scan_folder
+    from transferkit.models.backbones import get_backbone
+    from transferkit.models.weights import load_backbone, resolve_weights
+    from transferkit.training.run import train
 
     spec = get_backbone(backbone)
     folder = scan_folder(image_dir)

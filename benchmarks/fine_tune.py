@@ -39,7 +39,7 @@ def phase_figures(run_dir: Path) -> tuple[float, int, float]:
 
 def main(image_dir: str, backbone: str, seeds: list[int], live: bool, **overrides) -> None:
     from transferkit.config import TrainConfig
-    from transferkit.training import train
+    from transferkit.training.run import train
 
     arms = [("views", {}), *([("live", {"fine_tune_views": 0})] if live else [])]
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in arms}

@@ -29,9 +29,9 @@ import yaml
 
 def features_of(folder, backbone: str, cache_dir: str, *, mirror: bool):
     """The cached features of every image of ``folder`` (cache hits after a run)."""
-    from transferkit.backbones import get_backbone
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
-    from transferkit.weights import load_backbone, resolve_weights
+    from transferkit.models.backbones import get_backbone
+    from transferkit.models.weights import load_backbone, resolve_weights
 
     spec = get_backbone(backbone)
     model = load_backbone(spec, resolve_weights(spec, "imagenet"), spec.input_size, mirror=mirror)
@@ -44,9 +44,9 @@ def main(image_dir: str, backbone: str, seeds: list[int], **overrides) -> None:
     from sklearn.linear_model import LogisticRegression
 
     from transferkit.config import TrainConfig
-    from transferkit.data import scan_folder
-    from transferkit.softmax_head import C_GRID
-    from transferkit.training import assign_roles, train
+    from transferkit.data.scan import scan_folder
+    from transferkit.heads.softmax import C_GRID
+    from transferkit.training.run import assign_roles, train
 
     warnings.simplefilter("ignore", ConvergenceWarning)
     rows = []

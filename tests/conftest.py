@@ -33,7 +33,7 @@ def no_downloads(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("network is unreachable (test)")
 
-    monkeypatch.setattr("transferkit.weights._download", refuse)
+    monkeypatch.setattr("transferkit.models.weights._download", refuse)
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit.augment import augmented_view, view_seed
 from transferkit.cache import FeatureCache, FeatureSpec, extract_features
+from transferkit.cache.views import augmentation_id, training_rows, with_view_rows
 from transferkit.cli import main
 from transferkit.config import TrainConfig
+from transferkit.data.augment import augmented_view, view_seed
 from transferkit.testing import make_image_folder
-from transferkit.views import augmentation_id, training_rows, with_view_rows
 
 VIEWS = 3
 CONFIG = TrainConfig(image_dir="photos", output_dir="run")
@@ -25,8 +25,8 @@ TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32"]
 
 _MODEL = """\
 import keras
-from transferkit.backbones import get_backbone
-from transferkit.weights import load_backbone, resolve_weights
+from transferkit.models.backbones import get_backbone
+from transferkit.models.weights import load_backbone, resolve_weights
 keras.utils.set_random_seed(0)
 spec = get_backbone("tiny_test")
 model = load_backbone(spec, resolve_weights(spec, "none"), 32)
@@ -51,7 +51,7 @@ def _paths(folder: Path) -> list[Path]:
 
 
 def _cache(root: Path, model) -> FeatureCache:
-    from transferkit.backbones import get_backbone
+    from transferkit.models.backbones import get_backbone
 
     return FeatureCache(root, FeatureSpec.for_model(get_backbone("tiny_test"), model))
 

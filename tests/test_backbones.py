@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from transferkit import backbones
-from transferkit.backbones import (
+from transferkit.errors import InputError, UnknownBackboneError
+from transferkit.models import backbones
+from transferkit.models.backbones import (
     BackboneSpec,
     backbone_constructor,
     block_boundaries,
@@ -26,7 +27,6 @@ from transferkit.backbones import (
     list_backbones,
     register_backbone,
 )
-from transferkit.errors import InputError, UnknownBackboneError
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 SPECS = list_backbones()
@@ -56,7 +56,7 @@ def fresh_keras_session():
 
 
 def test_importing_backbones_does_not_import_tensorflow_or_keras():
-    code = "import sys, transferkit.backbones; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    code = "import sys, transferkit.models.backbones; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -337,7 +337,7 @@ def test_block_boundaries_needs_a_known_family():
 def test_flattening_convnext_keeps_its_weights_and_outputs():
     import keras
 
-    from transferkit.layers import Preprocess
+    from transferkit.models.layers import Preprocess
 
     image = keras.Input((32, 32, 3), name="image")
     pixels = Preprocess(mode="none")(image)

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from transferkit.backbones import get_backbone
 from transferkit.cache import FeatureCache, FeatureSpec, extract_features, hash_file
-from transferkit.weights import load_backbone, resolve_weights
+from transferkit.models.backbones import get_backbone
+from transferkit.models.weights import load_backbone, resolve_weights
 
 SPEC = FeatureSpec("tiny_test", "w1", 32, "tf")
 

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from transferkit.cli import main
-from transferkit.compare import (
+from transferkit.errors import DataError, InputError
+from transferkit.heads.compare import (
     CompareConfig,
     expected_calibration_error,
     paired_mcnemar,
@@ -19,8 +20,7 @@ from transferkit.compare import (
     resolve_heads,
     run_comparison,
 )
-from transferkit.errors import DataError, InputError
-from transferkit.stats import mcnemar
+from transferkit.heads.stats import mcnemar
 
 
 def run(*args):
@@ -102,7 +102,7 @@ def test_compare_end_to_end_through_the_cli(compared):
 def test_train_and_compare_fit_the_same_freeze_all_head(compared, tmp_path):
     """compare's softmax arm is train's freeze-all head: the same split, C and probabilities."""
     from transferkit.config import TrainConfig
-    from transferkit.training import train
+    from transferkit.training.run import train
 
     photos, out, _ = compared
     result = train(TrainConfig(str(photos), str(tmp_path / "run"), backbone="tiny_test", weights="none",

@@ -1,5 +1,5 @@
-"""Tests for transferkit.data (scan) and the modules it fronts: transferkit.splits (split, splits.csv) and
-transferkit.images (decode, tf.data); and the synthetic folders."""
+"""Tests for transferkit.data.scan (scan) and the modules it fronts: transferkit.data.splits (split, splits.csv) and
+transferkit.data.images (decode, tf.data); and the synthetic folders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.data import (
+from transferkit.data.scan import (
     IMAGE_EXTENSIONS,
     SPLITS,
     ImageFolder,
@@ -22,8 +22,8 @@ from transferkit.data import (
     scan_folder,
     write_splits_csv,
 )
+from transferkit.data.splits import hash_splits
 from transferkit.errors import DataError, InputError
-from transferkit.splits import hash_splits
 from transferkit.testing import make_image_folder
 
 
@@ -53,7 +53,7 @@ def _flat(root: Path, counts: dict[str, int]) -> Path:
 
 
 def test_import_does_not_load_tensorflow():
-    code = "import sys, transferkit.data, transferkit.testing; print('tensorflow' in sys.modules)"
+    code = "import sys, transferkit.data.scan, transferkit.testing; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
@@ -126,7 +126,7 @@ def test_unreadable_file_is_skipped_as_permission_denied(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", deny)  # what transferkit.images.open_image_file calls
+    monkeypatch.setattr(os, "open", deny)  # what transferkit.data.images.open_image_file calls
     folder = scan_folder(root)
     assert dict(folder.skipped) == {"cat/locked.png": "permission denied"}
     assert len(folder.paths) == 4

@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from transferkit import runs
 from transferkit.cli import main
 from transferkit.errors import InputError
-from transferkit.explain import explain_files, gradcam, last_conv_layer, overlay
+from transferkit.evaluation.explain import explain_files, gradcam, last_conv_layer, overlay
+from transferkit.serving import runs
 
 SIZE, SQUARE = 32, 10
 COLOURS = ((230, 40, 40), (40, 60, 230))  # class 0: a red square, class 1: a blue one
@@ -32,7 +32,7 @@ def square_model():
     """A tiny_test backbone + softmax head, built like a run's model and trained on the square images."""
     import keras
 
-    from transferkit.backbones import build_backbone, get_backbone
+    from transferkit.models.backbones import build_backbone, get_backbone
 
     keras.utils.set_random_seed(0)
     backbone = build_backbone(get_backbone("tiny_test"), image_size=SIZE)

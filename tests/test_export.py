@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit import export, predictors, runs
 from transferkit.cli import main
 from transferkit.config import TrainConfig
 from transferkit.errors import ExportError, InputError
+from transferkit.serving import export, predictors, runs
 from transferkit.testing import make_image_folder
-from transferkit.training import train
+from transferkit.training.run import train
 
 
 def run_cli(*args):

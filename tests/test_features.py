@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from transferkit.errors import DataError
-from transferkit.features import BottleneckFeatures
+from transferkit.heads.estimator import BottleneckFeatures
 
 
 def test_bottleneck_features_is_a_scikit_learn_transformer(tmp_path):

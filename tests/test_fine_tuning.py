@@ -83,9 +83,9 @@ def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
     from scipy.special import softmax
     from sklearn.linear_model import LogisticRegression
 
-    from transferkit.runs import load_run
-    from transferkit.splits import read_splits_csv
-    from transferkit.training import _predict_images
+    from transferkit.data.splits import read_splits_csv
+    from transferkit.serving.runs import load_run
+    from transferkit.training.run import _predict_images
 
     result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1")
     assert result.exit_code == 0, result.output
@@ -147,7 +147,7 @@ def test_auto_says_what_it_picked_and_why(tmp_path, folder):
 def test_auto_fine_tunes_where_the_evidence_says_it_pays(tmp_path, folder, monkeypatch):
     """Where auto fine-tunes, the head phase trains on plain features (the flip-averaged ones
     served the decision) and the saved model has no mirror."""
-    from transferkit import strategies
+    from transferkit.training import strategies
 
     monkeypatch.setattr(strategies, "AUTO_ERROR_FROM", 0.0)  # any held-out error counts as room to gain
     recipe = tmp_path / "recipe.yaml"
@@ -157,7 +157,7 @@ def test_auto_fine_tunes_where_the_evidence_says_it_pays(tmp_path, folder, monke
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["strategy"] == "fine-tune-top" and "expected wall time about" in metrics["strategy_reason"]
     assert "extracting the head phase's features without the mirror" in result.output
-    from transferkit.runs import load_run
+    from transferkit.serving.runs import load_run
 
     assert not any(type(layer).__name__ == "MirrorBatch" for layer in load_run(run).model.layers)
 
@@ -165,7 +165,7 @@ def test_auto_fine_tunes_where_the_evidence_says_it_pays(tmp_path, folder, monke
 def test_the_rebuilt_mixed_precision_model_keeps_the_heads_l2_penalty(tmp_path, folder, monkeypatch):
     """Under --mixed-precision (on a CPU with bfloat16) and --distribute the model is rebuilt; its head
     is the head phase's, penalty included (a rebuilt copy once fine-tuned without it)."""
-    from transferkit import finetune
+    from transferkit.training import finetune
 
     fitted = []
     real = finetune.fine_tune
@@ -283,9 +283,9 @@ def test_lr_find_plots_and_suggests_a_rate_inside_the_sweep(tmp_path, folder):
 
 
 def test_training_images_balance_and_augment(tmp_path):
-    from transferkit.augment import training_images
     from transferkit.config import TrainConfig
-    from transferkit.data import scan_folder
+    from transferkit.data.augment import training_images
+    from transferkit.data.scan import scan_folder
 
     folder = scan_folder(make_image_folder(tmp_path / "imb", num_classes=2, images_per_class=12, image_size=32))
     keep = [i for i, label in enumerate(folder.labels) if label == 0 or i % 4 == 0]  # about 12 : 3
@@ -390,7 +390,7 @@ def test_batch_size_auto_backs_off_on_out_of_memory(monkeypatch, tmp_path, folde
     # TensorFlow reports it, in extraction (above 16) and in the fine-tune phase (above 8).
     import tensorflow as tf
 
-    from transferkit import training
+    from transferkit.training import run as training
 
     def failing_above(limit, function, size_of):
         def wrapper(*args, **kwargs):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit import frozen_views
-from transferkit.backbones import block_boundaries, build_backbone, get_backbone
 from transferkit.cli import main
+from transferkit.models.backbones import block_boundaries, build_backbone, get_backbone
 from transferkit.testing import make_image_folder
+from transferkit.training import frozen_views
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
 

@@ -16,8 +16,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from transferkit.errors import DataError, InputError
-from transferkit.features import BottleneckFeatures
-from transferkit.heads import (
+from transferkit.heads.estimator import BottleneckFeatures
+from transferkit.heads.registry import (
     HEADS,
     attach_head,
     fit_head,
@@ -29,7 +29,7 @@ from transferkit.heads import (
     make_head,
     save_head,
 )
-from transferkit.stats import bootstrap_accuracy_ci, mcnemar
+from transferkit.heads.stats import bootstrap_accuracy_ci, mcnemar
 
 LINEAR = [name for name, spec in HEADS.items() if spec.linear]
 IDENTITY = {"backbone": "tiny_test", "image_size": 32, "weights_id": "0123abcd", "class_names": ["a", "b", "c"]}
@@ -190,7 +190,7 @@ def test_attached_head_serves_like_the_sklearn_head(tmp_path):
     import keras
 
     assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # one flat graph
-    from transferkit.data import load_image
+    from transferkit.data.scan import load_image
 
     images = np.stack([load_image(p, 32) for p in paths]).astype(np.float32)
     probabilities = model.predict(images, verbose=0)

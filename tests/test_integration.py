@@ -34,9 +34,9 @@ def test_hymenoptera_with_mobilenet_v2_reaches_the_promised_accuracy(shared_kera
 
 def test_real_weights_make_real_predictions_through_the_saved_model(shared_keras_home, tmp_path):
     """MobileNet v1 0.75 features separate ants from bees; random init cannot (the README's 0.458)."""
-    from transferkit import predictors, runs
     from transferkit.config import TrainConfig
-    from transferkit.training import train
+    from transferkit.serving import predictors, runs
+    from transferkit.training.run import train
 
     data = shared_dataset("hymenoptera_data")
     result = train(TrainConfig(str(data), str(tmp_path / "run"), backbone="mobilenet_075"), verbose=0)

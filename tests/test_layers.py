@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferkit.backbones import get_backbone
+from transferkit.models.backbones import get_backbone
 
 
 @pytest.mark.parametrize("name, module", [
@@ -22,7 +22,7 @@ def test_preprocess_layer_matches_the_family_function(name, module):
 
     import keras
 
-    from transferkit.layers import Preprocess
+    from transferkit.models.layers import Preprocess
 
     spec = get_backbone(name)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
@@ -34,7 +34,7 @@ def test_preprocess_layer_matches_the_family_function(name, module):
 def test_preprocess_layer_survives_save_and_safe_load(tmp_path):
     import keras
 
-    from transferkit.layers import Preprocess
+    from transferkit.models.layers import Preprocess
 
     inputs = keras.Input((4, 4, 3))
     model = keras.Model(inputs, Preprocess(mode="caffe")(inputs))
@@ -45,7 +45,7 @@ def test_preprocess_layer_survives_save_and_safe_load(tmp_path):
 
 
 def test_unknown_mode_is_refused():
-    from transferkit.layers import Preprocess
+    from transferkit.models.layers import Preprocess
 
     with pytest.raises(ValueError, match="Unknown preprocessing mode 'bgr'"):
         Preprocess(mode="bgr")
@@ -56,9 +56,9 @@ def test_a_mirrored_backbone_averages_each_image_and_its_mirror(tmp_path):
     reloaded as such, under a cache key of its own."""
     import keras
 
-    from transferkit.backbones import build_backbone
     from transferkit.cache import FeatureSpec
-    from transferkit.runs import save_model
+    from transferkit.models.backbones import build_backbone
+    from transferkit.serving.runs import save_model
 
     spec = get_backbone("tiny_test")
     keras.utils.set_random_seed(0)
@@ -71,7 +71,7 @@ def test_a_mirrored_backbone_averages_each_image_and_its_mirror(tmp_path):
     assert not np.allclose(plain.predict(images, verbose=0), expected, atol=1e-3), "the mirror must differ here"
     assert all(not isinstance(layer, keras.Model) for layer in mirrored.layers), "flat, like every backbone"
     save_model(mirrored, tmp_path / "m.keras")
-    import transferkit.layers  # noqa: F401 - registers the layers
+    import transferkit.models.layers  # noqa: F401 - registers the layers
 
     reloaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-5)

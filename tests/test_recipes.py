@@ -16,10 +16,10 @@ import yaml
 from click.testing import CliRunner
 
 from transferkit.cli import main
-from transferkit.compare import CompareConfig
 from transferkit.config import FeatureExportConfig, TrainConfig, config_from_dict, load_settings
+from transferkit.data.tfds import parse_tfds_name
 from transferkit.errors import InputError
-from transferkit.tfds_folder import parse_tfds_name
+from transferkit.heads.compare import CompareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

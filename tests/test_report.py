@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit import plots
 from transferkit.cli import main
 from transferkit.config import TrainConfig
-from transferkit.evaluation import evaluate_run
-from transferkit.report import write_report
-from transferkit.report_data import read_history
-from transferkit.report_format import escape_markdown
+from transferkit.evaluation.evaluate import evaluate_run
+from transferkit.report import plots
+from transferkit.report.data import read_history
+from transferkit.report.render import escape_markdown
+from transferkit.report.writer import write_report
 from transferkit.testing import make_image_folder
-from transferkit.training import train
+from transferkit.training.run import train
 
 SECTIONS = {"summary": "Summary", "config": "Configuration and versions", "dataset": "Dataset",
             "training": "Training curves", "metrics": "Metrics", "per-class": "Per-class metrics",
@@ -135,7 +135,7 @@ def test_grad_cam_hook_adds_overlays(tiny_run):
     _, run_dir = tiny_run
     calls = []
 
-    def explainer(path: Path) -> bytes:  # stands in for transferkit.explain's overlay
+    def explainer(path: Path) -> bytes:  # stands in for transferkit.evaluation.explain's overlay
         calls.append(path)
         return plots.training_curves_png({"loss": [1.0, 0.5]})
 

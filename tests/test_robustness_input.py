@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageFile
 
-from transferkit.checks import check_strict, dataset_warnings
 from transferkit.cli import main
-from transferkit.data import load_image, scan_folder
+from transferkit.data.checks import check_strict, dataset_warnings
+from transferkit.data.scan import load_image, scan_folder
 from transferkit.errors import DataError
 from transferkit.files import display_name, open_text
 from transferkit.testing import make_awkward_folder, make_image_folder
@@ -310,7 +310,7 @@ def test_duplicates_across_splits_and_classes_are_found_by_content(tmp_path):
 
 
 def test_features_export_warns_about_duplicates_across_splits(tmp_path):
-    from transferkit.data import stable_fraction
+    from transferkit.data.scan import stable_fraction
 
     root = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=12)
     # A copy whose name the hash split sends to val or test, while the original is in train.

@@ -3,7 +3,7 @@ image scanner and recipe loader survive fuzzing with only clear errors.
 
 What reads paths or code from files, and the decision for each:
 
-* ``splits.csv`` (:func:`transferkit.data.read_splits_csv`) holds paths relative to an image folder and may
+* ``splits.csv`` (:func:`transferkit.data.scan.read_splits_csv`) holds paths relative to an image folder and may
   come from someone else's run: absolute paths, drive letters and ``..`` are refused.
 * Recipes and ``config.yaml`` name folders (``image_dir``, ``output_dir``, ``cache_dir``): those are the
   user's own choices, exactly like the command-line flags they stand for, so any folder is allowed. They
@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from transferkit.config import TrainConfig, config_from_dict, load_settings
-from transferkit.data import load_image, read_splits_csv, scan_folder
+from transferkit.data.images import unreadable_reason
+from transferkit.data.scan import load_image, read_splits_csv, scan_folder
 from transferkit.errors import DataError, InputError, TransferkitError
-from transferkit.images import unreadable_reason
 from transferkit.testing import make_image_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "transferkit"
@@ -93,7 +93,7 @@ def test_a_recipe_cannot_build_python_objects(tmp_path):
 def test_a_model_with_code_inside_is_refused(tmp_path):
     import keras
 
-    from transferkit import runs
+    from transferkit.serving import runs
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)

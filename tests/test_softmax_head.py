@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from transferkit.softmax_head import fit_exact_softmax, learning_curve
+from transferkit.heads.softmax import fit_exact_softmax, learning_curve
 
 
 def _noisy(n=200):

@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from transferkit.backbones import block_boundaries, build_backbone, get_backbone
 from transferkit.config import TrainConfig
 from transferkit.errors import InputError
-from transferkit.strategies import Phase, choose_strategy, default_unfreeze_blocks, layer_rates, plan_phases
+from transferkit.models.backbones import block_boundaries, build_backbone, get_backbone
+from transferkit.training.strategies import Phase, choose_strategy, default_unfreeze_blocks, layer_rates, plan_phases
 
 # ----------------------------------------------------------------------------- plans (no TensorFlow)
 
@@ -37,7 +37,7 @@ def test_plan_rejects_bad_values():
 
 
 def _evidence(accuracy: float, rise: float):
-    from transferkit.strategies import AutoEvidence
+    from transferkit.training.strategies import AutoEvidence
 
     curve = ((0.25, accuracy - 2 * rise), (0.5, accuracy - rise), (1.0, accuracy))
     return AutoEvidence(accuracy, curve, rise, seconds_per_epoch=90.0, fine_tune_epochs=20)
@@ -58,7 +58,7 @@ def test_auto_fine_tunes_only_with_data_and_something_to_gain():
 
 
 def test_the_estimate_counts_the_frozen_views_before_the_epochs():
-    from transferkit.strategies import AutoEvidence
+    from transferkit.training.strategies import AutoEvidence
 
     evidence = AutoEvidence(0.94, ((0.5, 0.92), (1.0, 0.94)), 0.02, seconds_per_epoch=10.0, fine_tune_epochs=20,
                             setup_seconds=150.0)
@@ -88,7 +88,7 @@ def test_config_refuses_sklearn_head_with_fine_tuning():
 def test_fine_tune_top_trains_only_top_blocks_and_never_batchnorm(name, size):
     import keras
 
-    from transferkit.finetune import set_trainable
+    from transferkit.training.finetune import set_trainable
 
     spec = get_backbone(name)
     backbone = build_backbone(spec, weights=None, image_size=size)
@@ -128,7 +128,7 @@ def _tiny_model(seed=0):
 def _fit_once(train_bn: bool, tmp_path, rate=1e-2, baseline=None):
     import tensorflow as tf
 
-    from transferkit.finetune import fine_tune, set_trainable
+    from transferkit.training.finetune import fine_tune, set_trainable
 
     spec, backbone, model = _tiny_model()
     phase = plan_phases("fine-tune-top", num_blocks=3, unfreeze_blocks=1)[1]
@@ -176,7 +176,7 @@ def test_layer_rates_scale_adams_first_step():
     # largest change of a layer's weights measures the rate it was given.
     import keras
 
-    from transferkit.finetune import _layer_rate_adam
+    from transferkit.training.finetune import _layer_rate_adam
 
     inputs = keras.Input((4,))
     top = keras.layers.Dense(4, name="top")
@@ -193,7 +193,7 @@ def test_layer_rates_scale_adams_first_step():
 
 
 def test_schedule_warms_up_then_decays():
-    from transferkit.finetune import make_schedule
+    from transferkit.training.finetune import make_schedule
 
     config = TrainConfig("a", "b", fine_tune_learning_rate=1e-3, warmup_epochs=1, schedule="cosine")
     schedule = make_schedule(config, steps_per_epoch=10, epochs=5)
@@ -206,14 +206,14 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_class_weights_balance_counts():
-    from transferkit.finetune import class_weights
+    from transferkit.training.finetune import class_weights
 
     weights = class_weights(np.array([0] * 30 + [1] * 10), 3)
     assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 1.0
 
 
 def test_the_fine_tune_rate_follows_the_amount_of_data_unless_given():
-    from transferkit.strategies import fine_tune_rate
+    from transferkit.training.strategies import fine_tune_rate
 
     assert fine_tune_rate(5000) == (1e-3, "5000 training images (>= 1000)")
     rate, why = fine_tune_rate(206)

@@ -16,8 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 from transferkit.cli import main
+from transferkit.data.tfds import MANIFEST, TfdsName, class_folder_names, parse_tfds_name, prepare_tfds
 from transferkit.errors import DataError, InputError
-from transferkit.tfds_folder import MANIFEST, TfdsName, class_folder_names, parse_tfds_name, prepare_tfds
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -184,7 +184,7 @@ def offline(tmp_path, monkeypatch):
     def fail(self, *args, **kwargs):
         raise requests.exceptions.ConnectionError("Failed to resolve 'download.tensorflow.org' (test: no network)")
 
-    monkeypatch.setattr("transferkit.tfds_folder._unreachable", lambda urls: None)
+    monkeypatch.setattr("transferkit.data.tfds._unreachable", lambda urls: None)
     monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare", fail)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tensorflow_datasets"))
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from transferkit import predictors, runs
 from transferkit.config import TrainConfig, load_config
-from transferkit.evaluation import evaluate_run
+from transferkit.evaluation.evaluate import evaluate_run
+from transferkit.serving import predictors, runs
 from transferkit.testing import make_image_folder
-from transferkit.training import train
+from transferkit.training.run import train
 
 RUN_FILES = {"model.keras", "labels.txt", "config.yaml", "splits.csv", "history.csv", "metrics.json", "skipped.csv",
              "predictions.csv", "status.json", "report.html", "report.md"}
@@ -148,7 +148,7 @@ def test_config_yaml_reruns_the_same_experiment(trained_run, tmp_path):
 
 
 def test_splits_csv_reads_back(trained_run):
-    from transferkit.data import read_splits_csv
+    from transferkit.data.scan import read_splits_csv
 
     folder, result = trained_run
     back = read_splits_csv(result.run_dir / "splits.csv", root=folder)
@@ -175,8 +175,8 @@ def test_the_model_is_the_exact_logistic_regression_optimum(trained_run):
     from sklearn.linear_model import LogisticRegression
 
     from transferkit.cache import extract_features
-    from transferkit.data import scan_folder
-    from transferkit.training import assign_roles
+    from transferkit.data.scan import scan_folder
+    from transferkit.training.run import assign_roles
 
     folder, result = trained_run
     model = runs.load_run(result.run_dir).model

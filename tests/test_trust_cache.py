@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit.backbones import get_backbone
 from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, extract_features, hash_file
 from transferkit.cache.store import read_keys, read_rows, spec_shards, write_shard
 from transferkit.cli import main
-from transferkit.images import load_image
+from transferkit.data.images import load_image
+from transferkit.models.backbones import get_backbone
+from transferkit.models.weights import load_backbone, resolve_weights
 from transferkit.testing import make_image_folder
-from transferkit.weights import load_backbone, resolve_weights
 
 SPEC = FeatureSpec("tiny_test", "w1", 32, "tf")
 
@@ -97,7 +97,7 @@ def test_a_file_replaced_between_hashing_and_decoding_never_poisons_the_cache(tm
 
 def test_augmented_views_are_stored_only_for_the_bytes_that_were_hashed(tmp_path, two_images, tiny_model,
                                                                        monkeypatch):
-    from transferkit.views import view_caches
+    from transferkit.cache.views import view_caches
 
     target, other = two_images
     old_bytes, new_bytes = target.read_bytes(), other.read_bytes()

@@ -67,8 +67,8 @@ def test_xla_on_a_cpu_is_honoured_with_a_warning(caplog):
     from types import SimpleNamespace
 
     from transferkit.config import TrainConfig
-    from transferkit.finetune import _say_xla
     from transferkit.runtime import xla_device
+    from transferkit.training.finetune import _say_xla
 
     with caplog.at_level("WARNING", logger="transferkit"):
         _say_xla(TrainConfig("photos", "run", xla=True), SimpleNamespace(jit_compile=True))
@@ -84,8 +84,8 @@ def test_xla_on_a_cpu_is_honoured_with_a_warning(caplog):
 def test_augmentation_crops_repeat_at_seed_0_and_change_every_epoch(folder):
     """The crop was a stateful op whose seed 0 meant "unseeded": never the same twice (and refused
     under op determinism)."""
-    from transferkit.augment import training_images
     from transferkit.config import TrainConfig
+    from transferkit.data.augment import training_images
 
     config = TrainConfig(str(folder), "run", augment_flip=False, augment_rotation=0, augment_brightness=0,
                          augment_contrast=0, augment_pca=0)
@@ -140,7 +140,7 @@ def test_the_exact_head_says_which_flags_it_does_not_use(tmp_path, folder):
 
 def test_a_fresh_phase_drops_the_tensorboard_events_of_an_earlier_run_only(tmp_path):
     from transferkit.config import TrainConfig
-    from transferkit.finetune import tensorboard_callbacks
+    from transferkit.training.finetune import tensorboard_callbacks
 
     config = TrainConfig("photos", "run", tensorboard=True)
     old = tmp_path / "logs" / "head" / "train" / "events.out.tfevents.1.host"
@@ -159,8 +159,8 @@ def test_a_fresh_phase_drops_the_tensorboard_events_of_an_earlier_run_only(tmp_p
 
 def test_phase_lines_describe_the_head_that_trains():
     from transferkit.config import TrainConfig
-    from transferkit.strategies import plan_phases
-    from transferkit.training import _describe_phase
+    from transferkit.training.run import _describe_phase
+    from transferkit.training.strategies import plan_phases
 
     head = plan_phases("freeze-all", num_blocks=3)[0]
     sklearn = _describe_phase(head, TrainConfig("photos", "run", head="logreg"))
@@ -178,7 +178,7 @@ def test_phase_lines_describe_the_head_that_trains():
 def test_grid_searches_report_each_candidate(caplog):
     from sklearn.datasets import make_classification
 
-    from transferkit.heads import fit_head
+    from transferkit.heads.registry import fit_head
 
     X, y = make_classification(60, 8, n_informative=4, n_classes=3, random_state=0)
     with caplog.at_level("INFO", logger="transferkit"):
@@ -255,8 +255,8 @@ def test_predict_o_writes_and_refuses_to_replace_a_file_without_overwrite(tmp_pa
 def test_readme_default_unfrozen_blocks_match_the_registry():
     from pathlib import Path
 
-    from transferkit.backbones import get_backbone
-    from transferkit.strategies import default_unfreeze_blocks
+    from transferkit.models.backbones import get_backbone
+    from transferkit.training.strategies import default_unfreeze_blocks
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for name, claim, unfrozen, total in (("mobilenet_v2", "4 of MobileNetV2's 18", 4, 18),

@@ -2,7 +2,7 @@
 
 Four classes of fault, each with its root fix:
 
-* one safe opener (:func:`transferkit.images.open_image_file`) for every reader of an image: FIFOs, sockets,
+* one safe opener (:func:`transferkit.data.images.open_image_file`) for every reader of an image: FIFOs, sockets,
   devices and folders named ``*.jpg`` are refused with a reason (opened the ordinary way, a FIFO blocks
   forever), so are files over the size limit, and thumbnails refuse decompression bombs like decoding does;
 * file names that are not UTF-8 round-trip through every file transferkit writes (one representation, in
@@ -36,10 +36,11 @@ from click.testing import CliRunner
 from PIL import Image, ImageFile
 
 import transferkit
-from transferkit import files, images
+from transferkit import files
 from transferkit.cache import hash_file
 from transferkit.cli import main
-from transferkit.data import scan_folder
+from transferkit.data import images
+from transferkit.data.scan import scan_folder
 from transferkit.errors import InputError
 from transferkit.testing import REASON_SPECIAL, make_awkward_folder, make_image_folder
 
@@ -128,8 +129,8 @@ def trained(awkward, tmp_path_factory):
 
 
 def test_every_image_reader_refuses_special_files_at_once_with_the_reason(tmp_path):
-    from transferkit.explain import display_image as explain_display
-    from transferkit.report import _thumbnail_png
+    from transferkit.evaluation.explain import display_image as explain_display
+    from transferkit.report.writer import _thumbnail_png
 
     made = _special_files(tmp_path)
     assert {"folder", "FIFO", "device"} <= set(made), "this OS can make the files the test is about"
@@ -162,7 +163,7 @@ def test_files_over_the_size_limit_are_refused_unread(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_thumbnails_and_overlays_refuse_decompression_bombs_from_their_header(awkward, monkeypatch):
-    from transferkit.report import _thumbnail_png
+    from transferkit.report.writer import _thumbnail_png
 
     loads = []
     real_load = ImageFile.ImageFile.load
@@ -437,7 +438,8 @@ def test_open_regular_refuses_every_special_file_with_its_kind_and_enforces_the_
 
 
 def test_a_fifo_named_status_json_is_an_unknown_state_and_resume_says_so(tmp_path):
-    from transferkit import runs, training
+    from transferkit.serving import runs
+    from transferkit.training import run as training
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -456,7 +458,7 @@ def test_a_fifo_named_status_json_is_an_unknown_state_and_resume_says_so(tmp_pat
 
 
 def test_a_fifo_named_state_json_in_a_fine_tune_backup_is_no_backup(tmp_path):
-    from transferkit.finetune import atomic_callbacks
+    from transferkit.training.finetune import atomic_callbacks
 
     backup = tmp_path / "backup"
     backup.mkdir()
@@ -489,7 +491,7 @@ def _read_config(path):
 
 
 def _read_feature_map(path):
-    from transferkit.report import PlotFolder, feature_map_section
+    from transferkit.report.writer import PlotFolder, feature_map_section
 
     section = feature_map_section(path.parent, PlotFolder(path.parent), ["a", "b"], "no feature map")
     return "no feature map" if [block.text for block in section.blocks] == ["no feature map"] else "drawn"

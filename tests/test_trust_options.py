@@ -18,12 +18,12 @@ from click.testing import CliRunner
 
 from transferkit.cli import main
 from transferkit.config import TrainConfig, config_from_dict, load_settings, read_yaml
-from transferkit.data import SPLITS, scan_folder
+from transferkit.data.scan import SPLITS, scan_folder
+from transferkit.data.splits import hash_splits, stable_fraction
 from transferkit.errors import DataError, InputError, short_repr
-from transferkit.report_data import RunFolder
-from transferkit.splits import hash_splits, stable_fraction
+from transferkit.report.data import RunFolder
 from transferkit.testing import make_image_folder
-from transferkit.training import assign_roles
+from transferkit.training.run import assign_roles
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-q"]
 
@@ -255,7 +255,7 @@ def test_class_names_equal_but_for_unicode_normalisation_are_refused_with_both_n
 
 def test_class_names_equal_but_for_case_are_two_classes_with_a_warning(tmp_path):
     """A letters set has 'A' and 'a' on Linux: kept apart, and warned about (one folder on macOS)."""
-    from transferkit.checks import dataset_warnings
+    from transferkit.data.checks import dataset_warnings
 
     root = tmp_path / "photos"
     for name in ("A", "a", "b"):
@@ -270,9 +270,9 @@ def test_class_names_equal_but_for_case_are_two_classes_with_a_warning(tmp_path)
 
 
 def test_split_folders_with_one_class_spelled_two_ways_are_warned_and_refused_by_train(tmp_path):
-    from transferkit.checks import dataset_warnings
     from transferkit.config import TrainConfig
-    from transferkit.training import check_inputs
+    from transferkit.data.checks import dataset_warnings
+    from transferkit.training.run import check_inputs
 
     root = tmp_path / "photos"
     make_image_folder(root / "train", num_classes=2, images_per_class=4, image_size=16)
@@ -284,8 +284,8 @@ def test_split_folders_with_one_class_spelled_two_ways_are_warned_and_refused_by
 
 
 def test_tfds_class_names_become_names_a_scan_accepts():
-    from transferkit.data import check_class_names
-    from transferkit.tfds_folder import class_folder_names
+    from transferkit.data.scan import check_class_names
+    from transferkit.data.tfds import class_folder_names
 
     names = class_folder_names(["line\nbreak", "tab\tbed", "caf" + "e\u0301", "ok"])
     assert names == ["line_break", "tab_bed", "café", "ok"]
@@ -302,7 +302,7 @@ def test_tfds_offline_fails_at_once_without_tfds_retrying(tmp_path, monkeypatch)
 
     A stand-in for TFDS's builder keeps TensorFlow out of this test; test_tfds.py runs the real one.
     """
-    from transferkit.tfds_folder import TfdsName, _download
+    from transferkit.data.tfds import TfdsName, _download
 
     class Builder:
         data_dir = str(tmp_path / "tensorflow_datasets" / "tf_flowers" / "3.0.1")
@@ -327,7 +327,7 @@ def test_tfds_offline_fails_at_once_without_tfds_retrying(tmp_path, monkeypatch)
 
 
 def test_the_network_probe_goes_through_the_proxy_and_reports_success(monkeypatch):
-    from transferkit.tfds_folder import _unreachable
+    from transferkit.data.tfds import _unreachable
 
     probed = []
 

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit import runs
 from transferkit.cli import main
 from transferkit.config import TrainConfig
 from transferkit.errors import InputError
+from transferkit.serving import runs
 from transferkit.testing import make_image_folder
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
@@ -185,7 +185,7 @@ def _fine_tune_setup(tmp_path, epochs: int):
     import keras
     import tensorflow as tf
 
-    from transferkit.finetune import fine_tune
+    from transferkit.training.finetune import fine_tune
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype("float32")
@@ -259,16 +259,16 @@ def test_a_damaged_status_file_is_an_unknown_state_not_a_traceback(tmp_path, con
 # ------------------------------------------------------------------ 5. stopped during the report
 
 def test_resume_of_a_run_stopped_during_its_report_writes_only_the_report(tmp_path, photos, monkeypatch):
-    import transferkit.report
-    from transferkit import training
+    import transferkit.report.writer
+    from transferkit.training import run as training
 
     config = tiny_config(photos, tmp_path / "run", cache_dir=str(tmp_path / "cache"))
-    real_report = transferkit.report.write_report
+    real_report = transferkit.report.writer.write_report
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transferkit.report, "write_report", ctrl_c)
+    monkeypatch.setattr(transferkit.report.writer, "write_report", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         training.train(config, verbose=0)
     run = tmp_path / "run"
@@ -276,7 +276,7 @@ def test_resume_of_a_run_stopped_during_its_report_writes_only_the_report(tmp_pa
     assert not (run / "report.html").exists()
     model_before = (run / runs.MODEL_FILE).read_bytes()
 
-    monkeypatch.setattr(transferkit.report, "write_report", real_report)
+    monkeypatch.setattr(transferkit.report.writer, "write_report", real_report)
 
     def no_training(*args, **kwargs):
         raise AssertionError("--resume trained again")
@@ -386,9 +386,9 @@ def test_a_folder_deleted_and_made_again_in_the_same_process_is_locked_again(tmp
 
 
 def test_evaluate_and_ensemble_release_their_output_folder_however_they_end(tmp_path, photos, finished_run):
-    from transferkit.ensemble import ensemble_runs
     from transferkit.errors import DataError
-    from transferkit.evaluation import evaluate_run
+    from transferkit.evaluation.ensemble import ensemble_runs
+    from transferkit.evaluation.evaluate import evaluate_run
 
     broken = tmp_path / "broken"  # photos cut short: found by the scan, undecodable during prediction
     for name in ("class_0", "class_1"):
@@ -440,8 +440,8 @@ def test_overwrite_still_refuses_a_folder_with_only_some_of_those_names(tmp_path
 # ------------------------------------------------------------------ 9. one labels.txt reader; damaged settings
 
 def test_every_labels_reader_reads_names_alike(tmp_path):
-    from transferkit.predictors import read_labels
-    from transferkit.report_data import RunFolder
+    from transferkit.report.data import RunFolder
+    from transferkit.serving.predictors import read_labels
 
     labels = tmp_path / "labels.txt"
     labels.write_bytes("caf\xe9\nline\u2028sep\nnext\x85line\n".encode("utf-8").replace(b"\xc3\xa9", b"\xe9"))
@@ -453,8 +453,8 @@ def test_every_labels_reader_reads_names_alike(tmp_path):
 
 
 def test_a_report_without_readable_settings_says_why(tmp_path, caplog):
-    from transferkit.report import PlotFolder, _Builder
-    from transferkit.report_data import RunFolder
+    from transferkit.report.data import RunFolder
+    from transferkit.report.writer import PlotFolder, _Builder
 
     (tmp_path / "metrics.json").write_text(json.dumps({"confusion_matrix": [[1, 0], [0, 1]],
                                                        "class_names": ["a", "b"]}))

@@ -63,10 +63,10 @@ def test_train_report_has_grad_cam_overlays(workspace):
 def test_grad_cam_follows_the_models_own_call_of_a_shared_layer(tmp_path):
     import keras
 
-    from transferkit import runs
-    from transferkit.backbones import build_backbone, get_backbone
-    from transferkit.explain import gradcam
-    from transferkit.predictors import load_keras_model
+    from transferkit.evaluation.explain import gradcam
+    from transferkit.models.backbones import build_backbone, get_backbone
+    from transferkit.serving import runs
+    from transferkit.serving.predictors import load_keras_model
 
     keras.utils.set_random_seed(0)
     backbone = build_backbone(get_backbone("tiny_test"), image_size=32)
@@ -87,7 +87,7 @@ def test_a_failed_report_section_says_so_on_the_console_and_in_the_report(worksp
     def broken(*args, **kwargs):
         raise ValueError("the model is on fire")
 
-    monkeypatch.setattr("transferkit.explain.gradcam", broken)
+    monkeypatch.setattr("transferkit.evaluation.explain.gradcam", broken)
     result = run_cli("report", run, "--gradcam", "-q")
     assert result.exit_code == 0, result.output
     assert re.search(r"Grad-CAM overlays failed for \d of \d images: the model is on fire", result.output)
@@ -98,7 +98,7 @@ def test_a_failed_report_section_says_so_on_the_console_and_in_the_report(worksp
     def crashing(*args, **kwargs):
         raise RuntimeError("graph disconnected")
 
-    monkeypatch.setattr("transferkit.explain.gradcam", crashing)
+    monkeypatch.setattr("transferkit.evaluation.explain.gradcam", crashing)
     result = run_cli("report", run, "--gradcam", "-q")
     assert result.exit_code == 0, result.output
     assert "RuntimeError: graph disconnected" in result.output
@@ -137,8 +137,8 @@ def test_features_export_split_is_the_split_train_used(workspace, tmp_path):
 
 def test_features_export_split_follows_the_seed_of_a_hash_split(tmp_path):
     photos = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=12, image_size=32)
-    from transferkit.data import scan_folder
-    from transferkit.training import assign_roles
+    from transferkit.data.scan import scan_folder
+    from transferkit.training.run import assign_roles
 
     for seed in (0, 3):
         out = tmp_path / f"features-{seed}.csv"
@@ -161,8 +161,8 @@ def _splits(path) -> dict[str, str]:
 
 @pytest.mark.parametrize("head", ["linear-svm", "ridge"])
 def test_folded_svm_and_ridge_models_output_probabilities(workspace, tmp_path, head):
-    from transferkit.runs import load_run
-    from transferkit.splits import read_splits_csv
+    from transferkit.data.splits import read_splits_csv
+    from transferkit.serving.runs import load_run
 
     run = tmp_path / "run"
     result = run_cli("train", workspace / "photos", "-o", run, "--cache-dir", workspace / "cache", *TINY, "--head",
@@ -172,7 +172,7 @@ def test_folded_svm_and_ridge_models_output_probabilities(workspace, tmp_path, h
     assert metrics["head_outputs"] == "probabilities" and "softmax temperature" in metrics["head_calibration"]
     assert metrics["fold_agreement"] == 1.0  # the calibrated model decides exactly as the scikit-learn head
 
-    from transferkit.data import load_image
+    from transferkit.data.scan import load_image
 
     roles = read_splits_csv(run / "splits.csv", root=workspace / "photos")
     images = np.stack([load_image(workspace / "photos" / p, 32) for p in roles.paths]).astype(np.float32)
@@ -196,7 +196,7 @@ def _features(num_classes: int, seed: int = 0):
 @pytest.mark.parametrize("name", ["linear-svm", "ridge"])
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_temperature_calibration_keeps_every_decision_and_fits_held_out_images_better(name, num_classes, tmp_path):
-    from transferkit.heads import fit_head, keras_head_layer, load_head, save_head
+    from transferkit.heads.registry import fit_head, keras_head_layer, load_head, save_head
 
     X, y, X_test, y_test = _features(num_classes)
     with warnings.catch_warnings():

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from transferkit import runs, tta
 from transferkit.cli import main
 from transferkit.config import TrainConfig
-from transferkit.ensemble import ensemble_runs, evaluation_images
 from transferkit.errors import InputError
-from transferkit.evaluation import evaluate_run
+from transferkit.evaluation import tta
+from transferkit.evaluation.ensemble import ensemble_runs, evaluation_images
+from transferkit.evaluation.evaluate import evaluate_run
+from transferkit.serving import runs
 from transferkit.testing import make_image_folder
-from transferkit.training import train
+from transferkit.training.run import train
 
 
 def run_cli(*args):

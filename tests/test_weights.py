@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from transferkit.backbones import get_backbone, keras_weights_file
 from transferkit.errors import InputError, WeightsError
-from transferkit.weights import (
+from transferkit.models.backbones import get_backbone, keras_weights_file
+from transferkit.models.weights import (
     BUNDLED_WEIGHTS_DIR,
     find_offline,
     import_weights,

@@ -21,12 +21,12 @@ from typing import Any
 
 from transferkit import files
 from transferkit.errors import InputError, short_repr
-from transferkit.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, STRATEGIES
+from transferkit.training.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, STRATEGIES
 
 SCHEDULES = ("cosine", "one-cycle", "constant")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")
 #: How the softmax head is fitted on cached features: exact (L-BFGS to the L2-regularised optimum,
-#: C by cross-validation; transferkit.softmax_head) or adam (Keras, epochs and early stopping).
+#: C by cross-validation; transferkit.heads.softmax) or adam (Keras, epochs and early stopping).
 HEAD_SOLVERS = ("exact", "adam")
 #: How a backbone's input is scaled (Keras' ``imagenet_utils`` modes, or ``none`` where the backbone
 #: rescales inside): the registry's ``preprocessing`` and the ``Preprocess`` layer's ``mode``.

@@ -1,5 +1,5 @@
 """The pieces every backbone pass over image files shares (the images' own vectors in
-:mod:`transferkit.cache.extraction`, the augmented views in :mod:`transferkit.views`, and the
+:mod:`transferkit.cache.extraction`, the augmented views in :mod:`transferkit.cache.views`, and the
 cache's deep verification): reading each file once (:func:`read_image`, :func:`read_dataset`),
 the model's traced inference function (:func:`compiled_predict`), the vectors waiting to be
 stored (:class:`PendingVectors`) and what a pass returns (:class:`ExtractionResult`).
@@ -171,8 +171,8 @@ def read_image(path: str | os.PathLike, size: int, is_cached=None) -> tuple[np.n
 
     The one place extraction and augmented views read an image, so a vector is always stored under
     the hash of the bytes it was computed from. The file is opened by the images module's safe
-    opener (:func:`transferkit.images.read_image_file`: regular files only, size limit) and decoded
-    by :func:`transferkit.images.decode_image`, the decoder behind ``load_image`` (training and
+    opener (:func:`transferkit.data.images.read_image_file`: regular files only, size limit) and decoded
+    by :func:`transferkit.data.images.decode_image`, the decoder behind ``load_image`` (training and
     serving parity). ``is_cached(digest)`` true skips decoding. Never raises: a file that cannot be
     used gives ``None`` and a reason.
 
@@ -181,7 +181,7 @@ def read_image(path: str | os.PathLike, size: int, is_cached=None) -> tuple[np.n
         >>> read.digest == hash_file("photos/cat/001.jpg")  # doctest: +SKIP
         True
     """
-    from transferkit.images import decode_image, read_image_file, short_message
+    from transferkit.data.images import decode_image, read_image_file, short_message
 
     try:
         data, status = read_image_file(path)
@@ -229,7 +229,7 @@ def read_dataset(paths: Sequence[str | os.PathLike], size: int, batch_size: int,
 
 
 def decode_reason(exc: BaseException) -> str:
-    """The one-line reason of a :func:`~transferkit.images.load_image` failure."""
+    """The one-line reason of a :func:`~transferkit.data.images.load_image` failure."""
     # load_image's message repeats the path, which the skipped list shows already: give the cause.
     cause = exc.__cause__ or exc
     return f"cannot decode image: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
@@ -237,7 +237,7 @@ def decode_reason(exc: BaseException) -> str:
 
 def decode_error(path: Path, image_size: int) -> str:
     """The reason an image failed inside the tf.data pipeline, recovered by decoding it again."""
-    from transferkit.images import load_image
+    from transferkit.data.images import load_image
 
     try:
         load_image(path, image_size)

@@ -4,7 +4,7 @@ This module owns :func:`extract_features`: looking the images up by their rememb
 (:class:`~transferkit.cache.keys.FileHashes`) in a :class:`~transferkit.cache.store.FeatureCache`,
 running the backbone over a ``tf.data`` pipeline of the rest, and writing fresh vectors to the
 store as they come (every ``flush_every`` and on an interruption, so a killed run resumes where
-it stopped). The pieces it shares with the augmented views' pass (:mod:`transferkit.views`) are
+it stopped). The pieces it shares with the augmented views' pass (:mod:`transferkit.cache.views`) are
 in :mod:`transferkit.cache.compute`.
 """
 
@@ -49,7 +49,7 @@ def extract_features(
     keeps its finished work and the next call resumes from there.
 
     Args:
-        model: the backbone from :func:`transferkit.weights.load_backbone`.
+        model: the backbone from :func:`transferkit.models.weights.load_backbone`.
         paths: image files.
         cache: where to look up and store vectors; ``None`` computes everything.
         batch_size: images per backbone call.
@@ -57,7 +57,7 @@ def extract_features(
         verbose: 1 shows a Keras progress bar.
         keep_vectors: False only fills the cache (``vectors`` is then ``None``): memory stays flat
             however large the folder, since no vector is held beyond the batch being written.
-        views: also the vectors of this many augmented views per image (see :mod:`transferkit.views`),
+        views: also the vectors of this many augmented views per image (see :mod:`transferkit.cache.views`),
             each cached like the originals: a second call computes none of them.
         augmentation: the augmentation strengths (the ``augment_*`` fields) and ``seed`` of the
             views; TrainConfig's defaults when ``None``.
@@ -167,7 +167,7 @@ def extract_features(
             raise write_error(cache.dir / LAST_RUN_FILE, exc) from exc
     result = ExtractionResult(vectors, ok, errors, num_cached, num_computed, seconds)
     if views:
-        from transferkit.views import extract_views
+        from transferkit.cache.views import extract_views
 
         extract_views(model, paths, hashes, result, cache, views, augmentation, batch_size=batch_size,
                       flush_every=flush_every, verbose=verbose, keep_vectors=keep_vectors)

@@ -27,7 +27,7 @@ from transferkit.files import file_signature
 #: Bumped whenever the meaning or layout of a stored vector changes; old entries stop matching.
 FORMAT_VERSION = 2
 
-#: How the loader resizes (see transferkit.images.load_image); part of every key.
+#: How the loader resizes (see transferkit.data.images.load_image); part of every key.
 RESIZE_METHOD = "pillow-draft-bilinear-squash"
 
 HASHES_FILE = "file-hashes.sqlite"
@@ -56,7 +56,7 @@ class FeatureSpec:
     resize: str = RESIZE_METHOD
     dtype: str = "float32"
     version: int = FORMAT_VERSION
-    #: Augmented views (see transferkit.views): the augmentation settings, and which view (1..K).
+    #: Augmented views (see transferkit.cache.views): the augmentation settings, and which view (1..K).
     augmentation: str = ""
     view: int = 0
     #: Test-time views averaged into the vector: "" (none) or MIRROR ("hflip-mean": the image and its mirror).
@@ -73,7 +73,7 @@ class FeatureSpec:
 
         The one place a key is assembled, so no caller can leave a setting out of it.
         """
-        from transferkit.weights import weights_fingerprint
+        from transferkit.models.weights import weights_fingerprint
 
         mirrored = any(type(layer).__name__ == "MirrorBatch" for layer in model.layers)
         return cls(backbone.name, weights_fingerprint(model), int(model.input_shape[1]), backbone.preprocessing,
@@ -81,7 +81,7 @@ class FeatureSpec:
 
     def for_view(self, augmentation: str, view: int) -> FeatureSpec:
         """The spec of augmented view ``view`` (>= 1) of these features, for augmentation settings
-        ``augmentation`` (:func:`transferkit.views.augmentation_id`)."""
+        ``augmentation`` (:func:`transferkit.cache.views.augmentation_id`)."""
         return dataclasses.replace(self, augmentation=augmentation, view=view)
 
     def key(self) -> str:
@@ -160,7 +160,7 @@ class FileHashes:
 
     def remember(self, entries: Iterable[tuple[str | os.PathLike, os.stat_result, str]]) -> None:
         """Record ``(path, status, sha256)`` triples: the status must be the one the bytes were read under
-        (:func:`transferkit.images.read_image_file` gives it)."""
+        (:func:`transferkit.data.images.read_image_file` gives it)."""
         rows = [(os.fsencode(Path(path).resolve()), file_signature(status), digest)
                 for path, status, digest in entries]
         if rows:

@@ -254,8 +254,8 @@ def _rebuild_model(spec: FeatureSpec, models: dict, weights: str | None, seed: i
 
     import keras
 
-    from transferkit.backbones import get_backbone
-    from transferkit.weights import load_backbone, resolve_weights
+    from transferkit.models.backbones import get_backbone
+    from transferkit.models.weights import load_backbone, resolve_weights
 
     try:
         backbone = get_backbone(spec.backbone)
@@ -308,7 +308,7 @@ def _compare(spec: FeatureSpec, spec_dir: Path, model, augmentation, keys: list[
         return
     batch = np.stack(images)
     if spec.view:
-        from transferkit.augment import augmented_view, view_seed
+        from transferkit.data.augment import augmented_view, view_seed
 
         batch = np.stack([augmented_view(tf.constant(image), tf.constant(view_seed(key, spec.view, augmentation.seed)),
                                          augmentation).numpy() for image, key in zip(batch, found, strict=True)])
@@ -329,9 +329,9 @@ def _compare(spec: FeatureSpec, spec_dir: Path, model, augmentation, keys: list[
 
 
 def _augmentation_config(settings: str):
-    """The TrainConfig whose augmentation settings :func:`transferkit.views.augmentation_id` gave ``settings``."""
+    """The TrainConfig whose augmentation settings :func:`transferkit.cache.views.augmentation_id` gave ``settings``."""
+    from transferkit.cache.views import augmentation_id
     from transferkit.config import TrainConfig
-    from transferkit.views import augmentation_id
 
     values = dict(item.split("=", 1) for item in settings.split()[1:])
     strengths = {f"augment_{name}": float(value) for name, value in values.items() if name not in ("flip", "seed")}

@@ -17,8 +17,8 @@ from transferkit.cli.options import backbone_option, image_size_option
 @handle_errors
 def backbones(as_json: bool) -> None:
     """List the backbones: input size, feature size, parameters, offline weights."""
-    from transferkit.backbones import list_backbones
-    from transferkit.weights import BUNDLED_WEIGHTS_DIR, find_offline
+    from transferkit.models.backbones import list_backbones
+    from transferkit.models.weights import BUNDLED_WEIGHTS_DIR, find_offline
 
     rows = []
     for spec in list_backbones():
@@ -42,7 +42,7 @@ def backbones(as_json: bool) -> None:
             f"{row['name']:<22} {row['input_size']:>5} {row['feature_dim']:>8} "
             f"{row['num_params'] / 1e6:>7.1f}M {row['num_blocks']:>6}  {offline}"
         )
-    from transferkit.weights import keras_models_dir
+    from transferkit.models.weights import keras_models_dir
 
     click.echo(f"\nOffline weights are looked up in {keras_models_dir()} (KERAS_HOME) and in the package.")
 
@@ -64,8 +64,8 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 
     Use it to bring weights downloaded on another machine to an offline one.
     """
-    from transferkit.backbones import get_backbone
-    from transferkit.weights import import_weights
+    from transferkit.models.backbones import get_backbone
+    from transferkit.models.weights import import_weights
 
     spec = get_backbone(backbone)
     runtime.start_tensorflow()

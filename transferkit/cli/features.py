@@ -55,12 +55,12 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
     --num-shards N, N workers (--shard-index 0 .. N-1) each extract a fixed part, chosen by a
     hash of each file's relative path; 'transferkit cache merge' then joins their caches.
     """
-    from transferkit.data import stable_fraction
+    from transferkit.data.scan import stable_fraction
 
     if shard_index >= num_shards:
         raise click.BadParameter(f"must be below --num-shards ({num_shards}), received {shard_index}",
                                  param_hint="--shard-index")
-    from transferkit.features import extract_folder
+    from transferkit.heads.estimator import extract_folder
 
     folder, paths, result, cache = extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
@@ -118,14 +118,14 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     itself, 1..K its augmented views. IMAGE_DIR may be tfds:NAME[:SPLIT] (TensorFlow Datasets).
     """
     from transferkit.config import FeatureExportConfig, config_from_dict
-    from transferkit.features import export_folder_features, extract_folder
+    from transferkit.heads.estimator import export_folder_features, extract_folder
 
     settings = merge_config(config_path, options, FeatureExportConfig, image_dir=image_dir, output=output)
     config = config_from_dict(settings, FeatureExportConfig, source="the options")
     output, file_format, augment_views = Path(config.output), config.file_format, config.augment_views
     if output.exists() and not config.overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
-    from transferkit.runs import check_outside_inputs, check_writable_dir
+    from transferkit.serving.runs import check_outside_inputs, check_writable_dir
 
     check_outside_inputs(output, "-o/--output", [config.image_dir])  # never write into the image folder
     output.resolve().parent.mkdir(parents=True, exist_ok=True)  # as train makes its run folder
@@ -165,7 +165,8 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
     head on the frozen backbone (freeze-all) can tell the classes apart; overlapping ones
     suggest fine-tuning, a bigger backbone or cleaner labels.
     """
-    from transferkit import files, plots
+    from transferkit import files
+    from transferkit.report import plots
 
     output = Path(output_path)
     if output.suffix.lower() != ".png":
@@ -174,10 +175,10 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
     if not output.resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
-    from transferkit.runs import check_outside_inputs
+    from transferkit.serving.runs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
-    from transferkit.features import extract_folder
+    from transferkit.heads.estimator import extract_folder
 
     folder, _, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                            cache_dtype, seed, quiet)

@@ -105,7 +105,7 @@ class ImageDir(click.Path):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and value.startswith("tfds:"):
-            from transferkit.tfds_folder import parse_tfds_name
+            from transferkit.data.tfds import parse_tfds_name
 
             try:
                 parse_tfds_name(value)

@@ -27,8 +27,8 @@ log = logging.getLogger("transferkit")
 @handle_errors
 def evaluate(run_dir, image_dir, output_dir, batch_size, tta, quiet) -> None:
     """Evaluate the model of RUN_DIR on every image of a labelled IMAGE_DIR."""
-    from transferkit.evaluation import evaluate_run
-    from transferkit.runs import check_run_dir
+    from transferkit.evaluation.evaluate import evaluate_run
+    from transferkit.serving.runs import check_run_dir
 
     check_run_dir(run_dir)
     runtime.start_tensorflow()
@@ -64,7 +64,8 @@ def predict(run_dir, paths, top_k, output_path, overwrite, batch_size, tta) -> N
     file or SavedModel folder with its labels.txt beside it. Keras files load in Keras' safe
     mode, which refuses code inside a model file: keep it that way for files you did not make.
     """
-    from transferkit import files, predictors, runs
+    from transferkit import files
+    from transferkit.serving import predictors, runs
 
     if output_path and Path(output_path).suffix.lower() not in (".csv", ".json"):
         raise click.BadParameter("must end in .csv or .json", param_hint="-o/--output")
@@ -106,15 +107,15 @@ def report(run_dir, feature_map, gradcam, batch_size, quiet) -> None:
     seconds and needs neither the images (except for the thumbnails of mistakes) nor TensorFlow,
     unless --feature-map or --gradcam ask for the backbone or the model.
     """
-    from transferkit.report import gradcam_explainer, write_report
-    from transferkit.report_data import feature_settings
+    from transferkit.report.data import feature_settings
+    from transferkit.report.writer import gradcam_explainer, write_report
 
     features = labels = None
     settings = feature_settings(run_dir) if feature_map else None  # fails before any TensorFlow work
     if settings:
         import numpy as np
 
-        from transferkit.features import extract_folder
+        from transferkit.heads.estimator import extract_folder
 
         folder, _, result, _ = extract_folder(
             settings["image_dir"], settings["backbone"], settings["weights"], settings["image_size"], batch_size,
@@ -164,8 +165,8 @@ def export_command(run_dir, fmt, quantize, output_dir, image_dir, overwrite) -> 
     model's: float exports must agree on every top-1 class and within 1e-4, or nothing is
     written; quantised ones report their drop in model_card.json.
     """
-    from transferkit.export import export_run
-    from transferkit.runs import check_run_dir
+    from transferkit.serving.export import export_run
+    from transferkit.serving.runs import check_run_dir
 
     check_run_dir(run_dir)
     runtime.start_tensorflow()
@@ -199,9 +200,10 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     IMAGE may be files or folders (searched recursively). Each PNG shows the photo and the heat
     map of the last convolutional block over it, titled with the predicted class and score.
     """
-    from transferkit import files, runs
-    from transferkit.data import find_images
-    from transferkit.explain import explain_files
+    from transferkit import files
+    from transferkit.data.scan import find_images
+    from transferkit.evaluation.explain import explain_files
+    from transferkit.serving import runs
 
     runs.check_run_dir(run_dir)
     paths = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
@@ -246,8 +248,8 @@ def ensemble(run_dirs, output_dir, image_dir, batch_size, tta, overwrite, quiet)
 
     The runs must predict the same classes; backbones and strategies may differ.
     """
-    from transferkit.ensemble import ensemble_runs
-    from transferkit.runs import check_run_dir
+    from transferkit.evaluation.ensemble import ensemble_runs
+    from transferkit.serving.runs import check_run_dir
 
     if len(run_dirs) < 2:
         raise click.BadParameter(f"give at least two run folders (received {len(run_dirs)})", param_hint="RUN_DIR")

@@ -29,7 +29,7 @@ from transferkit.cli.options import (
     weights_option,
 )
 from transferkit.config import DISTRIBUTE, HEAD_SOLVERS, SCHEDULES
-from transferkit.strategies import STRATEGIES
+from transferkit.training.strategies import STRATEGIES
 
 
 @main.command("lr-find")
@@ -60,17 +60,17 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
 
     from transferkit import files
     from transferkit.config import TrainConfig
-    from transferkit.lr_find import find_learning_rate, plot_sweep
+    from transferkit.training.lr_find import find_learning_rate, plot_sweep
 
     output = Path(output_path)
     if output.suffix.lower() != ".png":
         raise click.BadParameter(f"must end in .png, received '{output.name}'", param_hint="-o/--output")
     if output.exists() and not overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
-    from transferkit.runs import check_outside_inputs
+    from transferkit.serving.runs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
-    from transferkit.features import extract_folder
+    from transferkit.heads.estimator import extract_folder
 
     folder, paths, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                                cache_dtype, seed, quiet)
@@ -190,7 +190,7 @@ def train(image_dir, output_dir, config_path, resume_dir, quiet, verbose, **opti
     from transferkit.config import TrainConfig, config_from_dict, load_config, load_settings
 
     if resume_dir:
-        from transferkit import runs
+        from transferkit.serving import runs
 
         config = load_config(runs.resumable_config(resume_dir)).replace(output_dir=resume_dir)
         _run_training(config, verbose=0 if quiet else 1 + verbose, resume=True)
@@ -214,7 +214,7 @@ def train(image_dir, output_dir, config_path, resume_dir, quiet, verbose, **opti
 
 
 def _run_training(config, verbose: int, resume: bool = False) -> None:
-    from transferkit.training import prepare_training, run_training
+    from transferkit.training.run import prepare_training, run_training
 
     plan = prepare_training(config, resume=resume)  # every check that needs no TensorFlow, first
     runtime.start_tensorflow()
@@ -284,8 +284,8 @@ def compare(image_dir, output_dir, config_path, quiet, **options) -> None:
     seed and is scored on the same test images, with bootstrap 95% intervals and McNemar's
     test against softmax. A winner is named only when the difference is significant.
     """
-    from transferkit.compare import CompareConfig, prepare_comparison, run_comparison
     from transferkit.config import config_from_dict
+    from transferkit.heads.compare import CompareConfig, prepare_comparison, run_comparison
 
     settings = merge_config(config_path, options, CompareConfig, image_dir=image_dir, output_dir=output_dir)
     if not settings.get("backbone"):
@@ -322,7 +322,7 @@ def demo(output_dir, cache_dir, quiet) -> None:
     Uses the bundled MobileNetV2 (alpha 0.35) ImageNet weights; takes about a minute on a laptop.
     """
     from transferkit.config import TrainConfig, load_settings
-    from transferkit.runs import CONFIG_FILE
+    from transferkit.serving.runs import CONFIG_FILE
 
     out = Path(output_dir)
     previous_demo = (out / CONFIG_FILE).is_file() and load_settings(out / CONFIG_FILE).get("image_dir") == str(DEMO_DIR)

@@ -1,12 +1,12 @@
 """The head comparison: every head on the same cached features, split and seed, compared honestly.
 
 The backbone runs once (features come from the cache); the softmax head and each scikit-learn head
-of :mod:`transferkit.heads` then train on the same labelled images and are scored on the same test
+of :mod:`transferkit.heads.registry` then train on the same labelled images and are scored on the same test
 images. What is the same for every head:
 
 - the split (train / val / test roles, from ``--seed`` exactly as ``transferkit train`` makes it);
 - the labelled data: train + val. The softmax head is ``transferkit train``'s freeze-all head (the
-  same function, :func:`transferkit.softmax_head.fit_softmax_head`): the exact regularised optimum,
+  same function, :func:`transferkit.heads.softmax.fit_softmax_head`): the exact regularised optimum,
   its ``C`` chosen by cross-validation; the scikit-learn heads run their cross-validated grid
   search;
 - the seed of each repetition: with ``num_seeds`` N, every head trains N times with seeds
@@ -15,7 +15,7 @@ images. What is the same for every head:
 
 Each head is tested against the reference (the softmax head) with McNemar's test on the test
 images, and a winner is named only when it is significantly better than the runner-up (and than
-the reference): see :func:`pick_winner`. Writing the files is :mod:`transferkit.comparison_report`.
+the reference): see :func:`pick_winner`. Writing the files is :mod:`transferkit.report.comparison`.
 
 Example:
     >>> config = CompareConfig("photos", "cmp", backbone="mobilenet_v2", heads=("softmax", "linear-svm"))
@@ -38,15 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from transferkit import files, runs
-from transferkit.backbones import BackboneSpec
+from transferkit import files
 from transferkit.cache import default_cache_dir
 from transferkit.config import TrainConfig
-from transferkit.data import ImageFolder
+from transferkit.data.scan import ImageFolder
 from transferkit.errors import DataError, InputError
-from transferkit.heads import HEADS
-from transferkit.stats import ALPHA, bootstrap_accuracy_ci, mcnemar
-from transferkit.weights import ResolvedWeights
+from transferkit.heads.registry import HEADS
+from transferkit.heads.stats import ALPHA, bootstrap_accuracy_ci, mcnemar
+from transferkit.models.backbones import BackboneSpec
+from transferkit.models.weights import ResolvedWeights
+from transferkit.serving import runs
 
 log = logging.getLogger("transferkit")
 
@@ -180,7 +181,7 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
     Raises:
         InputError, WeightsError, DataError: with a message naming the option or file.
     """
-    from transferkit.training import check_inputs
+    from transferkit.training.run import check_inputs
 
     spec, image_size, folder, weights, roles = check_inputs(config)
     if not (roles == "test").any():
@@ -196,7 +197,7 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
     # Claimed (locked, marked) until run_comparison ends.
     output_dir = runs.prepare_output_dir(config.output_dir, config.overwrite, inputs=inputs, command="compare")
     if config.with_fine_tune:
-        from transferkit.training import prepare_training
+        from transferkit.training.run import prepare_training
 
         fine_tune_dir = output_dir / FINE_TUNE
         try:
@@ -251,7 +252,7 @@ def _latency_ms(score: Callable[[], Any], num_images: int) -> float:
 def fit_sklearn_arm(name: str, features: np.ndarray, labels: np.ndarray, fit_idx: np.ndarray, test_idx: np.ndarray,
                     seed: int, *, search: bool, calibrate: bool) -> HeadRun:
     """Train a registry head on ``fit_idx`` (train + val) and score it on ``test_idx``."""
-    from transferkit.heads import fit_head
+    from transferkit.heads.registry import fit_head
 
     head = fit_head(name, features[fit_idx], labels[fit_idx], search=search, seed=seed, calibrate=calibrate)
     x_test = features[test_idx]
@@ -273,7 +274,7 @@ def fit_softmax_arm(features: np.ndarray, labels: np.ndarray, train_idx: np.ndar
     and score it."""
     import keras
 
-    from transferkit.softmax_head import fit_softmax_head
+    from transferkit.heads.softmax import fit_softmax_head
 
     keras.utils.set_random_seed(seed)
     head = fit_softmax_head(features, labels, train_idx, val_idx, test_idx, config.replace(seed=seed),
@@ -288,7 +289,7 @@ def fit_fine_tune_arm(plan: ComparisonPlan, test_paths: Sequence[str], verbose: 
     """Run ``transferkit train --strategy fine-tune-top`` into ``OUTPUT_DIR/fine-tune-top`` and score
     its model on the comparison's test images (checked to be the run's own test split)."""
     from transferkit.cache import extract_features
-    from transferkit.training import train
+    from transferkit.training.run import train
 
     run_dir = plan.output_dir / FINE_TUNE
     config = plan.config.train_config(strategy=FINE_TUNE, output_dir=str(run_dir), overwrite=True)
@@ -487,10 +488,10 @@ def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResul
 
 
 def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:
-    from transferkit import comparison_report
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
-    from transferkit.splits import assign_roles, with_roles
-    from transferkit.weights import load_backbone
+    from transferkit.data.splits import assign_roles, with_roles
+    from transferkit.models.weights import load_backbone
+    from transferkit.report import comparison as comparison_report
 
     started = time.perf_counter()
     config, spec, folder, out = plan.config, plan.spec, plan.folder, plan.output_dir

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import files, runs
+from transferkit import files
 from transferkit.errors import InputError
+from transferkit.serving import runs
 
 log = logging.getLogger("transferkit")
 

@@ -7,7 +7,7 @@ scikit-learn's ``LogisticRegression`` on the raw pooled features, found by Newto
 strength ``C``, is chosen by stratified k-fold cross-validation on the fitting images
 (``LogisticRegressionCV``, warm starts along a log-spaced path, scored by held-out log-loss, which
 is smooth where accuracy ties), then the head is refitted on all of them with that ``C`` and folded
-into a Keras ``Dense(softmax)`` layer (:func:`transferkit.heads.fold_linear_head`). The Keras
+into a Keras ``Dense(softmax)`` layer (:func:`transferkit.heads.registry.fold_linear_head`). The Keras
 layers of that head (:func:`head_layers`) are the one head definition of every strategy: the
 fine-tune phase trains the very same layers, penalty included.
 
@@ -87,7 +87,7 @@ class ExactSoftmax:
 
     def kernel_bias(self) -> tuple[np.ndarray, np.ndarray]:
         """The Dense layer's ``(kernel, bias)``: its softmax is :meth:`probabilities`."""
-        from transferkit.heads import fold_linear_head
+        from transferkit.heads.registry import fold_linear_head
 
         return fold_linear_head(self.estimator)
 
@@ -224,10 +224,10 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, C: float, *, seed: 
 
 def auto_evidence(features: np.ndarray, labels: np.ndarray, *, seed: int, seconds_per_epoch: float,
                   fine_tune_epochs: int, setup_seconds: float = 0.0, class_weight: dict | None = None):
-    """What ``--strategy auto`` decides from (:class:`transferkit.strategies.AutoEvidence`): the
+    """What ``--strategy auto`` decides from (:class:`transferkit.training.strategies.AutoEvidence`): the
     exact head's C by cross-validation on ``features`` (train + val), its learning curve at that
     C, and the fine-tune cost estimate passed in."""
-    from transferkit.strategies import AutoEvidence
+    from transferkit.training.strategies import AutoEvidence
 
     head = fit_exact_softmax(features, labels, seed=seed, class_weight=class_weight)
     curve = learning_curve(features, labels, head.C, seed=seed)
@@ -270,9 +270,9 @@ def fit_softmax_head(features: np.ndarray, labels: np.ndarray, train_idx: np.nda
                      extra_callbacks: list | None = None, groups: np.ndarray | None = None) -> SoftmaxHead:
     """The softmax head on cached features, as ``config.head_solver`` fits it; ``train`` and
     ``compare`` both fit theirs here. ``groups`` (one per row of ``features``): rows of one image
-    (its augmented views, :func:`transferkit.views.view_groups`) stay in one cross-validation fold.
+    (its augmented views, :func:`transferkit.cache.views.view_groups`) stay in one cross-validation fold.
 
-    ``exact`` (the default): :func:`transferkit.softmax_head.fit_exact_softmax` on train + val when
+    ``exact`` (the default): :func:`transferkit.heads.softmax.fit_exact_softmax` on train + val when
     ``config.refit`` (and a test split is reported), else on train only, its ``C`` chosen by
     cross-validation on those images (or ``config.regularization``).
     ``adam``: the Keras head, early-stopped on ``val_idx`` and refitted (``config.refit``) on

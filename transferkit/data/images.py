@@ -61,7 +61,7 @@ def _check_size_of(st: os.stat_result) -> None:
 
 def _too_big(num_bytes: int) -> str:
     return (f"file too large: {num_bytes:,} bytes, more than {MAX_FILE_BYTES:,} "
-            f"(transferkit.images.MAX_FILE_BYTES); not read")
+            f"(transferkit.data.images.MAX_FILE_BYTES); not read")
 
 
 @contextlib.contextmanager

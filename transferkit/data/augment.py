@@ -153,7 +153,7 @@ def training_images(paths: Sequence[str], labels: np.ndarray, size: int, batch_s
                     shuffle: bool, seed: int, sample_weights: np.ndarray | None = None, balanced: bool = False):
     """A ``tf.data.Dataset`` of ``(images, labels[, weights])`` batches from image files.
 
-    Images are decoded once with :func:`transferkit.data.load_image` (the same decoding as the
+    Images are decoded once with :func:`transferkit.data.scan.load_image` (the same decoding as the
     feature cache and prediction), kept in memory as uint8 when they fit, then shuffled,
     augmented (when ``shuffle`` and ``config.augment``) and batched; decoding and augmentation
     overlap with training through ``prefetch``.
@@ -165,7 +165,7 @@ def training_images(paths: Sequence[str], labels: np.ndarray, size: int, batch_s
     """
     import tensorflow as tf
 
-    from transferkit.data import decode_in_graph, path_strings
+    from transferkit.data.scan import decode_in_graph, path_strings
 
     labels = np.asarray(labels, dtype=np.int32)
 

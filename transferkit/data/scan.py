@@ -8,7 +8,7 @@ The input is a folder with one sub-folder per class (images may be nested deeper
 
 or a folder that is already split into ``train/``, ``val/`` (or ``validation/``) and ``test/``, each
 holding class folders, or ``tfds:NAME[:SPLIT]``, a TensorFlow Datasets image classification set,
-which :mod:`transferkit.tfds_folder` writes out once as such a folder. Example::
+which :mod:`transferkit.data.tfds` writes out once as such a folder. Example::
 
     folder = scan_folder("photos", seed=0)
     train_paths, train_labels = folder.subset("train")
@@ -16,8 +16,8 @@ which :mod:`transferkit.tfds_folder` writes out once as such a folder. Example::
     ds = image_dataset([folder.abs_path(p) for p in train_paths], size=224, batch_size=32)
 
 This module is the entry point for datasets; the pieces live beside it and are importable from
-here too: decoding in :mod:`transferkit.images` (:func:`load_image`, :func:`image_dataset`), splits
-and ``splits.csv`` in :mod:`transferkit.splits` (:class:`ImageFolder`, :func:`read_splits_csv`).
+here too: decoding in :mod:`transferkit.data.images` (:func:`load_image`, :func:`image_dataset`), splits
+and ``splits.csv`` in :mod:`transferkit.data.splits` (:class:`ImageFolder`, :func:`read_splits_csv`).
 Scanning a folder imports no TensorFlow.
 """
 
@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
-from transferkit.errors import DataError, short_repr
-from transferkit.images import (
+from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     decode_in_graph,
     image_dataset,
@@ -41,7 +40,7 @@ from transferkit.images import (
     short_message,
     unreadable_reason,
 )
-from transferkit.splits import (
+from transferkit.data.splits import (
     SPLITS,
     ImageFolder,
     check_fractions,
@@ -50,7 +49,8 @@ from transferkit.splits import (
     stable_fraction,
     write_splits_csv,
 )
-from transferkit.tfds_folder import is_tfds_name
+from transferkit.data.tfds import is_tfds_name
+from transferkit.errors import DataError, short_repr
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SPLITS", "ImageFolder", "check_class_names", "decode_in_graph", "find_images",
@@ -88,7 +88,7 @@ def scan_folder(
     Each candidate is opened with Pillow (header only); files that cannot be opened go to ``skipped``
     instead of raising. Decoding errors in the pixel data show up later in :func:`load_image`.
 
-    ``tfds:NAME[:SPLIT]`` scans the folder :func:`transferkit.tfds_folder.prepare_tfds` writes (once)
+    ``tfds:NAME[:SPLIT]`` scans the folder :func:`transferkit.data.tfds.prepare_tfds` writes (once)
     for that TensorFlow Datasets split; its classes keep TFDS's label order.
 
     Args:
@@ -114,7 +114,7 @@ def scan_folder(
     """
     check_fractions(val_fraction, test_fraction)
     if is_tfds_name(root):
-        from transferkit.tfds_folder import prepare_tfds
+        from transferkit.data.tfds import prepare_tfds
 
         prepared = prepare_tfds(root)
         root, class_names = prepared.root, prepared.class_names if class_names is None else class_names
@@ -200,7 +200,7 @@ def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> No
     * Two names that differ only by Unicode normalisation (``café`` typed as one character and as ``e``
       plus an accent): they look the same everywhere they are shown, and are one folder on file systems
       that normalise (macOS). Names that differ only by case (``A`` and ``a`` in a letters set) are
-      allowed: Linux keeps them apart; :func:`transferkit.checks.dataset_warnings` warns about them.
+      allowed: Linux keeps them apart; :func:`transferkit.data.checks.dataset_warnings` warns about them.
 
     Raises:
         DataError: naming the folder(s) and how to fix them.

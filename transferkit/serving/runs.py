@@ -58,7 +58,7 @@ LOCK_FILE = ".transferkit-lock"
 #: What the head and fine-tune phases write under ``checkpoints/``: all that --overwrite removes there.
 CHECKPOINT_FILES = ("head.weights.h5", "head.json", "best.weights.h5", "history-fine-tune.csv")
 BACKUP_DIR = "backup"
-#: What :class:`transferkit.finetune` 's backup writes in ``checkpoints/backup`` (Keras' own names
+#: What :class:`transferkit.training.finetune` 's backup writes in ``checkpoints/backup`` (Keras' own names
 #: included: folders from before the atomic backup).
 BACKUP_PATTERNS = ("state.json", "epoch-*.weights.h5", "latest.weights.h5", "latest.weights.h5.bkp",
                    "training_metadata.json", "training_metadata.json.bkp", ".*.tmp", ".*.weights.h5")
@@ -459,7 +459,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     run_dir = check_run_dir(run_dir)
     import keras
 
-    import transferkit.layers  # noqa: F401 - registers the Preprocess layer for deserialisation
+    import transferkit.models.layers  # noqa: F401 - registers the Preprocess layer for deserialisation
 
     try:
         model = keras.saving.load_model(run_dir / MODEL_FILE, safe_mode=True)
@@ -474,7 +474,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
                        "The file is damaged; train the run again or restore the file.") if config_path.is_file() else {}
     head = None
     if (run_dir / HEAD_FILE).is_file():
-        from transferkit.heads import load_head
+        from transferkit.heads.registry import load_head
 
         head, _ = load_head(run_dir / HEAD_FILE)  # registry types only: no file can run code
         outputs = len(head.classes_)

@@ -27,9 +27,9 @@ import time
 
 import numpy as np
 
-from transferkit.backbones import BackboneSpec, block_boundaries
 from transferkit.config import TrainConfig
-from transferkit.strategies import Phase
+from transferkit.models.backbones import BackboneSpec, block_boundaries
+from transferkit.training.strategies import Phase
 
 log = logging.getLogger("transferkit")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit import files
-from transferkit.backbones import BackboneSpec, keras_weights_file
 from transferkit.errors import InputError, WeightsError
+from transferkit.models.backbones import BackboneSpec, keras_weights_file
 
 #: Folder inside the package holding the small starter weights that ship with transferkit.
-BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "assets" / "weights"
+BUNDLED_WEIGHTS_DIR = Path(__file__).parents[1] / "assets" / "weights"
 
 #: Seconds to wait for a weights download to start before calling the machine offline.
 DOWNLOAD_TIMEOUT = 20
@@ -76,7 +76,7 @@ def find_offline(spec: BackboneSpec, image_size: int | None = None) -> Path | No
     Looks in Keras' cache first (the real Keras path), then in the files bundled with transferkit.
 
     Example:
-        >>> from transferkit.backbones import get_backbone
+        >>> from transferkit.models.backbones import get_backbone
         >>> find_offline(get_backbone("mobilenet_v2_035")).name
         'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5'
     """
@@ -110,7 +110,7 @@ def resolve_weights(
         InputError: a weights path that does not exist.
 
     Example:
-        >>> from transferkit.backbones import get_backbone
+        >>> from transferkit.models.backbones import get_backbone
         >>> resolve_weights(get_backbone("mobilenet_v2_035"), "none").kind
         'random'
     """
@@ -191,10 +191,10 @@ def load_backbone(spec: BackboneSpec, resolved: ResolvedWeights, image_size: int
     """Build the backbone with its weights; a file that does not fit raises WeightsError.
 
     Returns:
-        The flat Keras model from :func:`transferkit.backbones.build_backbone` (raw RGB 0-255
+        The flat Keras model from :func:`transferkit.models.backbones.build_backbone` (raw RGB 0-255
         in, pooled features out; ``mirror``: flip-averaged, see :func:`build_backbone`).
     """
-    from transferkit.backbones import build_backbone
+    from transferkit.models.backbones import build_backbone
 
     try:
         return build_backbone(spec, weights=resolved.keras_arg, image_size=image_size, mirror=mirror)

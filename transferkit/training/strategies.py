@@ -121,7 +121,7 @@ AUTO_ERROR_FROM = 0.10
 
 @dataclass(frozen=True)
 class AutoEvidence:
-    """What ``--strategy auto`` measured before deciding (see :func:`transferkit.softmax_head.auto_evidence`).
+    """What ``--strategy auto`` measured before deciding (see :func:`transferkit.heads.softmax.auto_evidence`).
 
     Attributes:
         cv_accuracy: the frozen head's cross-validated accuracy at its chosen C on train + val.
@@ -223,7 +223,7 @@ def fine_tune_rate(num_train: int, rate: float | None = None) -> tuple[float, st
 def layer_rates(boundaries: Sequence[tuple[str, int]], num_layers: int, phase: Phase) -> list[float | None]:
     """Per backbone layer: its learning-rate multiplier in this phase, or ``None`` when frozen.
 
-    ``boundaries`` come from :func:`transferkit.backbones.block_boundaries` (block name, index of
+    ``boundaries`` come from :func:`transferkit.models.backbones.block_boundaries` (block name, index of
     its last layer). The stem counts with the first block, so it trains only when every block does.
 
     Example:

@@ -10,7 +10,7 @@ test images, as thumbnails), the feature map and Grad-CAM when given.
 Every report is written by :func:`write_document`, with plots saved through :class:`PlotFolder`;
 the sections any run has (:func:`dataset_section`, :func:`versions_blocks`, :func:`confusion_blocks`,
 :func:`feature_map_section`) are built here for ``transferkit compare``'s report too
-(:mod:`transferkit.comparison_report`). Nothing here imports TensorFlow.
+(:mod:`transferkit.report.comparison`). Nothing here imports TensorFlow.
 
 Example:
     >>> html_path, md_path = write_report("runs/first")  # doctest: +SKIP
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import files, plots, runs
-from transferkit.report_data import RunFolder, collect_versions, to_float
-from transferkit.report_format import (
+from transferkit import files
+from transferkit.report import plots
+from transferkit.report.data import RunFolder, collect_versions, to_float
+from transferkit.report.render import (
     Cards,
     Gallery,
     Image,
@@ -42,6 +43,7 @@ from transferkit.report_format import (
     render_html,
     render_markdown,
 )
+from transferkit.serving import runs
 
 log = logging.getLogger("transferkit")
 
@@ -222,26 +224,26 @@ def feature_map_section(report_dir: Path, plot_folder: PlotFolder, class_names: 
 
 
 def gradcam_explainer(run) -> Explainer | None:
-    """A Grad-CAM explainer for the worst mistakes, from :mod:`transferkit.explain`; None without it.
+    """A Grad-CAM explainer for the worst mistakes, from :mod:`transferkit.evaluation.explain`; None without it.
 
     The hook between the report and Grad-CAM: it needs the model and TensorFlow, so the caller
     (training, ``evaluate``, ``report --gradcam``) decides whether to pay for it.
 
     Args:
-        run: a loaded run (:func:`transferkit.runs.load_run`), or a train or evaluate folder
+        run: a loaded run (:func:`transferkit.serving.runs.load_run`), or a train or evaluate folder
             (an evaluate folder's ``metrics.json`` names the run it evaluated).
 
     Returns:
         A function image path -> PNG bytes (the photo with the heat map of the predicted class
-        over it), or None if this installation has no ``transferkit.explain``.
+        over it), or None if this installation has no ``transferkit.evaluation.explain``.
     """
     try:
-        from transferkit import explain
+        from transferkit.evaluation import explain
     except ImportError:
         return None
     from PIL import Image as PILImage
 
-    from transferkit.images import ImageFileError, decode_image, display_image_bytes, read_image_bytes
+    from transferkit.data.images import ImageFileError, decode_image, display_image_bytes, read_image_bytes
 
     if not hasattr(run, "model"):
         folder = RunFolder(Path(run))
@@ -515,7 +517,7 @@ def _failure_note(what: str, failures: list[str], total: int) -> list:
 def _thumbnail_png(path: Path) -> bytes:
     from PIL import Image as PILImage
 
-    from transferkit.images import display_image
+    from transferkit.data.images import display_image
 
     buffer = io.BytesIO()
     PILImage.fromarray(display_image(path, _THUMBNAIL_PX)).save(buffer, format="PNG", optimize=True)

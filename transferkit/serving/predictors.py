@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import files, runs
+from transferkit import files
 from transferkit.errors import InputError
 from transferkit.progress import progress_bar
 from transferkit.runtime import native_stderr_quiet
+from transferkit.serving import runs
 
 CARD_FILE = "model_card.json"
 LABELS_FILE = "labels.txt"
@@ -197,7 +198,8 @@ def read_labels(path: Path, artifact: Path) -> list[str]:
 
 
 def run_predictor(run, batch_size: int = 32) -> Predictor:
-    """A loaded run (:func:`transferkit.runs.load_run`) as a :class:`Predictor` (pixels in, class scores out)."""
+    """A loaded run (:func:`transferkit.serving.runs.load_run`) as a :class:`Predictor` (pixels in, class
+    scores out)."""
     if run.head is not None:
         return HeadPredictor(run.model, run.head, run.class_names, run.run_dir, batch_size)
     return KerasPredictor(run.model, run.class_names, run.run_dir, batch_size)
@@ -222,14 +224,14 @@ def predict_files(run, paths: Sequence[str | os.PathLike], *, top_k: int = 1, ba
     """Classify image files and folders (searched recursively) with a loaded run or a predictor.
 
     Args:
-        run: a :class:`transferkit.runs.Run`, or a :class:`Predictor` (any exported model).
-        tta: average the 10-crop test-time augmentation (:mod:`transferkit.tta`).
+        run: a :class:`transferkit.serving.runs.Run`, or a :class:`Predictor` (any exported model).
+        tta: average the 10-crop test-time augmentation (:mod:`transferkit.evaluation.tta`).
 
     Returns:
         One row per image, in the order given (folders sorted): ``{"path", "ok", "error",
         "predictions": [(class name, probability), ...]}`` with the ``top_k`` best first.
     """
-    from transferkit.data import find_images
+    from transferkit.data.scan import find_images
 
     found: list[Path] = []
     for item in paths:
@@ -306,7 +308,7 @@ def load_keras_model(path: str | os.PathLike):
     """Load a ``.keras`` file with safe mode on (no code from the file runs; keep it on)."""
     import keras
 
-    import transferkit.layers  # noqa: F401 - registers the Preprocess layer for deserialisation
+    import transferkit.models.layers  # noqa: F401 - registers the Preprocess layer for deserialisation
 
     try:
         return keras.saving.load_model(path, safe_mode=True)
@@ -337,19 +339,19 @@ class Predictions:
 
 def predict_paths(predictor: Predictor, paths, *, batch_size: int = 32, tta: bool = False,
                   verbose: int = 0) -> Predictions:
-    """Classify image files, decoded and resized as in training (``transferkit.data.image_dataset``).
+    """Classify image files, decoded and resized as in training (``transferkit.data.scan.image_dataset``).
 
     Args:
         predictor: from :func:`load_predictor`.
         paths: image files.
-        tta: also run the 10-crop test-time augmentation (:mod:`transferkit.tta`);
+        tta: also run the 10-crop test-time augmentation (:mod:`transferkit.evaluation.tta`);
             ``probabilities`` are then the averaged ones and ``plain`` the single-view ones.
         verbose: 1 shows a Keras progress bar.
     """
 
-    from transferkit import tta as tta_module
     from transferkit.cache.compute import decode_error
-    from transferkit.data import image_dataset
+    from transferkit.data.scan import image_dataset
+    from transferkit.evaluation import tta as tta_module
 
     paths = [Path(p) for p in paths]
     n, num_classes = len(paths), len(predictor.class_names)

@@ -411,7 +411,7 @@ def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: i
     """Build a backbone as one flat Keras model: raw RGB pixels in, pooled features out.
 
     The graph is ``Input((size, size, 3), name="image")`` (floats in 0-255) ->
-    ``transferkit.layers.Preprocess(spec.preprocessing)`` -> the Keras application (no top,
+    ``transferkit.models.layers.Preprocess(spec.preprocessing)`` -> the Keras application (no top,
     ``pooling="avg"``). Nested models (ConvNeXt's stem and downsampling blocks) are expanded,
     so every layer is in ``model.layers`` and block_boundaries indexes them.
 
@@ -422,7 +422,7 @@ def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: i
             path gets the same graph, since ImageNet-derived weights need it.
         image_size: square input size; None = the native size.
         mirror: test-time flip averaging: ``MirrorBatch`` after the preprocessing and
-            ``MirrorMean`` after the pooling (see :mod:`transferkit.layers`), so the features
+            ``MirrorMean`` after the pooling (see :mod:`transferkit.models.layers`), so the features
             are the mean of each image's and its mirror's, in one flat graph.
 
     Raises:
@@ -436,7 +436,7 @@ def build_backbone(spec: BackboneSpec, weights: str | None = None, image_size: i
     size = check_image_size(spec, image_size)
     import keras
 
-    from transferkit.layers import MirrorBatch, MirrorMean, Preprocess
+    from transferkit.models.layers import MirrorBatch, MirrorMean, Preprocess
 
     constructor = backbone_constructor(spec)
     image = keras.Input((size, size, 3), name="image")

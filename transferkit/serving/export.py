@@ -49,9 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import __version__, files, runs
+from transferkit import __version__, files
 from transferkit.errors import ExportError, InputError
-from transferkit.predictors import (
+from transferkit.runtime import native_stderr_quiet
+from transferkit.serving import runs
+from transferkit.serving.predictors import (
     ARTIFACT_NAMES,
     CARD_FILE,
     FLOAT_SIGNATURE,
@@ -62,7 +64,6 @@ from transferkit.predictors import (
     load_predictor,
     tflite_interpreter,
 )
-from transferkit.runtime import native_stderr_quiet
 
 log = logging.getLogger("transferkit")
 
@@ -285,7 +286,7 @@ def sample_images(run, splits: tuple[str, ...], count: int, image_dir=None, *,
     Raises:
         InputError: no image found and ``allow_random`` is off.
     """
-    from transferkit.data import find_images, load_image, read_splits_csv
+    from transferkit.data.scan import find_images, load_image, read_splits_csv
 
     size = run.image_size
     candidates: list[tuple[Path, int | None]] = []
@@ -366,7 +367,7 @@ def model_card(run, fmt: str, quantize: str, parity: dict, representative: Image
     import keras
     import tensorflow as tf
 
-    from transferkit.backbones import get_backbone
+    from transferkit.models.backbones import get_backbone
 
     size = run.image_size
     backbone = run.config.get("backbone")

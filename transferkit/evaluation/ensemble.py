@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import files, runs
+from transferkit import files
 from transferkit.errors import DataError, InputError
+from transferkit.serving import runs
 
 
 def evaluation_images(loaded: Sequence, image_dir=None) -> tuple[list[Path], np.ndarray, str, list]:
@@ -32,7 +33,7 @@ def evaluation_images(loaded: Sequence, image_dir=None) -> tuple[list[Path], np.
     Raises:
         InputError: no ``image_dir`` and the runs do not share an image folder and test split.
     """
-    from transferkit.data import read_splits_csv, scan_folder
+    from transferkit.data.scan import read_splits_csv, scan_folder
 
     class_names = loaded[0].class_names
     if image_dir is not None:
@@ -84,8 +85,8 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
     Raises:
         InputError: fewer than two runs, different class names, or no common evaluation images.
     """
-    from transferkit.evaluation import classification_metrics, write_predictions
-    from transferkit.predictors import predict_paths, run_predictor
+    from transferkit.evaluation.evaluate import classification_metrics, write_predictions
+    from transferkit.serving.predictors import predict_paths, run_predictor
 
     if len(run_dirs) < 2:
         raise InputError(f"An ensemble needs at least two run folders; received {len(run_dirs)}.")

@@ -39,7 +39,7 @@ def last_conv_layer(model):
     """
     import keras
 
-    from transferkit.layers import Preprocess
+    from transferkit.models.layers import Preprocess
 
     calls = _calls_in(model)
     for layer in reversed(model.layers):
@@ -128,7 +128,7 @@ def gradcam(model, images, class_index: int | Sequence[int] | None = None) -> np
     cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, size, method="bilinear")[..., 0]
     if cam.shape[0] == 2 * images.shape[0]:
-        # A flip-averaged model (transferkit.layers.MirrorBatch) ran each image and its mirror:
+        # A flip-averaged model (transferkit.models.layers.MirrorBatch) ran each image and its mirror:
         # the evidence is both views', the mirror's map flipped back onto the image.
         cam = (cam[: images.shape[0]] + tf.reverse(cam[images.shape[0]:], axis=[2])) / 2
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
@@ -189,10 +189,10 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, heatmap: np.ndarray
 def display_image(path: str | os.PathLike, max_side: int = DISPLAY_SIZE) -> np.ndarray:
     """The photo as the user sees it (EXIF orientation applied, RGB), longest side ``max_side``.
 
-    Read through the one safe opener (:func:`transferkit.images.display_image`); raises ``ValueError``
+    Read through the one safe opener (:func:`transferkit.data.images.display_image`); raises ``ValueError``
     with the reason for a file that is not a readable image.
     """
-    from transferkit.images import display_image as read_display_image
+    from transferkit.data.images import display_image as read_display_image
 
     return read_display_image(path, max_side)
 
@@ -205,14 +205,14 @@ def explain_files(run, paths: Sequence[str | os.PathLike], output_dir: str | os.
     drawn on the photo at its own aspect ratio, which maps back exactly.
 
     Args:
-        run: a loaded run (:func:`transferkit.runs.load_run`).
+        run: a loaded run (:func:`transferkit.serving.runs.load_run`).
         paths: image files.
         class_name: explain this class instead of the predicted one.
 
     Returns:
         One row per image: ``{"path", "ok", "error", "predicted", "score", "explained", "overlay"}``.
     """
-    from transferkit.images import decode_image, display_image_bytes, read_image_bytes
+    from transferkit.data.images import decode_image, display_image_bytes, read_image_bytes
 
     if class_name is not None and class_name not in run.class_names:
         raise InputError(f"Unknown class '{class_name}' (--class); the model's classes: "

@@ -67,10 +67,10 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
     def fit(self, X=None, y=None):
         """Build the backbone with its weights (the images are not needed, only the settings)."""
-        from transferkit.backbones import check_image_size, get_backbone
         from transferkit.cache import FeatureSpec
+        from transferkit.models.backbones import check_image_size, get_backbone
+        from transferkit.models.weights import load_backbone, resolve_weights
         from transferkit.runtime import start_tensorflow
-        from transferkit.weights import load_backbone, resolve_weights
 
         spec = get_backbone(self.backbone)
         size = check_image_size(spec, self.image_size)
@@ -136,13 +136,14 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
         ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
         are logged (with ``strict``, any skipped file raises instead).
     """
-    from transferkit import runs, runtime
-    from transferkit.backbones import check_image_size, get_backbone
+    from transferkit import runtime
     from transferkit.cache import FeatureCache, FeatureSpec, default_cache_dir, extract_features
-    from transferkit.checks import check_strict
     from transferkit.config import TrainConfig
-    from transferkit.data import scan_folder
-    from transferkit.weights import load_backbone, resolve_weights
+    from transferkit.data.checks import check_strict
+    from transferkit.data.scan import scan_folder
+    from transferkit.models.backbones import check_image_size, get_backbone
+    from transferkit.models.weights import load_backbone, resolve_weights
+    from transferkit.serving import runs
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
@@ -180,8 +181,8 @@ def export_folder_features(folder, paths, result, cache, output, file_format: st
         ``(rows written, feature dimension)``.
     """
     from transferkit.cache import FileHashes, write_features
-    from transferkit.checks import dataset_warnings
-    from transferkit.splits import assign_roles
+    from transferkit.data.checks import dataset_warnings
+    from transferkit.data.splits import assign_roles
 
     # The rows carry each image's split: say so when a copy of one image sits in two splits.
     hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read

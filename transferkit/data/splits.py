@@ -4,7 +4,7 @@ A file's split depends only on its relative path and the seed (:func:`stable_fra
 removing other files never moves it; ``splits.csv`` records the split of a run so it can be read
 back (:func:`read_splits_csv`) by evaluation, export and ensembles. Example::
 
-    folder = scan_folder("photos", seed=0)          # transferkit.data
+    folder = scan_folder("photos", seed=0)          # transferkit.data.scan
     train_paths, train_labels = folder.subset("train")
     write_splits_csv(folder, "runs/exp1/splits.csv")
     again = read_splits_csv("runs/exp1/splits.csv", root="photos")
@@ -36,7 +36,7 @@ _CSV_COLUMNS = ("path", "label", "class_name", "split")
 class ImageFolder:
     """Every usable image of a dataset with its label and split.
 
-    Made by :func:`transferkit.data.scan_folder` (or read back by :func:`read_splits_csv`).
+    Made by :func:`transferkit.data.scan.scan_folder` (or read back by :func:`read_splits_csv`).
 
     ``paths``, ``labels`` and ``splits`` are aligned and ordered by ``paths`` (sorted POSIX strings).
     ``labels`` is read-only.
@@ -123,7 +123,7 @@ def hash_splits(paths: tuple[str, ...], labels: np.ndarray, seed: int,
     * A class of fewer than :data:`MIN_SPLIT_CLASS_IMAGES` images is all in train. It cannot reach every
       split anyway, and holding some of it out would depend on the seed: one seed would leave it without
       training images (a run refused) where another trains on it. Its accuracy cannot be measured, which
-      :func:`transferkit.checks.dataset_warnings` says.
+      :func:`transferkit.data.checks.dataset_warnings` says.
     * A class of 3 or more gets at least one image in every split in use: an empty split takes one image
       (the one with the highest hash) from the class's largest split (train on ties), which keeps one.
 

@@ -62,8 +62,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferkit.data.images import IMAGE_EXTENSIONS
 from transferkit.errors import DataError, InputError, short_repr
-from transferkit.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger("transferkit")
 
@@ -414,7 +414,7 @@ def _remove_stale_partials(target: Path) -> None:
 
 
 def class_folder_names(names) -> list[str]:
-    """Folder-safe class names that :func:`transferkit.data.check_class_names` accepts.
+    """Folder-safe class names that :func:`transferkit.data.scan.check_class_names` accepts.
 
     Separators, NULs, control characters and line separators become ``_``, a leading dot ``_`` (hidden
     otherwise); names are NFC.

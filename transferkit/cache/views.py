@@ -3,7 +3,7 @@
 ``--augment-views K`` stores, besides each image's own vector (view 0), the vectors of K augmented
 views of it (views 1..K: crops, flips, colour shifts at the strengths of ``--augment``). A view is
 a function of the image's bytes, its number, the augmentation settings and the seed only (stateless
-TensorFlow ops, :func:`transferkit.augment.augmented_view`), so its vector can be cached for good:
+TensorFlow ops, :func:`transferkit.data.augment.augmented_view`), so its vector can be cached for good:
 
 * each view k has its own :class:`~transferkit.cache.FeatureSpec` (the image's spec plus the
   settings, :func:`augmentation_id`, and ``view=k``) and its own cache folder, keyed by the image's
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.augment import augmented_view, view_seed
 from transferkit.cache import compute
 from transferkit.cache.compute import ExtractionResult
 from transferkit.cache.keys import hash_file
 from transferkit.cache.store import FeatureCache
 from transferkit.config import TrainConfig
+from transferkit.data.augment import augmented_view, view_seed
 from transferkit.progress import progress_bar
 
-#: Bumped whenever :func:`transferkit.augment.augmented_view` changes the pixels it makes: part of
+#: Bumped whenever :func:`transferkit.data.augment.augmented_view` changes the pixels it makes: part of
 #: every view's key, so cached views of the old algorithm stop matching.
 VIEWS_VERSION = 1
 

@@ -1,6 +1,6 @@
 """Dataset-level checks run before training: ``--strict``, splits missing a class, duplicate images.
 
-The scanner (:mod:`transferkit.data`) already refuses what makes a folder unusable (no class folders,
+The scanner (:mod:`transferkit.data.scan`) already refuses what makes a folder unusable (no class folders,
 a class without readable images, a single class). What is checked here still lets a run go ahead but
 makes its result misleading, so each finding is a message saying what is wrong and what to do; the
 caller logs it. Example::
@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from transferkit.data import SPLITS, ImageFolder, name_twins
+from transferkit.data.scan import SPLITS, ImageFolder, name_twins
+from transferkit.data.splits import MIN_SPLIT_CLASS_IMAGES
 from transferkit.errors import DataError, short_repr
-from transferkit.splits import MIN_SPLIT_CLASS_IMAGES
 
 #: How many examples a message lists before "and N more".
 MAX_LISTED = 5
@@ -65,7 +65,7 @@ def dataset_warnings(folder: ImageFolder, hashes: Sequence[str | OSError | None]
     * class names that differ only by case (``A`` and ``a``): one folder on macOS and Windows.
 
     Args:
-        folder: From :func:`transferkit.data.scan_folder`.
+        folder: From :func:`transferkit.data.scan.scan_folder`.
         hashes: Content hash of each of ``folder.paths`` (``FileHashes.hashes`` gives them and remembers
             them for the extraction that follows); ``None`` skips the duplicate checks. Entries that are
             not strings (a file that could not be read) are left out.

@@ -17,23 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import files, report_data, runs
-from transferkit.augment import describe_augmentation, describe_run_augmentation, describe_views
-from transferkit.backbones import BackboneSpec, block_boundaries, check_image_size, get_backbone
+from transferkit import files
 from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, default_cache_dir, extract_features
-from transferkit.checks import check_strict, dataset_warnings
+from transferkit.cache.views import view_groups, with_view_rows
 from transferkit.config import TrainConfig, save_config
-from transferkit.data import ImageFolder, scan_folder, write_splits_csv
-from transferkit.distribute import make_strategy, output_dir_for
+from transferkit.data.augment import describe_augmentation, describe_run_augmentation, describe_views
+from transferkit.data.checks import check_strict, dataset_warnings
+from transferkit.data.scan import ImageFolder, scan_folder, write_splits_csv
+from transferkit.data.splits import assign_roles, with_roles
 from transferkit.errors import DataError, TransferkitError
-from transferkit.evaluation import classification_metrics, write_predictions
-from transferkit.finetune import class_weights, fine_tune_phase, tensorboard_callbacks
+from transferkit.evaluation.evaluate import classification_metrics, write_predictions
+from transferkit.heads.softmax import SoftmaxHead, fit_softmax_head, head_layers, head_val_loss, refits
+from transferkit.models.backbones import BackboneSpec, block_boundaries, check_image_size, get_backbone
+from transferkit.models.weights import ResolvedWeights, load_backbone, resolve_weights
+from transferkit.report import data as report_data
 from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff
-from transferkit.softmax_head import SoftmaxHead, fit_softmax_head, head_layers, head_val_loss, refits
-from transferkit.splits import assign_roles, with_roles
-from transferkit.strategies import choose_strategy, fine_tune_rate, plan_phases
-from transferkit.views import view_groups, with_view_rows
-from transferkit.weights import ResolvedWeights, load_backbone, resolve_weights
+from transferkit.serving import runs
+from transferkit.training.distribute import make_strategy, output_dir_for
+from transferkit.training.finetune import class_weights, fine_tune_phase, tensorboard_callbacks
+from transferkit.training.strategies import choose_strategy, fine_tune_rate, plan_phases
 
 log = logging.getLogger("transferkit")
 
@@ -106,7 +108,7 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     check_optional_flags(config)  # first: seconds, before the folder scan and any weights download
     spec, image_size, folder, weights, _ = check_inputs(config, strict=config.strict)
     if config.head != "softmax":
-        from transferkit.heads import get_head
+        from transferkit.heads.registry import get_head
 
         get_head(config.head)  # an unknown name fails now, with the nearest one suggested
     # A non-chief worker of --distribute multi-worker writes its checkpoints beside RUN_DIR.
@@ -232,7 +234,7 @@ def _finish_report(plan: TrainingPlan) -> TrainResult:
 def _write_train_report(run: runs.Run, features, feature_labels, seed: int) -> dict:
     """The report of a train run (Grad-CAM on its model unless a scikit-learn head has no gradient to
     follow); returns its metrics."""
-    from transferkit.report import gradcam_explainer, write_report
+    from transferkit.report.writer import gradcam_explainer, write_report
 
     explainer = None if run.head is not None or (run.run_dir / runs.HEAD_FILE).exists() else gradcam_explainer(run)
     html, _ = write_report(run.run_dir, features=features, feature_labels=feature_labels, explainer=explainer,
@@ -468,7 +470,7 @@ FROZEN_VIEW_COST, FROZEN_EPOCH_COST = 1.3, 0.3
 def _auto_evidence(config: TrainConfig, backbone, features, labels, train_idx, val_idx, mirrored: bool):
     """``--strategy auto``'s evidence: the frozen head on train + val (C, learning curve) and the
     fine-tune epoch time estimated from one timed forward batch on this machine."""
-    from transferkit.softmax_head import auto_evidence
+    from transferkit.heads.softmax import auto_evidence
 
     size = int(backbone.input_shape[1])
     batch = np.zeros((16, size, size, 3), np.float32)
@@ -521,7 +523,7 @@ def refit_tuned_head(model, backbone, paths: list[str], labels: np.ndarray, trva
     features through the fine-tuned ``backbone`` (whose layers ``model`` shares), as freeze-all
     refits its head: every labelled non-test image counts, the early-stopping images included.
 
-    The fit is the exact head of freeze-all (:func:`transferkit.softmax_head.fit_exact_softmax`,
+    The fit is the exact head of freeze-all (:func:`transferkit.heads.softmax.fit_exact_softmax`,
     its ``C`` chosen by cross-validation on these features unless ``--regularization`` is given):
     no epoch count has to be chosen for features the head phase never saw. It is folded into the
     layer in place, so the saved graph is unchanged. Measured with mobilenet_v2 (README, Results):
@@ -531,7 +533,7 @@ def refit_tuned_head(model, backbone, paths: list[str], labels: np.ndarray, trva
     Returns:
         ``(probabilities of the eval_idx images, info for metrics.json)``.
     """
-    from transferkit.softmax_head import fit_exact_softmax
+    from transferkit.heads.softmax import fit_exact_softmax
 
     started = time.perf_counter()
     index = np.concatenate([trval_idx, eval_idx])
@@ -596,11 +598,11 @@ def _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx, 
     heads are saved with skops as ``head.skops`` next to the backbone, which then outputs features.
     Every head outputs probabilities: heads without them are calibrated on held-out decision
     scores (SVM and ridge margins by a softmax temperature folded into the layer, which changes
-    no prediction; see :func:`transferkit.heads.fit_temperature`).
+    no prediction; see :func:`transferkit.heads.registry.fit_temperature`).
     """
     import keras
 
-    from transferkit import heads
+    from transferkit.heads import registry as heads
 
     spec = heads.get_head(config.head)
     trval_idx = np.concatenate([train_idx, val_idx])

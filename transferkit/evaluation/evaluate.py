@@ -89,7 +89,7 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
         run_dir: the folder of a ``transferkit train`` run.
         image_dir: a folder with one sub-folder per class (split folders are pooled).
         output_dir: where to write; default ``RUN_DIR/evaluations/<folder name>``.
-        tta: evaluate with 10-crop test-time augmentation (:mod:`transferkit.tta`); the metrics are
+        tta: evaluate with 10-crop test-time augmentation (:mod:`transferkit.evaluation.tta`); the metrics are
             then those of the averaged predictions, and ``metrics["tta"]`` holds the accuracy and
             macro-F1 with and without it.
 
@@ -99,13 +99,14 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     import dataclasses
     from pathlib import Path
 
-    from transferkit import files, runs
-    from transferkit.data import scan_folder
+    from transferkit import files
+    from transferkit.data.scan import scan_folder
     from transferkit.errors import DataError
-    from transferkit.predictors import predict_paths, run_predictor
-    from transferkit.report import gradcam_explainer, write_report
-    from transferkit.report_data import collect_versions
-    from transferkit.tta import TTA_DESCRIPTION
+    from transferkit.evaluation.tta import TTA_DESCRIPTION
+    from transferkit.report.data import collect_versions
+    from transferkit.report.writer import gradcam_explainer, write_report
+    from transferkit.serving import runs
+    from transferkit.serving.predictors import predict_paths, run_predictor
 
     # Resolved once, here: metrics.json, predictions.csv and the report then name the same files
     # whatever folder a later 'transferkit report' runs in (a relative image folder was joined to

@@ -18,8 +18,8 @@ OUTPUT_DIR::
     config.yaml          the resolved settings
     history-softmax.csv  the softmax head's epochs (first seed)
 
-The report is made by :mod:`transferkit.report`'s machinery (the same sections, blocks and
-writer as a training run's report); the figures are :mod:`transferkit.plots`'.
+The report is made by :mod:`transferkit.report.writer`'s machinery (the same sections, blocks and
+writer as a training run's report); the figures are :mod:`transferkit.report.plots`'.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from transferkit import files, plots, report, runs
-from transferkit.data import write_splits_csv
-from transferkit.report_data import collect_versions
-from transferkit.report_format import Cards, Image, Paragraph, Row, Section, Table
+from transferkit import files
+from transferkit.data.scan import write_splits_csv
+from transferkit.report import plots
+from transferkit.report import writer as report
+from transferkit.report.data import collect_versions
+from transferkit.report.render import Cards, Image, Paragraph, Row, Section, Table
+from transferkit.serving import runs
 
 COMPARISON_JSON = "comparison.json"
 ACCURACY_PNG = "accuracy.png"
@@ -49,7 +52,7 @@ def summarise(per_head: Mapping[str, Sequence[dict]], mcnemar_p: Mapping[str, fl
     Heads are listed best first (mean accuracy). ``accuracy_ci`` is the bootstrap interval of the
     first seed's run; ``mcnemar_p`` is against ``reference``, the largest over seeds.
     """
-    from transferkit.stats import ALPHA
+    from transferkit.heads.stats import ALPHA
 
     config, folder = plan.config, plan.folder
     heads = []
@@ -288,7 +291,7 @@ def write_outputs(plan, summary: dict[str, Any], run_folder, skipped, features: 
     """
     import yaml
 
-    from transferkit.heads import HEADS
+    from transferkit.heads.registry import HEADS
 
     out, config = plan.output_dir, plan.config
     header, rows = table_rows(summary)

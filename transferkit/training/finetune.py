@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
-from transferkit.backbones import BackboneSpec, block_boundaries
 from transferkit.config import TrainConfig
+from transferkit.models.backbones import BackboneSpec, block_boundaries
 from transferkit.progress import keras_verbose
 from transferkit.runtime import XLA_ON_CPU_NOTE, xla_device
-from transferkit.strategies import Phase, layer_rates
+from transferkit.training.strategies import Phase, layer_rates
 
 log = logging.getLogger("transferkit")
 
@@ -133,8 +133,8 @@ def fine_tune(model, config: TrainConfig, layer_rates: dict[str, float], train_d
     """
     import keras
 
-    from transferkit import runs
     from transferkit.errors import TransferkitError
+    from transferkit.serving import runs
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     history_path = checkpoint_dir / "history-fine-tune.csv"
@@ -185,7 +185,7 @@ def atomic_callbacks():
 
     import keras
 
-    from transferkit import runs
+    from transferkit.serving import runs
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         """Keras' ``BackupAndRestore`` with crash-safe files.
@@ -425,10 +425,10 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
     """
     import keras
 
-    from transferkit import frozen_views
-    from transferkit.augment import training_images
-    from transferkit.backbones import build_backbone
-    from transferkit.distribute import shard_by_data, sync_weights, training_model
+    from transferkit.data.augment import training_images
+    from transferkit.models.backbones import build_backbone
+    from transferkit.training import frozen_views
+    from transferkit.training.distribute import shard_by_data, sync_weights, training_model
 
     policy, policy_note = (None, "")
     if config.mixed_precision:

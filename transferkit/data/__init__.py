@@ -1,0 +1,1 @@
+"""Data in: scanning folders and TFDS, decoding images, splits, dataset checks, augmentation."""

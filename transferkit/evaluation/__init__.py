@@ -1,0 +1,1 @@
+"""Evaluation: metrics, evaluating a run, test-time augmentation, ensembles and Grad-CAM."""

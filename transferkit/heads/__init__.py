@@ -1,0 +1,1 @@
+"""Heads on cached features: the scikit-learn registry, the exact softmax, the estimator, comparisons."""

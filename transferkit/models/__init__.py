@@ -1,0 +1,1 @@
+"""Backbones: the registry, weight files, model building and transferkit's custom Keras layers."""

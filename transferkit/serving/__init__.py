@@ -1,0 +1,1 @@
+"""Serving: the run folder and its reader, predictors over every format, and export."""
