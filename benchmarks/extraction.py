@@ -27,7 +27,7 @@ def main(image_dir: str, backbone: str, batch_size: int = 32) -> None:
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
     from transferkit.config import TrainConfig
     from transferkit.data.scan import load_image, scan_folder
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.models.weights import load_backbone, resolve_weights
     from transferkit.training.run import train
 

@@ -30,7 +30,7 @@ import yaml
 def features_of(folder, backbone: str, cache_dir: str, *, mirror: bool):
     """The cached features of every image of ``folder`` (cache hits after a run)."""
     from transferkit.cache import FeatureCache, FeatureSpec, extract_features
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.models.weights import load_backbone, resolve_weights
 
     spec = get_backbone(backbone)

@@ -25,7 +25,7 @@ TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32"]
 
 _MODEL = """\
 import keras
-from transferkit.models.backbones import get_backbone
+from transferkit.models.registry import get_backbone
 from transferkit.models.weights import load_backbone, resolve_weights
 keras.utils.set_random_seed(0)
 spec = get_backbone("tiny_test")
@@ -51,7 +51,7 @@ def _paths(folder: Path) -> list[Path]:
 
 
 def _cache(root: Path, model) -> FeatureCache:
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
 
     return FeatureCache(root, FeatureSpec.for_model(get_backbone("tiny_test"), model))
 

@@ -16,17 +16,10 @@ import numpy as np
 import pytest
 
 from transferkit.errors import InputError, UnknownBackboneError
-from transferkit.models import backbones
-from transferkit.models.backbones import (
-    BackboneSpec,
-    backbone_constructor,
-    block_boundaries,
-    build_backbone,
-    get_backbone,
-    keras_weights_file,
-    list_backbones,
-    register_backbone,
-)
+from transferkit.models import build, registry
+from transferkit.models.build import backbone_constructor, block_boundaries, build_backbone
+from transferkit.models.registry import BackboneSpec, get_backbone, list_backbones, register_backbone
+from transferkit.models.weights import keras_weights_file
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 SPECS = list_backbones()
@@ -56,7 +49,7 @@ def fresh_keras_session():
 
 
 def test_importing_backbones_does_not_import_tensorflow_or_keras():
-    code = "import sys, transferkit.models.backbones; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    code = "import sys, transferkit.models.registry; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -77,7 +70,7 @@ def test_registry_is_grouped_by_family_with_unique_names():
     assert len({spec.name for spec in SPECS}) == len(SPECS)
     assert [spec.name for spec in SPECS if not spec.pretrained] == ["tiny_test"]
     for spec in SPECS:
-        assert spec.preprocessing in backbones.PREPROCESSING_MODES
+        assert spec.preprocessing in registry.PREPROCESSING_MODES
 
 
 def test_well_known_entries_come_from_the_keras_sources():
@@ -123,7 +116,7 @@ def test_specs_are_frozen_hashable_and_picklable():
 
 
 def test_register_backbone_is_idempotent_and_refuses_conflicts(monkeypatch):
-    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     spec = get_backbone("vgg16")
     register_backbone(dataclasses.replace(spec))  # equal spec: no-op
     with pytest.raises(ValueError, match="already registered"):
@@ -343,7 +336,7 @@ def test_flattening_convnext_keeps_its_weights_and_outputs():
     pixels = Preprocess(mode="none")(image)
     nested = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_tensor=pixels, pooling="avg")
     nested = keras.Model(image, nested.output)
-    flat = backbones._flatten(nested)
+    flat = build._flatten(nested)
     assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
     assert flat.count_params() == nested.count_params()
     batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from transferkit.cache import FeatureCache, FeatureSpec, extract_features, hash_file
-from transferkit.models.backbones import get_backbone
+from transferkit.models.registry import get_backbone
 from transferkit.models.weights import load_backbone, resolve_weights
 
 SPEC = FeatureSpec("tiny_test", "w1", 32, "tf")

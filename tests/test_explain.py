@@ -32,7 +32,8 @@ def square_model():
     """A tiny_test backbone + softmax head, built like a run's model and trained on the square images."""
     import keras
 
-    from transferkit.models.backbones import build_backbone, get_backbone
+    from transferkit.models.build import build_backbone
+    from transferkit.models.registry import get_backbone
 
     keras.utils.set_random_seed(0)
     backbone = build_backbone(get_backbone("tiny_test"), image_size=SIZE)

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from transferkit.cli import main
-from transferkit.models.backbones import block_boundaries, build_backbone, get_backbone
+from transferkit.models.build import block_boundaries, build_backbone
+from transferkit.models.registry import get_backbone
 from transferkit.testing import make_image_folder
 from transferkit.training import frozen_views
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferkit.models.backbones import get_backbone
+from transferkit.models.registry import get_backbone
 
 
 @pytest.mark.parametrize("name, module", [
@@ -57,7 +57,7 @@ def test_a_mirrored_backbone_averages_each_image_and_its_mirror(tmp_path):
     import keras
 
     from transferkit.cache import FeatureSpec
-    from transferkit.models.backbones import build_backbone
+    from transferkit.models.build import build_backbone
     from transferkit.serving.runs import save_model
 
     spec = get_backbone("tiny_test")

@@ -47,7 +47,7 @@ def tiny_model():
     """The backbone `transferkit extract --backbone tiny_test --weights none --seed 0` builds."""
     import keras
 
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.models.weights import load_backbone, resolve_weights
 
     spec = get_backbone("tiny_test")
@@ -60,7 +60,7 @@ def _paths(photos: Path) -> list[Path]:
 
 
 def _cache(cache_dir: Path, model) -> FeatureCache:
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
 
     return FeatureCache(cache_dir, FeatureSpec.for_model(get_backbone("tiny_test"), model))
 
@@ -143,7 +143,7 @@ def test_ctrl_c_stops_extraction_cleanly_keeps_every_finished_vector_and_the_nex
 _KILLED_SCRIPT = """\
 import sys, time, keras
 from pathlib import Path
-from transferkit.models.backbones import get_backbone
+from transferkit.models.registry import get_backbone
 from transferkit.cache import FeatureCache, FeatureSpec, compute, extract_features
 from transferkit.models.weights import load_backbone, resolve_weights
 # The tiny model runs thousands of images a second: at that pace the kill, which lands up to 50 ms

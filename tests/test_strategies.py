@@ -9,7 +9,8 @@ import pytest
 
 from transferkit.config import TrainConfig
 from transferkit.errors import InputError
-from transferkit.models.backbones import block_boundaries, build_backbone, get_backbone
+from transferkit.models.build import block_boundaries, build_backbone
+from transferkit.models.registry import get_backbone
 from transferkit.training.strategies import Phase, choose_strategy, default_unfreeze_blocks, layer_rates, plan_phases
 
 # ----------------------------------------------------------------------------- plans (no TensorFlow)

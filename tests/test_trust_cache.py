@@ -19,7 +19,7 @@ from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, extract_fea
 from transferkit.cache.store import read_keys, read_rows, spec_shards, write_shard
 from transferkit.cli import main
 from transferkit.data.images import load_image
-from transferkit.models.backbones import get_backbone
+from transferkit.models.registry import get_backbone
 from transferkit.models.weights import load_backbone, resolve_weights
 from transferkit.testing import make_image_folder
 

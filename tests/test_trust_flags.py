@@ -255,7 +255,7 @@ def test_predict_o_writes_and_refuses_to_replace_a_file_without_overwrite(tmp_pa
 def test_readme_default_unfrozen_blocks_match_the_registry():
     from pathlib import Path
 
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.training.strategies import default_unfreeze_blocks
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")

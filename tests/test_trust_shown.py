@@ -64,7 +64,8 @@ def test_grad_cam_follows_the_models_own_call_of_a_shared_layer(tmp_path):
     import keras
 
     from transferkit.evaluation.explain import gradcam
-    from transferkit.models.backbones import build_backbone, get_backbone
+    from transferkit.models.build import build_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.serving import runs
     from transferkit.serving.predictors import load_keras_model
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from transferkit.errors import InputError, WeightsError
-from transferkit.models.backbones import get_backbone, keras_weights_file
+from transferkit.models.registry import get_backbone
 from transferkit.models.weights import (
     BUNDLED_WEIGHTS_DIR,
     find_offline,
     import_weights,
     keras_models_dir,
+    keras_weights_file,
     load_backbone,
     resolve_weights,
 )

@@ -254,7 +254,7 @@ def _rebuild_model(spec: FeatureSpec, models: dict, weights: str | None, seed: i
 
     import keras
 
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.models.weights import load_backbone, resolve_weights
 
     try:

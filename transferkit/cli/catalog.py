@@ -17,7 +17,7 @@ from transferkit.cli.options import backbone_option, image_size_option
 @handle_errors
 def backbones(as_json: bool) -> None:
     """List the backbones: input size, feature size, parameters, offline weights."""
-    from transferkit.models.backbones import list_backbones
+    from transferkit.models.registry import list_backbones
     from transferkit.models.weights import BUNDLED_WEIGHTS_DIR, find_offline
 
     rows = []
@@ -64,7 +64,7 @@ def weights_import(file: str, backbone: str, image_size: int | None) -> None:
 
     Use it to bring weights downloaded on another machine to an offline one.
     """
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
     from transferkit.models.weights import import_weights
 
     spec = get_backbone(backbone)

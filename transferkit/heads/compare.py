@@ -45,7 +45,7 @@ from transferkit.data.scan import ImageFolder
 from transferkit.errors import DataError, InputError
 from transferkit.heads.registry import HEADS
 from transferkit.heads.stats import ALPHA, bootstrap_accuracy_ci, mcnemar
-from transferkit.models.backbones import BackboneSpec
+from transferkit.models.registry import BackboneSpec
 from transferkit.models.weights import ResolvedWeights
 from transferkit.serving import runs
 

@@ -68,7 +68,7 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def fit(self, X=None, y=None):
         """Build the backbone with its weights (the images are not needed, only the settings)."""
         from transferkit.cache import FeatureSpec
-        from transferkit.models.backbones import check_image_size, get_backbone
+        from transferkit.models.registry import check_image_size, get_backbone
         from transferkit.models.weights import load_backbone, resolve_weights
         from transferkit.runtime import start_tensorflow
 
@@ -141,7 +141,7 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
     from transferkit.config import TrainConfig
     from transferkit.data.checks import check_strict
     from transferkit.data.scan import scan_folder
-    from transferkit.models.backbones import check_image_size, get_backbone
+    from transferkit.models.registry import check_image_size, get_backbone
     from transferkit.models.weights import load_backbone, resolve_weights
     from transferkit.serving import runs
 

@@ -367,7 +367,7 @@ def model_card(run, fmt: str, quantize: str, parity: dict, representative: Image
     import keras
     import tensorflow as tf
 
-    from transferkit.models.backbones import get_backbone
+    from transferkit.models.registry import get_backbone
 
     size = run.image_size
     backbone = run.config.get("backbone")

@@ -30,7 +30,8 @@ import numpy as np
 
 from transferkit import files
 from transferkit.config import TrainConfig
-from transferkit.models.backbones import BackboneSpec, block_boundaries
+from transferkit.models.build import block_boundaries
+from transferkit.models.registry import BackboneSpec
 from transferkit.progress import keras_verbose
 from transferkit.runtime import XLA_ON_CPU_NOTE, xla_device
 from transferkit.training.strategies import Phase, layer_rates
@@ -426,7 +427,7 @@ def fine_tune_phase(config: TrainConfig, spec: BackboneSpec, image_size: int, ba
     import keras
 
     from transferkit.data.augment import training_images
-    from transferkit.models.backbones import build_backbone
+    from transferkit.models.build import build_backbone
     from transferkit.training import frozen_views
     from transferkit.training.distribute import shard_by_data, sync_weights, training_model
 

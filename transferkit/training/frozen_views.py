@@ -28,7 +28,8 @@ import time
 import numpy as np
 
 from transferkit.config import TrainConfig
-from transferkit.models.backbones import BackboneSpec, block_boundaries
+from transferkit.models.build import block_boundaries
+from transferkit.models.registry import BackboneSpec
 from transferkit.training.strategies import Phase
 
 log = logging.getLogger("transferkit")

@@ -28,7 +28,8 @@ from transferkit.data.splits import assign_roles, with_roles
 from transferkit.errors import DataError, TransferkitError
 from transferkit.evaluation.evaluate import classification_metrics, write_predictions
 from transferkit.heads.softmax import SoftmaxHead, fit_softmax_head, head_layers, head_val_loss, refits
-from transferkit.models.backbones import BackboneSpec, block_boundaries, check_image_size, get_backbone
+from transferkit.models.build import block_boundaries
+from transferkit.models.registry import BackboneSpec, check_image_size, get_backbone
 from transferkit.models.weights import ResolvedWeights, load_backbone, resolve_weights
 from transferkit.report import data as report_data
 from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff

@@ -223,7 +223,7 @@ def fine_tune_rate(num_train: int, rate: float | None = None) -> tuple[float, st
 def layer_rates(boundaries: Sequence[tuple[str, int]], num_layers: int, phase: Phase) -> list[float | None]:
     """Per backbone layer: its learning-rate multiplier in this phase, or ``None`` when frozen.
 
-    ``boundaries`` come from :func:`transferkit.models.backbones.block_boundaries` (block name, index of
+    ``boundaries`` come from :func:`transferkit.models.build.block_boundaries` (block name, index of
     its last layer). The stem counts with the first block, so it trains only when every block does.
 
     Example:
