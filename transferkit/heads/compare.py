@@ -6,7 +6,7 @@ images. What is the same for every head:
 
 - the split (train / val / test roles, from ``--seed`` exactly as ``transferkit train`` makes it);
 - the labelled data: train + val. The softmax head is ``transferkit train``'s freeze-all head (the
-  same function, :func:`transferkit.heads.softmax.fit_softmax_head`): the exact regularised optimum,
+  same function, :func:`transferkit.training.head.fit_softmax_head`): the exact regularised optimum,
   its ``C`` chosen by cross-validation; the scikit-learn heads run their cross-validated grid
   search;
 - the seed of each repetition: with ``num_seeds`` N, every head trains N times with seeds
@@ -274,7 +274,7 @@ def fit_softmax_arm(features: np.ndarray, labels: np.ndarray, train_idx: np.ndar
     and score it."""
     import keras
 
-    from transferkit.heads.softmax import fit_softmax_head
+    from transferkit.training.head import fit_softmax_head
 
     keras.utils.set_random_seed(seed)
     head = fit_softmax_head(features, labels, train_idx, val_idx, test_idx, config.replace(seed=seed),

@@ -27,7 +27,6 @@ from transferkit.data.scan import ImageFolder, scan_folder, write_splits_csv
 from transferkit.data.splits import assign_roles, with_roles
 from transferkit.errors import DataError, TransferkitError
 from transferkit.evaluation.evaluate import classification_metrics, write_predictions
-from transferkit.heads.softmax import SoftmaxHead, fit_softmax_head, head_layers, head_val_loss, refits
 from transferkit.models.build import block_boundaries
 from transferkit.models.registry import BackboneSpec, check_image_size, get_backbone
 from transferkit.models.weights import ResolvedWeights, load_backbone, resolve_weights
@@ -36,6 +35,7 @@ from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_bat
 from transferkit.serving import runs
 from transferkit.training.distribute import make_strategy, output_dir_for
 from transferkit.training.finetune import class_weights, fine_tune_phase, tensorboard_callbacks
+from transferkit.training.head import SoftmaxHead, fit_softmax_head, head_layers, head_val_loss, refits
 from transferkit.training.strategies import choose_strategy, fine_tune_rate, plan_phases
 
 log = logging.getLogger("transferkit")
