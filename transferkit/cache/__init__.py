@@ -12,6 +12,9 @@ lives in the module that owns its part:
   once (the bytes hashed are the bytes decoded), run the backbone, write as it goes so an
   interrupted run resumes;
 * :mod:`transferkit.cache.maintenance` - ``cache info|verify [--deep]|prune|merge``;
+* :mod:`transferkit.cache.views` - augmented views: a head trains with augmentation, the backbone
+  runs once per view;
+* :mod:`transferkit.cache.folder` - a whole folder's features (``extract``, ``features export``);
 * :mod:`transferkit.cache.feature_files` - ``features export`` to npz, parquet or CSV.
 
 Example:

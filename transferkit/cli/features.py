@@ -60,7 +60,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
     if shard_index >= num_shards:
         raise click.BadParameter(f"must be below --num-shards ({num_shards}), received {shard_index}",
                                  param_hint="--shard-index")
-    from transferkit.heads.estimator import extract_folder
+    from transferkit.cache.folder import extract_folder
 
     folder, paths, result, cache = extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
@@ -117,8 +117,8 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     --augment-views K, K + 1 rows per image and a column 'view' after split: 0 is the image
     itself, 1..K its augmented views. IMAGE_DIR may be tfds:NAME[:SPLIT] (TensorFlow Datasets).
     """
+    from transferkit.cache.folder import export_folder_features, extract_folder
     from transferkit.config import FeatureExportConfig, config_from_dict
-    from transferkit.heads.estimator import export_folder_features, extract_folder
 
     settings = merge_config(config_path, options, FeatureExportConfig, image_dir=image_dir, output=output)
     config = config_from_dict(settings, FeatureExportConfig, source="the options")
@@ -178,7 +178,7 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
     from transferkit.serving.runs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
-    from transferkit.heads.estimator import extract_folder
+    from transferkit.cache.folder import extract_folder
 
     folder, _, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                            cache_dtype, seed, quiet)

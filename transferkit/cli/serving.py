@@ -115,7 +115,7 @@ def report(run_dir, feature_map, gradcam, batch_size, quiet) -> None:
     if settings:
         import numpy as np
 
-        from transferkit.heads.estimator import extract_folder
+        from transferkit.cache.folder import extract_folder
 
         folder, _, result, _ = extract_folder(
             settings["image_dir"], settings["backbone"], settings["weights"], settings["image_size"], batch_size,

@@ -70,7 +70,7 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
     from transferkit.serving.runs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
-    from transferkit.heads.estimator import extract_folder
+    from transferkit.cache.folder import extract_folder
 
     folder, paths, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
                                                cache_dtype, seed, quiet)
