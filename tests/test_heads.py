@@ -25,10 +25,9 @@ from transferkit.heads.registry import (
     get_head,
     head_scores,
     keras_head_layer,
-    load_head,
     make_head,
-    save_head,
 )
+from transferkit.heads.saving import load_head, save_head
 from transferkit.heads.stats import bootstrap_accuracy_ci, mcnemar
 
 LINEAR = [name for name, spec in HEADS.items() if spec.linear]

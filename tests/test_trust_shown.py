@@ -197,7 +197,8 @@ def _features(num_classes: int, seed: int = 0):
 @pytest.mark.parametrize("name", ["linear-svm", "ridge"])
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_temperature_calibration_keeps_every_decision_and_fits_held_out_images_better(name, num_classes, tmp_path):
-    from transferkit.heads.registry import fit_head, keras_head_layer, load_head, save_head
+    from transferkit.heads.registry import fit_head, keras_head_layer
+    from transferkit.heads.saving import load_head, save_head
 
     X, y, X_test, y_test = _features(num_classes)
     with warnings.catch_warnings():

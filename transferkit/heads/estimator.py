@@ -106,7 +106,8 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         return result.vectors
 
     def identity(self, class_names: Sequence[str]) -> dict[str, Any]:
-        """The backbone identity :func:`save_head` stores, for features from this transformer."""
+        """The backbone identity :func:`transferkit.heads.saving.save_head` stores, for features from
+        this transformer."""
         check_is_fitted(self, "model_")
         return {"backbone": self.backbone_spec_.name, "image_size": self.image_size_,
                 "weights_id": self.weights_id_, "class_names": list(class_names)}

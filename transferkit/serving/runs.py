@@ -474,7 +474,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
                        "The file is damaged; train the run again or restore the file.") if config_path.is_file() else {}
     head = None
     if (run_dir / HEAD_FILE).is_file():
-        from transferkit.heads.registry import load_head
+        from transferkit.heads.saving import load_head
 
         head, _ = load_head(run_dir / HEAD_FILE)  # registry types only: no file can run code
         outputs = len(head.classes_)

@@ -604,6 +604,7 @@ def _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx, 
     import keras
 
     from transferkit.heads import registry as heads
+    from transferkit.heads.saving import save_head
 
     spec = heads.get_head(config.head)
     trval_idx = np.concatenate([train_idx, val_idx])
@@ -640,7 +641,7 @@ def _train_sklearn_head(config, backbone, features, labels, train_idx, val_idx, 
                     else "decision scores", fold_agreement=agreement)
         return model, outputs, info
     scores, kind = fitted.scores(eval_features)
-    heads.save_head(fitted, run_dir / runs.HEAD_FILE, {
+    save_head(fitted, run_dir / runs.HEAD_FILE, {
         "backbone": config.backbone, "image_size": int(backbone.input_shape[1]),
         "weights_id": FeatureSpec.for_model(get_backbone(config.backbone), backbone).weights_id,
         "class_names": list(class_names)})
