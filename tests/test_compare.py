@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from transferkit.cli import main
 from transferkit.errors import DataError, InputError
+from transferkit.evaluation.metrics import expected_calibration_error
 from transferkit.heads.compare import (
     CompareConfig,
-    expected_calibration_error,
     paired_mcnemar,
     pick_winner,
     prepare_comparison,

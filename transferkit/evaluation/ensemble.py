@@ -85,7 +85,8 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
     Raises:
         InputError: fewer than two runs, different class names, or no common evaluation images.
     """
-    from transferkit.evaluation.evaluate import classification_metrics, write_predictions
+    from transferkit.evaluation.evaluate import write_predictions
+    from transferkit.evaluation.metrics import classification_metrics
     from transferkit.serving.predictors import predict_paths, run_predictor
 
     if len(run_dirs) < 2:

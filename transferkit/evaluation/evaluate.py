@@ -1,4 +1,7 @@
-"""Classification metrics from scikit-learn, gathered into one JSON-ready dictionary."""
+"""Evaluating a run on a folder of labelled images: its metrics, ``predictions.csv`` and the report data.
+
+The metrics themselves are :func:`transferkit.evaluation.metrics.classification_metrics`.
+"""
 
 from __future__ import annotations
 
@@ -7,59 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def classification_metrics(
-    y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str], top_k: Sequence[int] = (1, 3, 5)
-) -> dict:
-    """Accuracy, top-k accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix.
-
-    Args:
-        y_true: ``(n,)`` true class indices.
-        probabilities: ``(n, num_classes)`` scores or probabilities, columns in class order.
-        class_names: names in column order.
-        top_k: k values for top-k accuracy; values >= the number of classes are skipped.
-
-    Returns:
-        A dictionary with plain Python numbers and lists, ready for ``json.dump``.
-
-    Example:
-        >>> m = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
-        >>> m["accuracy"], m["per_class"]["b"]["recall"]
-        (1.0, 1.0)
-    """
-    from sklearn import metrics
-
-    y_true = np.asarray(y_true)
-    probabilities = np.asarray(probabilities)
-    num_classes = len(class_names)
-    labels = np.arange(num_classes)
-    y_pred = probabilities.argmax(axis=1)
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    result = {
-        "num_examples": int(len(y_true)),
-        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
-        "macro_f1": float(metrics.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "top_k_accuracy": {
-            str(k): float(metrics.top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))
-            for k in top_k
-            if 1 < k < num_classes
-        },
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(class_names)
-        },
-        "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-        "class_names": list(class_names),
-    }
-    return result
+from transferkit.evaluation.metrics import classification_metrics
 
 
 def write_predictions(path, rel_paths: Sequence[str], y_true: np.ndarray, probabilities: np.ndarray,

@@ -43,6 +43,7 @@ from transferkit.cache import default_cache_dir
 from transferkit.config import TrainConfig
 from transferkit.data.scan import ImageFolder
 from transferkit.errors import DataError, InputError
+from transferkit.evaluation.metrics import classification_metrics, expected_calibration_error
 from transferkit.heads.registry import HEADS
 from transferkit.heads.stats import ALPHA, bootstrap_accuracy_ci, mcnemar
 from transferkit.models.registry import BackboneSpec
@@ -59,8 +60,6 @@ FINE_TUNE = "fine-tune-top"
 DEFAULT_HEADS = (SOFTMAX, "linear-svm", "logreg", "ridge", "knn")
 #: Top-k accuracies reported (only for k below the number of classes).
 TOP_K = (3, 5)
-#: Bins of the expected calibration error (equal-width confidence bins, as in Guo et al. 2017).
-ECE_BINS = 15
 #: Bootstrap resamples per accuracy interval.
 BOOTSTRAP_RESAMPLES = 2000
 #: Repeats of the latency measurement; the fastest counts (the others include scheduler noise).
@@ -319,50 +318,27 @@ def _plain(value):
 # ----------------------------------------------------------------------------- metrics
 
 
-def expected_calibration_error(y_true, probabilities, n_bins: int = ECE_BINS) -> float:
-    """Top-label expected calibration error: how far confidence is from accuracy, on average.
-
-    scikit-learn has no ECE; this weights its reliability curve (``calibration_curve`` of
-    "the prediction is right" against the top probability, equal-width bins) by each bin's share
-    of the images: ``sum_b n_b / n * |accuracy_b - confidence_b|``.
-
-    Example:
-        >>> expected_calibration_error([0, 1], [[0.9, 0.1], [0.2, 0.8]])
-        0.15
-    """
-    from sklearn.calibration import calibration_curve
-
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    confidence = np.clip(probabilities.max(axis=1), 0.0, 1.0)
-    right = (probabilities.argmax(axis=1) == np.asarray(y_true)).astype(int)
-    accuracy, mean_confidence = calibration_curve(right, confidence, n_bins=n_bins, strategy="uniform", pos_label=1)
-    # The bin of each image, by the same rule calibration_curve uses, for the bins' weights.
-    counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence), minlength=n_bins)
-    weights = counts[counts > 0] / len(confidence)
-    return round(float(np.sum(weights * np.abs(accuracy - mean_confidence))), 12)
-
-
-def run_metrics(y_true: np.ndarray, run: HeadRun, num_classes: int) -> dict[str, Any]:
-    """scikit-learn metrics of one head run on the test images, JSON-ready."""
+def run_metrics(y_true: np.ndarray, run: HeadRun, class_names: Sequence[str]) -> dict[str, Any]:
+    """The metrics of one head run on the test images (:func:`classification_metrics`, the one
+    definition train and evaluate use), with its interval, calibration and costs, JSON-ready."""
     from sklearn import metrics
 
-    labels = np.arange(num_classes)
-    correct = run.predicted == y_true
-    low, high = bootstrap_accuracy_ci(correct, n_resamples=BOOTSTRAP_RESAMPLES, seed=run.seed)
+    labels = np.arange(len(class_names))
+    base = classification_metrics(y_true, run.scores, class_names, top_k=TOP_K, predicted=run.predicted)
+    low, high = bootstrap_accuracy_ci(run.predicted == y_true, n_resamples=BOOTSTRAP_RESAMPLES, seed=run.seed)
     result = {
         "seed": run.seed,
-        "accuracy": float(metrics.accuracy_score(y_true, run.predicted)),
+        "accuracy": base["accuracy"],
         "accuracy_ci": [low, high],
-        "top_k_accuracy": {str(k): float(metrics.top_k_accuracy_score(y_true, run.scores, k=k, labels=labels))
-                           for k in TOP_K if k < num_classes},
-        "macro_f1": float(metrics.f1_score(y_true, run.predicted, labels=labels, average="macro", zero_division=0)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, run.predicted)),
+        "top_k_accuracy": base["top_k_accuracy"],
+        "macro_f1": base["macro_f1"],
+        "balanced_accuracy": base["balanced_accuracy"],
         "log_loss": None,
         "ece": None,
         "score_kind": run.score_kind,
         "fit_seconds": run.fit_seconds,
         "latency_ms_per_image": run.latency_ms,
-        "confusion_matrix": metrics.confusion_matrix(y_true, run.predicted, labels=labels).tolist(),
+        "confusion_matrix": base["confusion_matrix"],
         **run.info,
     }
     if run.score_kind == "proba":
@@ -518,7 +494,6 @@ def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:
         raise DataError("No test image could be read; nothing to compare on. See skipped.csv.")
     fit_idx = np.concatenate([train_idx, val_idx])
     y_test = labels[test_idx]
-    num_classes = len(folder.class_names)
     train_config = config.train_config(output_dir=str(out))
 
     head_runs: dict[str, list[HeadRun]] = {}
@@ -537,7 +512,8 @@ def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:
         log.info("Training %s (seed %d) on live images...", FINE_TUNE, config.seed)
         head_runs[FINE_TUNE] = [fit_fine_tune_arm(plan, [folder.paths[i] for i in test_idx], verbose)]
 
-    per_head = {name: [run_metrics(y_test, run, num_classes) for run in runs_] for name, runs_ in head_runs.items()}
+    per_head = {name: [run_metrics(y_test, run, folder.class_names) for run in runs_]
+                for name, runs_ in head_runs.items()}
     correct = {name: [run.predicted == y_test for run in runs_] for name, runs_ in head_runs.items()}
     reference = SOFTMAX if SOFTMAX in correct else next(iter(correct))
     verdict = pick_winner(correct, reference)

@@ -26,7 +26,8 @@ from transferkit.data.checks import check_strict, dataset_warnings
 from transferkit.data.scan import ImageFolder, scan_folder, write_splits_csv
 from transferkit.data.splits import assign_roles, with_roles
 from transferkit.errors import DataError, TransferkitError
-from transferkit.evaluation.evaluate import classification_metrics, write_predictions
+from transferkit.evaluation.evaluate import write_predictions
+from transferkit.evaluation.metrics import classification_metrics
 from transferkit.models.build import block_boundaries
 from transferkit.models.registry import BackboneSpec, check_image_size, get_backbone
 from transferkit.models.weights import ResolvedWeights, load_backbone, resolve_weights
