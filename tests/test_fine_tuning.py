@@ -85,7 +85,7 @@ def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
 
     from transferkit.data.splits import read_splits_csv
     from transferkit.serving.runs import load_run
-    from transferkit.training.run import _predict_images
+    from transferkit.training.phases import predict_images
 
     result, run = _train(tmp_path, folder, "--strategy", "fine-tune-top", "--fine-tune-epochs", "1")
     assert result.exit_code == 0, result.output
@@ -96,7 +96,7 @@ def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
     assert metrics["fine_tune"]["head_refit"]["images"] == len(trval) > sum(metrics["counts"]["train"].values())
     assert "refitted on the fine-tuned features of train + val" in (run / "report.md").read_text()
     model = load_run(run).model
-    features = _predict_images(keras.Model(model.input, model.get_layer("predictions").input),
+    features = predict_images(keras.Model(model.input, model.get_layer("predictions").input),
                                [str(folder / roles.paths[i]) for i in trval + test], 8).astype(np.float64)
     kernel, bias = (w.astype(np.float64) for w in model.get_layer("predictions").get_weights())
     x, y = features[:len(trval)], roles.labels[trval]
@@ -107,7 +107,7 @@ def test_fine_tuned_head_is_refitted_on_train_and_val(tmp_path, folder):
     assert np.abs(gradient).max() < 1e-5  # the refit solves to 1e-8; saving as float32 adds ~1e-7
     # The same optimum as scikit-learn's own solver run to convergence on these features.
     expected = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x, y).predict_proba(features[len(trval):])
-    probabilities = _predict_images(model, [str(folder / roles.paths[i]) for i in test], 8)
+    probabilities = predict_images(model, [str(folder / roles.paths[i]) for i in test], 8)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     rows = {r.split(",")[0]: r.split(",") for r in (run / "predictions.csv").read_text().splitlines()[1:]}
     reported = np.array([float(rows[roles.paths[i]][3]) for i in test])

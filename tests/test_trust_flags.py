@@ -159,19 +159,19 @@ def test_a_fresh_phase_drops_the_tensorboard_events_of_an_earlier_run_only(tmp_p
 
 def test_phase_lines_describe_the_head_that_trains():
     from transferkit.config import TrainConfig
-    from transferkit.training.run import _describe_phase
+    from transferkit.training.choice import describe_phase
     from transferkit.training.strategies import plan_phases
 
     head = plan_phases("freeze-all", num_blocks=3)[0]
-    sklearn = _describe_phase(head, TrainConfig("photos", "run", head="logreg"))
+    sklearn = describe_phase(head, TrainConfig("photos", "run", head="logreg"))
     assert sklearn.startswith("scikit-learn head logreg on the cached features of train + val (grid search")
     assert not re.search(r"epochs|rate \d", sklearn), "a scikit-learn head has no epochs or learning rate"
-    assert "default hyper-parameters" in _describe_phase(head, TrainConfig("photos", "run", head="ridge", search=False))
-    exact = _describe_phase(head, TrainConfig("photos", "run"), mirrored=True)
+    assert "default hyper-parameters" in describe_phase(head, TrainConfig("photos", "run", head="ridge", search=False))
+    exact = describe_phase(head, TrainConfig("photos", "run"), mirrored=True)
     assert exact == ("exact softmax head on cached features (L2 strength chosen by cross-validation, "
                      "flip-averaged features)")
     assert not re.search(r"epochs|rate \d", exact), "the exact head has no epochs or learning rate"
-    adam = _describe_phase(head, TrainConfig("photos", "run", head_solver="adam"))
+    adam = describe_phase(head, TrainConfig("photos", "run", head_solver="adam"))
     assert adam == "head on cached features (up to 500 epochs, rate 0.001)"
 
 
