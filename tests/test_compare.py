@@ -7,24 +7,17 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import main
 from transferkit.errors import DataError, InputError
 from transferkit.evaluation.metrics import expected_calibration_error
 from transferkit.heads.compare import (
     CompareConfig,
-    paired_mcnemar,
-    pick_winner,
     prepare_comparison,
     resolve_heads,
     run_comparison,
 )
-from transferkit.heads.stats import mcnemar
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+from transferkit.heads.stats import mcnemar, paired_mcnemar, pick_winner
+from transferkit.testing import run_cli as run
 
 
 @pytest.fixture
