@@ -491,7 +491,7 @@ def _read_config(path):
 
 
 def _read_feature_map(path):
-    from transferkit.report.writer import PlotFolder, feature_map_section
+    from transferkit.report.sections import PlotFolder, feature_map_section
 
     section = feature_map_section(path.parent, PlotFolder(path.parent), ["a", "b"], "no feature map")
     return "no feature map" if [block.text for block in section.blocks] == ["no feature map"] else "drawn"

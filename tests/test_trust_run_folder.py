@@ -165,7 +165,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
 
 def test_the_lock_dies_with_a_killed_process_so_the_run_can_be_resumed(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from transferkit import runs; runs.prepare_output_dir(sys.argv[1]); "
+    code = ("import sys, time; from transferkit.serving import runs; runs.prepare_output_dir(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -454,7 +454,8 @@ def test_every_labels_reader_reads_names_alike(tmp_path):
 
 def test_a_report_without_readable_settings_says_why(tmp_path, caplog):
     from transferkit.report.data import RunFolder
-    from transferkit.report.writer import PlotFolder, _Builder
+    from transferkit.report.sections import PlotFolder
+    from transferkit.report.writer import _Builder
 
     (tmp_path / "metrics.json").write_text(json.dumps({"confusion_matrix": [[1, 0], [0, 1]],
                                                        "class_names": ["a", "b"]}))

@@ -18,7 +18,7 @@ OUTPUT_DIR::
     config.yaml          the resolved settings
     history-softmax.csv  the softmax head's epochs (first seed)
 
-The report is made by :mod:`transferkit.report.writer`'s machinery (the same sections, blocks and
+The report is made by :mod:`transferkit.report.sections` (the same sections, blocks and
 writer as a training run's report); the figures are :mod:`transferkit.report.plots`'.
 """
 
@@ -34,9 +34,22 @@ import numpy as np
 from transferkit import files
 from transferkit.data.scan import write_splits_csv
 from transferkit.report import plots
-from transferkit.report import writer as report
 from transferkit.report.data import collect_versions
 from transferkit.report.render import Cards, Image, Paragraph, Row, Section, Table
+from transferkit.report.sections import (
+    FEATURE_MAP_FILE,
+    PLOTS_DIR,
+    REPORT_HTML,
+    REPORT_MD,
+    PlotFolder,
+    compute_feature_map,
+    confusion_note,
+    dataset_section,
+    feature_map_section,
+    settings_table,
+    versions_blocks,
+    write_document,
+)
 from transferkit.serving import runs
 
 COMPARISON_JSON = "comparison.json"
@@ -192,9 +205,9 @@ def markdown_report(summary: Mapping[str, Any], table: str) -> str:
              dataset_line(summary), "", table, "", f"**Verdict:** {summary['verdict']['text']}", "",
              "How to read it:", ""]
     lines += [f"- {note}" for note in reading_notes(summary)]
-    lines += ["", f"The whole comparison, with the plots of every head: [{report.REPORT_HTML}]({report.REPORT_HTML})"
-              f" ([{report.REPORT_MD}]({report.REPORT_MD})).", "",
-              f"![accuracy per head]({report.PLOTS_DIR}/{ACCURACY_PNG})"]
+    lines += ["", f"The whole comparison, with the plots of every head: [{REPORT_HTML}]({REPORT_HTML})"
+              f" ([{REPORT_MD}]({REPORT_MD})).", "",
+              f"![accuracy per head]({PLOTS_DIR}/{ACCURACY_PNG})"]
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +215,7 @@ def markdown_report(summary: Mapping[str, Any], table: str) -> str:
 
 
 def report_sections(summary: Mapping[str, Any], settings: Mapping[str, Any], output_dir: Path,
-                    plot_folder: report.PlotFolder) -> list[Section]:
+                    plot_folder: PlotFolder) -> list[Section]:
     """The sections of the comparison's ``report.html`` / ``report.md``, drawing their plots into ``plot_folder``."""
     header, rows = table_rows(summary)
     names, heads, verdict = summary["class_names"], summary["heads"], summary["verdict"]
@@ -221,14 +234,14 @@ def report_sections(summary: Mapping[str, Any], settings: Mapping[str, Any], out
     facts = {key: summary[key] for key in ("image_dir", "backbone", "image_size", "weights", "split_source",
                                            "seeds", "reference", "alpha", "extraction", "total_seconds")}
     config_section = Section("config", "Configuration and versions", [
-        Row([[Paragraph(f"Settings ({runs.CONFIG_FILE}):"), report.settings_table(["setting", "value"], settings,
+        Row([[Paragraph(f"Settings ({runs.CONFIG_FILE}):"), settings_table(["setting", "value"], settings,
                                                                                   depth=3)],
-             [Paragraph(f"Run facts ({COMPARISON_JSON}):"), report.settings_table(["item", "value"], facts, depth=1)],
-             report.versions_blocks(summary.get("versions"), COMPARISON_JSON)]),
+             [Paragraph(f"Run facts ({COMPARISON_JSON}):"), settings_table(["item", "value"], facts, depth=1)],
+             versions_blocks(summary.get("versions"), COMPARISON_JSON)]),
         Paragraph(f"Repeat the comparison: transferkit compare --config {output_dir / runs.CONFIG_FILE} -o NEW_DIR",
                   muted=True)])
 
-    dataset = report.dataset_section(names, summary["counts"], summary["skipped"],
+    dataset = dataset_section(names, summary["counts"], summary["skipped"],
                                      split_source=summary["split_source"], num_ignored=summary.get("num_ignored"))
 
     table_blocks: list = [Paragraph("Best first."), Table(header, rows, numeric=range(1, len(header)), nowrap=[0])]
@@ -236,7 +249,7 @@ def report_sections(summary: Mapping[str, Any], settings: Mapping[str, Any], out
     fine_tuned = [row for row in heads if row["head"] == FINE_TUNE_NAME]
     if fine_tuned:
         table_blocks.append(Paragraph(f"The {FINE_TUNE_NAME} arm is a training run of its own, with its own report: "
-                                      f"{FINE_TUNE_NAME}/{report.REPORT_HTML}."))
+                                      f"{FINE_TUNE_NAME}/{REPORT_HTML}."))
     table_section = Section("table", "Comparison table", table_blocks)
 
     rule = (f"A head is named the winner only when McNemar's test gives p < {summary['alpha']:g} against the "
@@ -256,16 +269,16 @@ def report_sections(summary: Mapping[str, Any], settings: Mapping[str, Any], out
         + ", the bar its bootstrap 95% interval. Intervals that overlap are no proof of a difference either way: "
         "McNemar's test in the table compares heads on the same images.")])
 
-    confusion_blocks: list = [report.confusion_note(names)]
+    confusion_blocks: list = [confusion_note(names)]
     for row in heads:
         first = row["runs"][0]
         confusion_blocks.append(Paragraph(f"{row['head']}" + (f" (seed {first['seed']})" if many_seeds else "")
                                           + f": accuracy {first['accuracy']:.3f}."))
-        confusion_blocks += report.confusion_blocks(plot_folder, first["confusion_matrix"], names,
+        confusion_blocks += confusion_blocks(plot_folder, first["confusion_matrix"], names,
                                                     stem=f"confusion_{row['head']}", title=row["head"])
     confusion_section = Section("confusion", "Confusion matrices", confusion_blocks)
 
-    feature_map = report.feature_map_section(output_dir, plot_folder, names, (
+    feature_map = feature_map_section(output_dir, plot_folder, names, (
         "No feature map: none of the images' features could be projected. Draw one with 'transferkit features plot "
         "IMAGE_DIR --backbone NAME -o map.png'."), note=(
         "The comparison draws PCA only (t-SNE would take a good share of its time); 'transferkit features plot "
@@ -323,10 +336,10 @@ def write_outputs(plan, summary: dict[str, Any], run_folder, skipped, features: 
     files.write_text(out / runs.CONFIG_FILE, yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
 
     if len(features) >= 3:  # PCA only: t-SNE of 2,000 images costs several seconds, up to half a minute
-        report.compute_feature_map(out, features, feature_labels, config.seed, methods=("pca",))
+        compute_feature_map(out, features, feature_labels, config.seed, methods=("pca",))
     else:  # never draw the map of an earlier comparison in this folder (--overwrite)
-        (out / report.FEATURE_MAP_FILE).unlink(missing_ok=True)
-    sections = report_sections(summary, settings, out, report.PlotFolder(out))
-    report.write_document(out, f"transferkit compare: {summary['backbone']} features of "
+        (out / FEATURE_MAP_FILE).unlink(missing_ok=True)
+    sections = report_sections(summary, settings, out, PlotFolder(out))
+    write_document(out, f"transferkit compare: {summary['backbone']} features of "
                           f"{Path(summary['image_dir']).name}", sections, f"Head comparison in {out.resolve()}")
     return table
