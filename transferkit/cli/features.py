@@ -10,18 +10,15 @@ import click
 from transferkit.cli.app import handle_errors, main
 from transferkit.cli.options import (
     IMAGE_DIR_TYPE,
-    SEED,
     augment_views_option,
     backbone_option,
-    batch_size_option,
-    cache_dir_option,
-    cache_dtype_option,
+    extraction_options,
     image_dir_argument,
-    image_size_option,
     merge_config,
+    overwrite_file_option,
     quiet_option,
+    seed_option,
     strict_option,
-    weights_option,
 )
 
 log = logging.getLogger("transferkit")
@@ -32,13 +29,8 @@ log = logging.getLogger("transferkit")
 @main.command()
 @image_dir_argument
 @backbone_option()
-@weights_option
-@image_size_option
-@batch_size_option
-@cache_dir_option
-@cache_dtype_option
-@click.option("--seed", type=SEED, default=0, show_default=True,
-              help="Seed of the random initialisation with --weights none (so re-runs hit the cache).")
+@extraction_options
+@seed_option("Seed of the random initialisation with --weights none (so re-runs hit the cache).")
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the images across this many workers (e.g. jobs of a cluster scheduler).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
@@ -97,13 +89,9 @@ def features() -> None:
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
               help="File to write (required, here or in --config): one row per image (relative path, label, split, "
                    "feature vector).")
-@weights_option
-@image_size_option
-@batch_size_option
-@cache_dir_option
-@cache_dtype_option
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split (and of --weights none).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@extraction_options
+@seed_option("Seed of the split (and of --weights none).")
+@overwrite_file_option
 @augment_views_option
 @strict_option
 @quiet_option
@@ -148,13 +136,9 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
               help="pca: linear, fast; tsne: keeps neighbourhoods (slower, sampled); both: side by side.")
 @click.option("--max-points", type=click.IntRange(min=3), default=None,
               help="Images drawn (a stratified sample). Default: 2,000 for t-SNE, 10,000 for PCA.")
-@weights_option
-@image_size_option
-@batch_size_option
-@cache_dir_option
-@cache_dtype_option
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@extraction_options
+@seed_option("Seed of the sample and of t-SNE.")
+@overwrite_file_option
 @quiet_option
 @handle_errors
 def features_plot(image_dir, backbone, output_path, method, max_points, weights, image_size, batch_size, cache_dir,

@@ -91,6 +91,30 @@ augment_views_option = click.option(
 )
 
 
+
+
+def stack(*decorators):
+    """Several option decorators as one, applied in the order given (as if written one per line)."""
+
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+#: The options of every command that extracts features: where the backbone's weights come from,
+#: its input size, the batch, and the cache.
+extraction_options = stack(weights_option, image_size_option, batch_size_option, cache_dir_option, cache_dtype_option)
+
+
+def seed_option(help: str):
+    return click.option("--seed", type=SEED, default=0, show_default=True, help=help)
+
+
+overwrite_file_option = click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+
 tta_option = click.option(
     "--tta", is_flag=True,
     help="Test-time augmentation: average the predictions of 10 views per image (centre and 4 corner crops "

@@ -14,17 +14,18 @@ from transferkit.cli.options import (
     DEMO_BACKBONE,
     EPOCHS,
     IMAGE_DIR_TYPE,
-    SEED,
     BatchSize,
     backbone_option,
-    batch_size_option,
     cache_dir_option,
     cache_dtype_option,
     default,
+    extraction_options,
     image_dir_argument,
     image_size_option,
     merge_config,
+    overwrite_file_option,
     quiet_option,
+    seed_option,
     strict_option,
     weights_option,
 )
@@ -37,13 +38,9 @@ from transferkit.training.strategies import STRATEGIES
 @backbone_option()
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
               help="PNG file for the loss-against-rate plot.")
-@weights_option
-@image_size_option
-@batch_size_option
-@cache_dir_option
-@cache_dtype_option
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and the sweep.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@extraction_options
+@seed_option("Seed of the split and the sweep.")
+@overwrite_file_option
 @quiet_option
 @handle_errors
 def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, cache_dir, cache_dtype, seed, overwrite,
@@ -161,7 +158,7 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
               help="The fine-tune phase on every GPU of this machine (mirrored) or on the workers named by "
                    "TF_CONFIG (multi-worker: run the same command on each; the chief writes RUN_DIR).")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN_DIR/checkpoints/logs.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the split and the training.")
+@seed_option("Seed for the split and the training.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for validation when IMAGE_DIR is not split into folders.")
 @click.option("--test-fraction", type=float, default=0.15, show_default=True,
@@ -263,12 +260,8 @@ def _run_training(config, verbose: int, resume: bool = False) -> None:
 @click.option("--flip-average/--no-flip-average", default=True, show_default=True,
               help="Every head's features are the mean of each image's and its left-right mirror's, as train's "
                    "freeze-all uses them.")
-@weights_option
-@image_size_option
-@batch_size_option
-@cache_dir_option
-@cache_dtype_option
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the split and of the first run.")
+@extraction_options
+@seed_option("Seed of the split and of the first run.")
 @click.option("--val-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for validation when IMAGE_DIR is not split into folders.")
 @click.option("--test-fraction", type=float, default=0.15, show_default=True,
