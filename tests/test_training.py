@@ -13,6 +13,7 @@ import yaml
 from transferkit.config import TrainConfig, load_config
 from transferkit.evaluation.evaluate import evaluate_run
 from transferkit.serving import predictors, runs
+from transferkit.serving.schema import METRICS_VERSION
 from transferkit.testing import make_image_folder
 from transferkit.training.run import train
 
@@ -40,6 +41,7 @@ def test_run_folder_holds_everything(trained_run):
     assert RUN_FILES <= {p.name for p in result.run_dir.iterdir()}
     assert (result.run_dir / "labels.txt").read_text().split() == ["class_0", "class_1", "class_2"]
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["version"] == METRICS_VERSION  # the layout of serving/schema.py
     test = metrics["test"]
     assert set(test) >= {"accuracy", "macro_f1", "top_k_accuracy", "per_class", "confusion_matrix"}
     assert np.array(test["confusion_matrix"]).sum() == test["num_examples"] > 0
@@ -106,7 +108,8 @@ def test_evaluate_and_predict(trained_run, tmp_path):
     folder, result = trained_run
     metrics = evaluate_run(result.run_dir, folder, tmp_path / "eval", verbose=0)
     assert metrics["num_examples"] == 60 and metrics["accuracy"] >= 0.7
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["accuracy"] == metrics["accuracy"] and written["version"] == METRICS_VERSION
     run = runs.load_run(result.run_dir)
     rows = predictors.predict_files(run, [folder / "class_1"], top_k=2)
     assert len(rows) == 20 and all(r["ok"] and len(r["predictions"]) == 2 for r in rows)

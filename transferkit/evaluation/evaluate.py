@@ -58,6 +58,7 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     from transferkit.report.writer import gradcam_explainer, write_report
     from transferkit.serving import runs
     from transferkit.serving.predictors import predict_paths, run_predictor
+    from transferkit.serving.schema import METRICS_VERSION, EvaluationMetrics
 
     # Resolved once, here: metrics.json, predictions.csv and the report then name the same files
     # whatever folder a later 'transferkit report' runs in (a relative image folder was joined to
@@ -79,7 +80,10 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
         if not ok.any():
             raise DataError(f"None of the {len(ok)} images in '{folder.root}' could be decoded; nothing to evaluate. "
                             f"First failure: {skipped[0][0]}: {skipped[0][1]}.")
-        metrics = classification_metrics(folder.labels[ok], result.probabilities[ok], run.class_names)
+        metrics: EvaluationMetrics = {
+            "version": METRICS_VERSION,
+            **classification_metrics(folder.labels[ok], result.probabilities[ok], run.class_names),
+        }
         metrics.update(
             run_dir=str(run.run_dir),
             image_dir=str(folder.root),

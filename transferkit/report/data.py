@@ -18,6 +18,7 @@ import numpy as np
 from transferkit import files
 from transferkit.errors import InputError
 from transferkit.serving import runs
+from transferkit.serving.schema import METRICS_VERSION, EvaluationMetrics, RunMetrics, metrics_version
 
 log = logging.getLogger("transferkit")
 
@@ -81,12 +82,16 @@ class RunFolder:
             raise InputError(f"'{run_dir}' holds no {runs.METRICS_FILE}: pass the -o folder of a finished "
                              "'transferkit train' or 'transferkit evaluate'.")
         try:
-            self.metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+            self.metrics: RunMetrics | EvaluationMetrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise InputError(f"'{metrics_path}' is not valid JSON ({exc}); run the command again.") from exc
         if not isinstance(self.metrics, dict):
             raise InputError(f"'{metrics_path}' holds a JSON {type(self.metrics).__name__}, not the object "
                              "'transferkit train' or 'transferkit evaluate' writes; run the command again.")
+        if metrics_version(self.metrics) > METRICS_VERSION:
+            log.warning("'%s' was written by a newer transferkit (metrics version %s; this one reads up to %d): "
+                        "the report leaves out what it does not know.", metrics_path, self.metrics["version"],
+                        METRICS_VERSION)
         if isinstance(self.metrics.get("test"), dict):
             self.kind, self.test = "train", self.metrics["test"]
         elif "confusion_matrix" in self.metrics:

@@ -41,6 +41,7 @@ from transferkit.models.weights import ResolvedWeights, load_backbone, resolve_w
 from transferkit.report import data as report_data
 from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff
 from transferkit.serving import runs
+from transferkit.serving.schema import METRICS_VERSION, RunMetrics
 from transferkit.training.choice import describe_phase, measure_auto_evidence, resolve_strategy
 from transferkit.training.distribute import make_strategy, output_dir_for
 from transferkit.training.finetune import class_weights, fine_tune_phase
@@ -446,7 +447,7 @@ def _fit_step(plan: TrainingPlan, data: _Features, choice: _Choice, distribution
     return _Fitted(model, probabilities, history, head_info, fine_tune_info, time.perf_counter() - started)
 
 
-def _write_run(plan: TrainingPlan, data: _Features, choice: _Choice, fitted: _Fitted, started: float) -> dict:
+def _write_run(plan: TrainingPlan, data: _Features, choice: _Choice, fitted: _Fitted, started: float) -> RunMetrics:
     """Write the model, ``metrics.json`` and the run's CSV files; returns the metrics."""
     config, folder, run_dir, extraction = choice.config, plan.folder, plan.run_dir, data.extraction
     labels, phases = folder.labels, choice.phases
@@ -457,7 +458,8 @@ def _write_run(plan: TrainingPlan, data: _Features, choice: _Choice, fitted: _Fi
     test_metrics["split"] = eval_split
     run_folder = with_roles(folder, data.roles)
     weights_by_class = choice.class_weight
-    metrics = {
+    metrics: RunMetrics = {
+        "version": METRICS_VERSION,
         "test": test_metrics,
         "backbone": plan.spec.name,
         "image_size": plan.image_size,
