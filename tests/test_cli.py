@@ -10,11 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from transferkit.cli import main
-
-
-def run(*args, **kwargs):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
-    return result
+from transferkit.testing import run_cli as run
 
 
 def test_help_of_every_command_does_not_import_tensorflow():

@@ -6,18 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import main
 from transferkit.config import TrainConfig
 from transferkit.errors import ExportError, InputError
 from transferkit.serving import export, predictors, runs
-from transferkit.testing import make_image_folder
+from transferkit.testing import make_image_folder, run_cli
 from transferkit.training.run import train
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

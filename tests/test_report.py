@@ -5,20 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import main
 from transferkit.config import TrainConfig
 from transferkit.evaluation.evaluate import evaluate_run
 from transferkit.report import plots
 from transferkit.report.data import read_history
 from transferkit.report.render import escape_markdown
 from transferkit.report.writer import write_report
-from transferkit.testing import make_image_folder
+from transferkit.serving.schema import METRICS_VERSION
+from transferkit.testing import make_image_folder, run_cli
 from transferkit.training.run import train
 
 SECTIONS = {"summary": "Summary", "config": "Configuration and versions", "dataset": "Dataset",
@@ -29,9 +29,6 @@ SECTIONS = {"summary": "Summary", "config": "Configuration and versions", "datas
 NASTY = "<b>x&y|*z_"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +147,18 @@ def test_report_refuses_a_folder_without_metrics(tmp_path):
     result = run_cli("report", tmp_path)
     assert result.exit_code == 2
     assert "holds no metrics.json" in result.output
+
+
+def test_report_of_a_newer_metrics_layout_says_so_and_still_draws(tiny_run, tmp_path):
+    _, run_dir = tiny_run
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["version"] == METRICS_VERSION
+    (copy / "metrics.json").write_text(json.dumps({**metrics, "version": METRICS_VERSION + 1}))
+    result = run_cli("report", copy, "-q")
+    assert result.exit_code == 0, result.output
+    assert f"written by a newer transferkit (metrics version {METRICS_VERSION + 1}" in result.output
+    assert (copy / "report.html").is_file()
 
 
 def test_history_phases_from_a_column_a_repeated_header_or_a_restarting_epoch(tmp_path):

@@ -21,19 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from transferkit.cache import FeatureCache, FeatureSpec, FileHashes, extract_features
-from transferkit.cli import main
 from transferkit.errors import CacheError
 from transferkit.testing import make_image_folder
+from transferkit.testing import run_cli as run
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32"]
 NUM_IMAGES = 400
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

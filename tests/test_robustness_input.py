@@ -13,15 +13,14 @@ import os
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageFile
 
-from transferkit.cli import main
 from transferkit.data.checks import check_strict, dataset_warnings
 from transferkit.data.scan import load_image, scan_folder
 from transferkit.errors import DataError
 from transferkit.files import display_name, open_text
 from transferkit.testing import make_awkward_folder, make_image_folder
+from transferkit.testing import run_cli as run
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-q"]
 
@@ -30,9 +29,6 @@ TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-
 def awkward(tmp_path_factory):
     return make_awkward_folder(tmp_path_factory.mktemp("awkward") / "photos")
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def _skipped_lines(output: str) -> list[str]:

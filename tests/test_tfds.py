@@ -1,3 +1,4 @@
+
 """TensorFlow Datasets inputs (``tfds:NAME[:SPLIT]``), offline: TFDS's own mock data with real metadata.
 
 ``tfds.testing.mock_data(policy=USE_FILES)`` reads a dataset's real ``dataset_info.json`` (split names,
@@ -9,15 +10,15 @@ then train / extract / features export on it with the tiny backbone.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from transferkit.cli import main
 from transferkit.data.tfds import MANIFEST, TfdsName, class_folder_names, parse_tfds_name, prepare_tfds
 from transferkit.errors import DataError, InputError
+from transferkit.testing import run_cli
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -25,8 +26,7 @@ TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-
 FLOWERS = ("dandelion", "daisy", "tulips", "sunflowers", "roses")  # TFDS's label order, not sorted
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run = partial(run_cli, catch_exceptions=True)  # the result holds any exception
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,4 @@
+
 """Settings, options and dataset rules a user can trust (issue 14).
 
 YAML files are read by one strict loader (no aliases, a size cap, no duplicate keys, a mapping at the top);
@@ -11,25 +12,23 @@ from __future__ import annotations
 import json
 import socket
 import unicodedata
+from functools import partial
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import main
 from transferkit.config import TrainConfig, config_from_dict, load_settings, read_yaml
 from transferkit.data.scan import SPLITS, scan_folder
 from transferkit.data.splits import hash_splits, stable_fraction
 from transferkit.errors import DataError, InputError, short_repr
 from transferkit.report.data import RunFolder
-from transferkit.testing import make_image_folder
+from transferkit.testing import make_image_folder, run_cli
 from transferkit.training.run import assign_roles
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "-q"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run = partial(run_cli, catch_exceptions=True)  # the result holds any exception
 
 
 def _alias_bomb(levels: int = 6) -> str:

@@ -1,3 +1,4 @@
+
 """What is shown is true: Grad-CAM in every run's report, a failed report section said aloud, evaluate's
 paths, probabilities that are probabilities, and ``features export``'s split being train's split.
 
@@ -11,23 +12,22 @@ import json
 import re
 import shutil
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from sklearn.datasets import make_classification
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import log_loss
 
-from transferkit.cli import main
 from transferkit.testing import make_image_folder
+from transferkit.testing import run_cli as _run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
 
 
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run_cli = partial(_run_cli, catch_exceptions=True)  # the result holds any exception
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,15 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import main
 from transferkit.config import TrainConfig
 from transferkit.errors import InputError
 from transferkit.evaluation import tta
 from transferkit.evaluation.ensemble import ensemble_runs, evaluation_images
 from transferkit.evaluation.evaluate import evaluate_run
 from transferkit.serving import runs
-from transferkit.testing import make_image_folder
+from transferkit.testing import make_image_folder, run_cli
 from transferkit.training.run import train
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_ten_crop_views_are_the_centre_the_corners_and_their_mirrors():

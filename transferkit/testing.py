@@ -377,6 +377,23 @@ def _write_png_bomb(path: Path, width: int, height: int, rows: int | None = None
 # ------------------------------------------------------------------------------ tiny test backbone
 
 
+def run_cli(*args, catch_exceptions: bool = False, **kwargs):
+    """Run ``transferkit ARGS`` in this process through Click's test runner; arguments may be paths.
+
+    Exceptions other than the CLI's own exits propagate (``catch_exceptions=False``), so a test sees
+    the traceback of a bug instead of an exit code.
+
+    Example:
+        >>> run_cli("--version").output.startswith("transferkit")
+        True
+    """
+    from click.testing import CliRunner
+
+    from transferkit.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions, **kwargs)
+
+
 def tiny_backbone(include_top: bool = False, weights=None, input_tensor=None, input_shape=None,
                   pooling: str | None = "avg", classes: int = 1000, **kwargs):
     """A three-block CNN with the ``keras.applications`` constructor signature, for fast tests.
