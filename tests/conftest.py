@@ -8,11 +8,23 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs in pytest-xdist workers, one per core (setup.cfg's addopts). TensorFlow would give
+# each worker thread pools as wide as the machine, and the pools of two workers then fight over the
+# same cores; one thread each keeps every core busy with one worker's work. Set before TensorFlow
+# loads (conftest is imported first); processes a test starts inherit it. A developer's value wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
 
 #: The team's shared folder (real ImageNet weights and photos), beside the checkout in CI.
 SHARED_DIR = Path(os.environ.get("TRANSFERKIT_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_WEIGHTS = SHARED_DIR / "imagenet-weights"
 SHARED_DATASETS = SHARED_DIR / "datasets"
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: the workers then end together, not one waiting on a late long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
 @pytest.fixture(autouse=True)
