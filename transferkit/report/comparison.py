@@ -43,6 +43,7 @@ from transferkit.report.sections import (
     REPORT_MD,
     PlotFolder,
     compute_feature_map,
+    confusion_blocks,
     confusion_note,
     dataset_section,
     feature_map_section,
@@ -269,14 +270,14 @@ def report_sections(summary: Mapping[str, Any], settings: Mapping[str, Any], out
         + ", the bar its bootstrap 95% interval. Intervals that overlap are no proof of a difference either way: "
         "McNemar's test in the table compares heads on the same images.")])
 
-    confusion_blocks: list = [confusion_note(names)]
+    confusions: list = [confusion_note(names)]
     for row in heads:
         first = row["runs"][0]
-        confusion_blocks.append(Paragraph(f"{row['head']}" + (f" (seed {first['seed']})" if many_seeds else "")
-                                          + f": accuracy {first['accuracy']:.3f}."))
-        confusion_blocks += confusion_blocks(plot_folder, first["confusion_matrix"], names,
-                                                    stem=f"confusion_{row['head']}", title=row["head"])
-    confusion_section = Section("confusion", "Confusion matrices", confusion_blocks)
+        confusions.append(Paragraph(f"{row['head']}" + (f" (seed {first['seed']})" if many_seeds else "")
+                                    + f": accuracy {first['accuracy']:.3f}."))
+        confusions += confusion_blocks(plot_folder, first["confusion_matrix"], names,
+                                       stem=f"confusion_{row['head']}", title=row["head"])
+    confusion_section = Section("confusion", "Confusion matrices", confusions)
 
     feature_map = feature_map_section(output_dir, plot_folder, names, (
         "No feature map: none of the images' features could be projected. Draw one with 'transferkit features plot "
