@@ -199,6 +199,21 @@ def test_a_recipe_may_hold_only_some_options(tmp_path, image_folder):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] == 2
 
 
+def test_the_environment_overrides_a_recipe_and_the_flags_override_both(tmp_path, image_folder, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("backbone: tiny_test\nweights: none\nhead_solver: adam\nepochs: 2\nlearning_rate: 0.01\n"
+                      "patience: 5\n")
+    monkeypatch.setenv("TRANSFERKIT_TRAIN_EPOCHS", "3")  # over the recipe's 2
+    monkeypatch.setenv("TRANSFERKIT_TRAIN_PATIENCE", "4")  # under the flag's 1
+    result = run("train", "--config", recipe, image_folder, "-o", tmp_path / "run", "--patience", "1", "-q")
+    assert result.exit_code == 0, result.output
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "epochs: 3\n" in saved and "patience: 1\n" in saved and "learning_rate: 0.01\n" in saved
+    monkeypatch.setenv("TRANSFERKIT_TRAIN_EPOCHS", "ten")
+    refused = run("train", image_folder, "-o", tmp_path / "run2")
+    assert refused.exit_code == 2 and "--epochs" in refused.output and "ten" in refused.output
+
+
 def test_wrong_type_in_a_recipe_names_the_option(tmp_path, image_folder):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("epochs: ten\n")

@@ -14,7 +14,7 @@ import sys
 import click
 
 from transferkit import __version__, runtime
-from transferkit.errors import TransferkitError
+from transferkit.errors import ArgumentError, TransferkitError
 
 log = logging.getLogger("transferkit")
 
@@ -66,7 +66,10 @@ def handle_errors(func):
         except TransferkitError as exc:
             if debug:
                 raise
-            click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
+            # A library argument is named as this command's option (``epochs`` -> ``--epochs``).
+            message = exc.for_option("--" + exc.argument.replace("_", "-")) if isinstance(exc, ArgumentError) \
+                else str(exc)
+            click.echo(click.style("Error: ", fg="red", bold=True) + message, err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # disk full, permissions, a folder removed mid-run
             if debug:
@@ -86,7 +89,10 @@ def handle_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# auto_envvar_prefix: every option also reads TRANSFERKIT_<COMMAND>_<OPTION> (TRANSFERKIT_TRAIN_EPOCHS=5,
+# TRANSFERKIT_FEATURES_EXPORT_SEED=1): a recipe (--config) < the environment < the flags, in merge_config.
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                               "auto_envvar_prefix": "TRANSFERKIT"})
 @click.version_option(__version__, "--version", prog_name="transferkit")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 def main(debug: bool) -> None:

@@ -144,10 +144,12 @@ image_dir_argument = click.argument("image_dir", type=IMAGE_DIR_TYPE, metavar="I
 
 
 def merge_config(config_path, options: dict, cls: type, **paths) -> dict:
-    """A recipe's settings (``--config``), overridden by the flags given on the command line.
+    """A recipe's settings (``--config``), overridden by the environment, overridden by the flags.
 
-    Flags left at their default do not override the recipe; ``paths`` (IMAGE_DIR, -o) override
-    it when given and are required in one place or the other.
+    The one merge of every command that takes a recipe: recipe < ``TRANSFERKIT_<COMMAND>_<OPTION>``
+    (Click's ``auto_envvar_prefix``, set on the group) < the command line. Options left at their
+    default do not override the recipe; ``paths`` (IMAGE_DIR, -o) override it when given and are
+    required in one place or the other.
     """
     from transferkit.config import load_settings
 
