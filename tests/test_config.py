@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transferkit.config import TrainConfig, check_settings, config_from_dict, load_config, load_settings, save_config
-from transferkit.errors import InputError
+from transferkit.errors import ArgumentError, InputError
 
 
 def test_defaults_and_replace():
@@ -15,16 +15,19 @@ def test_defaults_and_replace():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("batch_size", 0, "Invalid --batch-size: expected an integer from 1 to 4096, or auto, received 0"),
-    ("batch_size", "big", "Invalid --batch-size: expected an integer from 1 to 4096, or auto, received 'big'"),
-    ("val_fraction", 1.5, "Invalid --val-fraction"),
+    ("batch_size", 0, r"`batch_size` must be an integer from 1 to 4096, or auto\. Received: batch_size=0$"),
+    ("batch_size", "big", r"`batch_size` must be an integer from 1 to 4096, or auto\. Received: batch_size='big'$"),
+    ("val_fraction", 1.5, r"`val_fraction` must be a number in \(0, 1\)\. Received: val_fraction=1\.5"),
     ("test_fraction", 0.9, "leaving images to train on"),
-    ("min_accuracy", 2, "Invalid --min-accuracy"),
-    ("strategy", "fine-tune-all", "Invalid --strategy: expected one of freeze-all"),
+    ("min_accuracy", 2, r"`min_accuracy` must be a number in \[0, 1\]\. Received: min_accuracy=2"),
+    ("strategy", "fine-tune-all", "`strategy` must be one of freeze-all"),
 ])
-def test_invalid_values_name_the_option(field, value, message):
-    with pytest.raises(InputError, match=message):
+def test_invalid_values_name_the_argument_and_echo_it(field, value, message):
+    """Keras' style in the library (the CLI names its option instead: test_trust_options)."""
+    with pytest.raises(ArgumentError, match=message) as caught:
         TrainConfig("photos", "runs/a", **{field: value})
+    assert isinstance(caught.value, ValueError) and caught.value.argument == field
+    assert caught.value.for_option("--x").startswith("Invalid --x: expected ")
 
 
 @pytest.mark.parametrize("data, message", [

@@ -160,9 +160,9 @@ def test_recipe_settings_get_the_same_bounds_as_the_options(tmp_path, image_fold
 def test_features_export_recipe_bounds():
     from transferkit.config import FeatureExportConfig
 
-    with pytest.raises(InputError, match=r"Invalid --seed: expected an integer from 0 to 4294967295"):
+    with pytest.raises(InputError, match=r"`seed` must be an integer from 0 to 4294967295 .*Received: seed=8589934592"):
         config_from_dict({"image_dir": "p", "output": "f.npz", "seed": 2**33}, FeatureExportConfig)
-    with pytest.raises(InputError, match=r"Invalid --image-size: expected an integer from 8 to 1024"):
+    with pytest.raises(InputError, match=r"`image_size` must be an integer from 8 to 1024.*Received: image_size=4096"):
         config_from_dict({"image_dir": "p", "output": "f.npz", "image_size": 4096}, FeatureExportConfig)
 
 

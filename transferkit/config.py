@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit import files
-from transferkit.errors import InputError, short_repr
+from transferkit.errors import ArgumentError, InputError, short_repr
 from transferkit.training.strategies import AUTO_FINE_TUNE_FROM, AUTO_FULL_RETRAIN_FROM, STRATEGIES
 
 SCHEDULES = ("cosine", "one-cycle", "constant")
@@ -238,7 +238,7 @@ def _option(name: str) -> str:
 
 def _check(ok: bool, name: str, expected: str, received: Any) -> None:
     if not ok:
-        raise InputError(f"Invalid {_option(name)}: expected {expected}, received {short_repr(received)}.")
+        raise ArgumentError(name, expected, received)
 
 
 def _in_range(value: Any, low: int, high: int) -> bool:

@@ -12,10 +12,29 @@ class TransferkitError(Exception):
     exit_code = 1
 
 
-class InputError(TransferkitError):
+class InputError(TransferkitError, ValueError):
     """Bad option, path or file given by the user (exit code 2, like Click's usage errors)."""
 
     exit_code = 2
+
+
+class ArgumentError(InputError):
+    """A library argument outside what it accepts, said Keras' way, naming the Python argument:
+    "`epochs` must be an integer from 1 to 10000. Received: epochs=0".
+
+    The CLI says the same with its option's name (:meth:`for_option`): "Invalid --epochs: ...".
+
+    Example:
+        >>> str(ArgumentError("epochs", "an integer from 1 to 10000", 0))
+        '`epochs` must be an integer from 1 to 10000. Received: epochs=0'
+    """
+
+    def __init__(self, argument: str, expected: str, received: object):
+        self.argument, self.expected, self.received = argument, expected, short_repr(received)
+        super().__init__(f"`{argument}` must be {expected}. Received: {argument}={self.received}")
+
+    def for_option(self, option: str) -> str:
+        return f"Invalid {option}: expected {self.expected}, received {self.received}."
 
 
 class UnknownBackboneError(InputError):
