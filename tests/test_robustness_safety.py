@@ -13,7 +13,7 @@ What reads paths or code from files, and the decision for each:
 * Cache shards are found by pattern and named by their own SHA-256; nothing in a cache names a path
   that is then written to.
 * ``model.keras`` loads with Keras' safe mode (no Lambda code); scikit-learn heads load with skops, and
-  untrusted types need ``trust=True`` (tests/test_heads.py).
+  untrusted types need ``trust=True`` (tests/heads/test_heads.py).
 * Nothing runs a shell.
 """
 

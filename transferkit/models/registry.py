@@ -3,7 +3,7 @@
 Every ImageNet-pretrained model of ``keras.applications`` (Keras 3.15) is registered here, under a
 lowercase snake_case name. The numbers in the table (sizes, feature dims, parameter and block
 counts) were read from the Keras sources or measured by building each model once;
-``tests/test_backbones.py`` checks them against Keras. Building a model is
+``tests/models/test_backbones.py`` checks them against Keras. Building a model is
 :mod:`transferkit.models.build`; its weight files are :mod:`transferkit.models.weights`.
 
 This module imports no TensorFlow or Keras (``transferkit backbones`` lists the registry instantly).

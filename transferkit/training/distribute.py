@@ -130,7 +130,7 @@ def training_model(inputs, outputs, *, name: str, strategy, batch_spec):
     import tensorflow as tf
 
     # Hand-written because keras-team/keras#20585 is open: remove when Keras' fit runs under
-    # MultiWorkerMirroredStrategy (tests/test_fine_tuning.py's two-worker test will show it).
+    # MultiWorkerMirroredStrategy (tests/training/test_fine_tuning.py's two-worker test will show it).
     class MultiWorkerModel(keras.Model):
         def _maybe_symbolic_build(self, iterator=None, data_batch=None):
             # Keras reduces one input batch across workers only to learn its shapes; the

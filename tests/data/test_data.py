@@ -55,7 +55,7 @@ def _flat(root: Path, counts: dict[str, int]) -> Path:
 def test_import_does_not_load_tensorflow():
     code = "import sys, transferkit.data.scan, transferkit.testing; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
 
 

@@ -114,7 +114,7 @@ COMPARE_SECTIONS = {"summary": "Summary", "config": "Configuration and versions"
 
 
 def test_compare_writes_a_self_contained_report(compared):
-    from tests.test_report import check_report
+    from tests.report.test_report import check_report
 
     _, out, _ = compared
     html, images = check_report(out, COMPARE_SECTIONS)
