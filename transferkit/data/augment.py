@@ -39,7 +39,7 @@ def describe_views(config: TrainConfig) -> str:
     says, see :func:`augmented_view`), or ``""`` without views.
 
     Example:
-        >>> describe_views(TrainConfig("photos", "run", augment_views=2, augment_rotation=0))[:55]
+        >>> describe_views(TrainConfig("photos", "run", augment_views=2, augment_rotation=0))[:54]
         'each training image and 2 cached augmented views of it'
     """
     if not config.augment_views:

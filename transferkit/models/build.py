@@ -140,6 +140,7 @@ def block_boundaries(spec: BackboneSpec, model) -> list[tuple[str, int]]:
     after the last block (pooling) count with it, so it ends at the model's last layer.
 
     Example:
+        >>> from transferkit.models.registry import get_backbone
         >>> spec = get_backbone("vgg16")
         >>> [name for name, _ in block_boundaries(spec, build_backbone(spec))]  # doctest: +SKIP
         ['block1', 'block2', 'block3', 'block4', 'block5']

@@ -93,6 +93,7 @@ def keras_weights_file(spec: BackboneSpec, image_size: int | None = None) -> tup
         The triple, or None for backbones without Keras ImageNet weights (test, plug-ins).
 
     Example:
+        >>> from transferkit.models.registry import get_backbone
         >>> keras_weights_file(get_backbone("mobilenet"), 160)[0]
         'mobilenet_1_0_160_tf_no_top.h5'
     """
