@@ -78,7 +78,7 @@ def test_layer_rates_top_block_and_deeper():
 
 
 def test_config_refuses_sklearn_head_with_fine_tuning():
-    with pytest.raises(InputError, match="--head"):
+    with pytest.raises(InputError, match=r"`head` must be softmax with --strategy fine-tune-top.*Received: head="):
         TrainConfig("a", "b", strategy="fine-tune-top", head="logreg")
 
 
