@@ -31,6 +31,8 @@ HEAD_SOLVERS = ("exact", "adam")
 #: How a backbone's input is scaled (Keras' ``imagenet_utils`` modes, or ``none`` where the backbone
 #: rescales inside): the registry's ``preprocessing`` and the ``Preprocess`` layer's ``mode``.
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
+#: How cached vectors are stored (used as float32 either way).
+CACHE_DTYPES = ("float32", "float16")
 
 # Bounds of the numeric settings, the same for command-line options (cli/options.py builds its types from
 # them) and recipes: a value outside them is a typo or an accident, refused before any work.
@@ -56,8 +58,48 @@ BATCH_SIZE_RANGE = f"an integer from 1 to {MAX_BATCH_SIZE}"
 AUGMENT_VIEWS_RANGE = f"an integer from 0 to {MAX_AUGMENT_VIEWS}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class FeatureSettings:
+    """The settings every command that computes features shares (train, compare, extract, features
+    export): the backbone, its weights and input size, the batch, the cache and the seed. Declared
+    and checked once here; each command's settings add their own fields (keyword-only here, so a
+    command's positional fields, its image folder and output, come first).
+
+    Example:
+        >>> FeatureSettings(backbone="resnet50", seed=3).cache_dtype
+        'float32'
+    """
+
+    #: Whether ``batch_size`` may be ``"auto"`` (train backs off on out-of-memory errors).
+    AUTO_BATCH_SIZE: typing.ClassVar[bool] = False
+
+    backbone: str = "mobilenet_v2_035"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    batch_size: int | str = 32  # "auto" only where AUTO_BATCH_SIZE
+    cache_dir: str | None = None
+    cache_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_image_size(self.image_size)
+        auto = self.AUTO_BATCH_SIZE and self.batch_size == "auto"
+        _check(auto or _in_range(self.batch_size, 1, MAX_BATCH_SIZE), "batch_size",
+               BATCH_SIZE_RANGE + (", or auto" if self.AUTO_BATCH_SIZE else ""), self.batch_size)
+        _check(self.cache_dtype in CACHE_DTYPES, "cache_dtype", " or ".join(CACHE_DTYPES), self.cache_dtype)
+        _check(_in_range(self.seed, 0, MAX_SEED), "seed", SEED_RANGE, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings by name: the command's required ones (folder, output) first, then these shared
+        ones, then the rest."""
+        data = dataclasses.asdict(self)
+        first = [f.name for f in dataclasses.fields(self) if f.default is dataclasses.MISSING]
+        first += [f.name for f in dataclasses.fields(FeatureSettings)]
+        return {**{name: data[name] for name in first}, **data}
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FeatureSettings):
     """Everything one ``transferkit train`` run depends on.
 
     Example:
@@ -66,16 +108,14 @@ class TrainConfig:
         1
     """
 
+    AUTO_BATCH_SIZE: typing.ClassVar[bool] = True
+
     image_dir: str
     output_dir: str
-    backbone: str = "mobilenet_v2_035"
-    weights: str = "imagenet"
     strategy: str = "freeze-all"
     head: str = "softmax"
     head_solver: str = "exact"
     flip_average: bool = True
-    image_size: int | None = None
-    batch_size: int | str = 32
     epochs: int = 500
     learning_rate: float = 1e-3
     patience: int = 20
@@ -111,16 +151,14 @@ class TrainConfig:
     xla: bool = False
     distribute: str = "none"
     tensorboard: bool = False
-    seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    cache_dir: str | None = None
-    cache_dtype: str = "float32"
     min_accuracy: float | None = None
     overwrite: bool = False
     strict: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
         _check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1, "unfreeze_blocks", "an integer >= 1",
                self.unfreeze_blocks)
@@ -148,18 +186,13 @@ class TrainConfig:
         _check(self.head == "softmax" or self.strategy == "freeze-all", "head",
                "softmax with --strategy fine-tune-top/full-retrain/auto (scikit-learn heads train on frozen "
                "features: use --strategy freeze-all)", self.head)
-        _check_image_size(self.image_size)
-        _check(self.batch_size == "auto" or _in_range(self.batch_size, 1, MAX_BATCH_SIZE), "batch_size",
-               f"{BATCH_SIZE_RANGE}, or auto", self.batch_size)
         _check(_in_range(self.epochs, 1, MAX_EPOCHS), "epochs", EPOCHS_RANGE, self.epochs)
-        _check(_in_range(self.seed, 0, MAX_SEED), "seed", SEED_RANGE, self.seed)
         _check(0 < self.learning_rate < 10, "learning_rate", "a number between 0 and 10", self.learning_rate)
         _check(self.patience >= 0, "patience", "an integer >= 0", self.patience)
         _check(0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
         _check(self.regularization is None or self.regularization >= 0, "regularization",
                "a number >= 0, or none (chosen by cross-validation)", self.regularization)
         _check(self.head_solver in HEAD_SOLVERS, "head_solver", f"one of {', '.join(HEAD_SOLVERS)}", self.head_solver)
-        _check(self.cache_dtype in ("float32", "float16"), "cache_dtype", "float32 or float16", self.cache_dtype)
         _check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)", self.val_fraction)
         _check(0 <= self.test_fraction < 1, "test_fraction", "a number in [0, 1)", self.test_fraction)
         _check(
@@ -179,15 +212,12 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 FEATURE_FORMATS = ("npz", "parquet", "csv")
 
 
 @dataclass(frozen=True)
-class FeatureExportConfig:
+class FeatureExportConfig(FeatureSettings):
     """Everything one ``transferkit features export`` depends on: the keys of its ``--config`` recipe.
 
     Example:
@@ -197,39 +227,26 @@ class FeatureExportConfig:
 
     image_dir: str
     output: str
-    backbone: str = "mobilenet_v2_035"
     format: str | None = None
-    weights: str = "imagenet"
-    image_size: int | None = None
-    batch_size: int = 32
-    cache_dir: str | None = None
-    cache_dtype: str = "float32"
-    seed: int = 0
     augment_views: int = 0
     overwrite: bool = False
     strict: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.format is None or self.format in FEATURE_FORMATS, "format",
                f"one of {', '.join(FEATURE_FORMATS)}", self.format)
         _check(self.file_format in FEATURE_FORMATS, "format", f"one of {', '.join(FEATURE_FORMATS)}, or an output "
                f"file ending in .npz, .parquet or .csv (the format cannot be told from "
                f"{short_repr(Path(self.output).name)})",
                self.format)
-        _check_image_size(self.image_size)
-        _check(_in_range(self.batch_size, 1, MAX_BATCH_SIZE), "batch_size", BATCH_SIZE_RANGE, self.batch_size)
-        _check(self.cache_dtype in ("float32", "float16"), "cache_dtype", "float32 or float16", self.cache_dtype)
         _check(_in_range(self.augment_views, 0, MAX_AUGMENT_VIEWS), "augment_views", AUGMENT_VIEWS_RANGE,
                self.augment_views)
-        _check(_in_range(self.seed, 0, MAX_SEED), "seed", SEED_RANGE, self.seed)
 
     @property
     def file_format(self) -> str:
         """``format``, else the output file's extension."""
         return self.format or Path(self.output).suffix.lower().lstrip(".")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _option(name: str) -> str:
@@ -264,7 +281,8 @@ def check_settings(data: Mapping[str, Any], cls: type = TrainConfig, source: str
     Returns:
         The settings with normalised keys and numbers (an integer where a float is expected).
     """
-    hints = typing.get_type_hints(cls)
+    types_ = typing.get_type_hints(cls)
+    hints = {f.name: types_[f.name] for f in dataclasses.fields(cls)}  # settings only, not class constants
     values = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")

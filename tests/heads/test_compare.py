@@ -176,7 +176,7 @@ def test_resolve_heads():
         resolve_heads("fine-tune-top")
     with pytest.raises(InputError, match="no head given"):
         resolve_heads(" , ")
-    with pytest.raises(InputError, match="--seeds"):
+    with pytest.raises(InputError, match=r"`num_seeds` must be an integer >= 1\. Received: num_seeds=0"):
         CompareConfig("photos", "out", num_seeds=0)
 
 

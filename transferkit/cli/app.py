@@ -54,6 +54,14 @@ def _console_never_fails() -> None:
             pass
 
 
+def _option_name(ctx: click.Context, argument: str) -> str:
+    """The command's option for a library argument (``num_seeds`` -> ``--seeds``; else ``--num-seeds``)."""
+    for param in ctx.command.params:
+        if param.name == argument and isinstance(param, click.Option):
+            return max(param.opts, key=len)
+    return "--" + argument.replace("_", "-")
+
+
 def handle_errors(func):
     """Turn library errors into a one-line message and an exit code (traceback only with --debug)."""
 
@@ -66,9 +74,7 @@ def handle_errors(func):
         except TransferkitError as exc:
             if debug:
                 raise
-            # A library argument is named as this command's option (``epochs`` -> ``--epochs``).
-            message = exc.for_option("--" + exc.argument.replace("_", "-")) if isinstance(exc, ArgumentError) \
-                else str(exc)
+            message = exc.for_option(_option_name(ctx, exc.argument)) if isinstance(exc, ArgumentError) else str(exc)
             click.echo(click.style("Error: ", fg="red", bold=True) + message, err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # disk full, permissions, a folder removed mid-run

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import difflib
 import logging
 import time
@@ -40,9 +39,9 @@ import numpy as np
 
 from transferkit import files
 from transferkit.cache import default_cache_dir
-from transferkit.config import TrainConfig
+from transferkit.config import FeatureSettings, TrainConfig
 from transferkit.data.scan import ImageFolder
-from transferkit.errors import DataError, InputError
+from transferkit.errors import ArgumentError, DataError, InputError
 from transferkit.evaluation.metrics import classification_metrics, expected_calibration_error
 from transferkit.heads.registry import HEADS
 from transferkit.heads.stats import Verdict, bootstrap_accuracy_ci, paired_mcnemar, pick_winner
@@ -67,7 +66,7 @@ LATENCY_REPEATS = 3
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(FeatureSettings):
     """Everything one ``transferkit compare`` run depends on.
 
     The softmax head trains with the defaults of ``transferkit train`` (see :meth:`train_config`).
@@ -79,27 +78,21 @@ class CompareConfig:
 
     image_dir: str
     output_dir: str
-    backbone: str = "mobilenet_v2_035"
     heads: tuple[str, ...] = DEFAULT_HEADS
     search: bool = True
     calibrate: bool = False
     num_seeds: int = 1
     with_fine_tune: bool = False
     flip_average: bool = True
-    weights: str = "imagenet"
-    image_size: int | None = None
-    batch_size: int = 32
-    seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    cache_dir: str | None = None
-    cache_dtype: str = "float32"
     overwrite: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "heads", resolve_heads(self.heads))
-        if self.num_seeds < 1:
-            raise InputError(f"Invalid --seeds: expected an integer >= 1, received {self.num_seeds!r}.")
+        if not isinstance(self.num_seeds, int) or self.num_seeds < 1:
+            raise ArgumentError("num_seeds", "an integer >= 1", self.num_seeds)
         self.train_config()  # the shared settings are checked by TrainConfig's own rules
 
     @property
@@ -115,7 +108,7 @@ class CompareConfig:
                            overwrite=self.overwrite).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = super().to_dict()
         data["heads"] = list(self.heads)
         data["overwrite"] = False  # a saved config repeats the run; it never overwrites
         return data
