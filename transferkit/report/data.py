@@ -7,7 +7,6 @@ folder, including those of older versions. Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ import numpy as np
 from transferkit import files
 from transferkit.errors import InputError
 from transferkit.serving import runs
-from transferkit.serving.schema import METRICS_VERSION, EvaluationMetrics, RunMetrics, metrics_version
+from transferkit.serving.schema import EvaluationMetrics, RunMetrics
 
 log = logging.getLogger("transferkit")
 
@@ -78,20 +77,7 @@ class RunFolder:
     def __init__(self, run_dir: Path):
         self.dir = run_dir
         metrics_path = run_dir / runs.METRICS_FILE
-        if not metrics_path.is_file():
-            raise InputError(f"'{run_dir}' holds no {runs.METRICS_FILE}: pass the -o folder of a finished "
-                             "'transferkit train' or 'transferkit evaluate'.")
-        try:
-            self.metrics: RunMetrics | EvaluationMetrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise InputError(f"'{metrics_path}' is not valid JSON ({exc}); run the command again.") from exc
-        if not isinstance(self.metrics, dict):
-            raise InputError(f"'{metrics_path}' holds a JSON {type(self.metrics).__name__}, not the object "
-                             "'transferkit train' or 'transferkit evaluate' writes; run the command again.")
-        if metrics_version(self.metrics) > METRICS_VERSION:
-            log.warning("'%s' was written by a newer transferkit (metrics version %s; this one reads up to %d): "
-                        "the report leaves out what it does not know.", metrics_path, self.metrics["version"],
-                        METRICS_VERSION)
+        self.metrics: RunMetrics | EvaluationMetrics = runs.read_metrics(run_dir)
         if isinstance(self.metrics.get("test"), dict):
             self.kind, self.test = "train", self.metrics["test"]
         elif "confusion_matrix" in self.metrics:
@@ -121,10 +107,8 @@ class RunFolder:
         return runs.read_labels(path) if path.is_file() else []
 
     def _yaml(self, path: Path) -> dict:
-        from transferkit.config import read_yaml
-
         try:
-            return read_yaml(path, "Run settings") if path.is_file() else {}
+            return runs.read_settings(path)
         except InputError as exc:  # damaged or hostile: the report is drawn without the settings, and says why
             self.config_error = f"The settings were left out: {exc}"
             log.warning("%s", self.config_error)

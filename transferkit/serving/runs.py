@@ -34,6 +34,7 @@ from pathlib import Path
 
 from transferkit import files
 from transferkit.errors import InputError
+from transferkit.serving.schema import METRICS_VERSION, EvaluationMetrics, RunMetrics, metrics_version
 
 try:
     import fcntl
@@ -361,6 +362,45 @@ def resumable_config(run_dir: str | os.PathLike) -> Path:
     return config
 
 
+def read_metrics(run_dir: str | os.PathLike) -> RunMetrics | EvaluationMetrics:
+    """The ``metrics.json`` of a train or evaluate folder: the one reader of the file (the report,
+    ``--resume``, the run's result), checked to be the JSON object transferkit writes.
+
+    Raises:
+        InputError: the file is missing, not JSON, or not an object.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise InputError(f"'{run_dir}' holds no {METRICS_FILE}: pass the -o folder of a finished "
+                         "'transferkit train' or 'transferkit evaluate'.")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"'{path}' is not valid JSON ({exc}); run the command again.") from exc
+    if not isinstance(metrics, dict):
+        raise InputError(f"'{path}' holds a JSON {type(metrics).__name__}, not the object "
+                         "'transferkit train' or 'transferkit evaluate' writes; run the command again.")
+    if metrics_version(metrics) > METRICS_VERSION:
+        log.warning("'%s' was written by a newer transferkit (metrics version %s; this one reads up to %d): "
+                    "what it does not know is left out.", path, metrics["version"], METRICS_VERSION)
+    return metrics
+
+
+def read_settings(path: str | os.PathLike) -> dict:
+    """A run's ``config.yaml`` as a mapping (``{}`` where absent): the one reader of the file.
+
+    Raises:
+        InputError: the file is damaged or hostile (:func:`transferkit.config.read_yaml`); the report
+            catches it and is drawn without the settings, ``evaluate`` and ``predict`` stop.
+    """
+    from transferkit.config import read_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return read_yaml(path, "Run settings", "The file is damaged; train the run again or restore the file.")
+
+
 def write_labels(path: str | os.PathLike, class_names: Sequence[str]) -> None:
     files.write_text(path, "".join(f"{name}\n" for name in class_names))
 
@@ -454,8 +494,6 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     Raises:
         InputError: the folder is not a complete run folder.
     """
-    from transferkit.config import read_yaml
-
     run_dir = check_run_dir(run_dir)
     import keras
 
@@ -469,9 +507,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             "The file is damaged or not a transferkit model; train the run again."
         ) from exc
     class_names = read_labels(run_dir / LABELS_FILE)
-    config_path = run_dir / CONFIG_FILE
-    config = read_yaml(config_path, "Run settings",
-                       "The file is damaged; train the run again or restore the file.") if config_path.is_file() else {}
+    config = read_settings(run_dir / CONFIG_FILE)
     head = None
     if (run_dir / HEAD_FILE).is_file():
         from transferkit.heads.saving import load_head

@@ -8,7 +8,6 @@ and that same head in one flat graph that takes raw RGB pixels.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -231,7 +230,7 @@ def _finish_report(plan: TrainingPlan) -> TrainResult:
     log.info("Resumed: the model and metrics of %s are complete; writing the report only.", run_dir)
     try:
         if plan.is_worker_copy:  # workers write no report
-            result = TrainResult(run_dir, json.loads((run_dir / runs.METRICS_FILE).read_text(encoding="utf-8")))
+            result = TrainResult(run_dir, runs.read_metrics(run_dir))
         else:
             result = TrainResult(run_dir, _write_train_report(runs.load_run(run_dir), None, None, plan.config.seed))
             log.info("The feature map needs the backbone's features: add it with 'transferkit report %s "
@@ -252,7 +251,7 @@ def _write_train_report(run: runs.Run, features, feature_labels, seed: int) -> d
     html, _ = write_report(run.run_dir, features=features, feature_labels=feature_labels, explainer=explainer,
                            seed=seed)
     log.info("Report: %s", html)
-    return json.loads((run.run_dir / runs.METRICS_FILE).read_text(encoding="utf-8"))
+    return runs.read_metrics(run.run_dir)
 
 
 @dataclass
