@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from transferkit.cli import main
 from transferkit.config import TrainConfig
 from transferkit.errors import InputError
-from transferkit.serving import runs
+from transferkit.serving import outputs, runs
 from transferkit.testing import make_image_folder
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
@@ -90,7 +90,7 @@ def test_overwrite_refuses_a_folder_transferkit_did_not_write(tmp_path, photos, 
 
 def test_overwrite_of_a_transferkit_run_removes_only_the_files_it_names(tmp_path):
     run = tmp_path / "run"
-    runs.prepare_output_dir(run)  # marks the folder as transferkit's
+    outputs.prepare_output_dir(run)  # marks the folder as transferkit's
     backup = run / "checkpoints" / "backup"
     backup.mkdir(parents=True)
     ours = [run / "head.skops", run / "checkpoints" / "best.weights.h5", run / "checkpoints" / "head.json",
@@ -100,7 +100,7 @@ def test_overwrite_of_a_transferkit_run_removes_only_the_files_it_names(tmp_path
     theirs = [run / "checkpoints" / "important.ckpt", backup / "notes.txt", run / "notes.txt"]
     for path in theirs:
         path.write_bytes(b"not transferkit's")
-    runs.clear_previous_run(run)
+    outputs.clear_previous_run(run)
     assert not any(path.exists() for path in ours)
     assert all(path.read_bytes() == b"not transferkit's" for path in theirs)
 
@@ -108,7 +108,7 @@ def test_overwrite_of_a_transferkit_run_removes_only_the_files_it_names(tmp_path
 def test_clear_previous_run_refuses_an_unmarked_folder(tmp_path):
     folder = _foreign(tmp_path)
     with pytest.raises(InputError, match="not a transferkit output folder"):
-        runs.clear_previous_run(folder)
+        outputs.clear_previous_run(folder)
     assert (folder / "checkpoints" / "important.ckpt").is_file()
 
 
@@ -156,27 +156,27 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
     fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         with pytest.raises(InputError, match="being written by another transferkit process"):
-            runs.prepare_output_dir(run, overwrite=True)
+            outputs.prepare_output_dir(run, overwrite=True)
     finally:
         os.close(holder)
-    runs.prepare_output_dir(run, overwrite=True)  # free again
-    runs.release_output_dir(run)
+    outputs.prepare_output_dir(run, overwrite=True)  # free again
+    outputs.release_output_dir(run)
 
 
 def test_the_lock_dies_with_a_killed_process_so_the_run_can_be_resumed(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from transferkit.serving import runs; runs.prepare_output_dir(sys.argv[1]); "
+    code = ("import sys, time; from transferkit.serving import outputs; outputs.prepare_output_dir(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "locked"
         with pytest.raises(InputError, match=rf"another transferkit process \(pid {process.pid}\)"):
-            runs.prepare_output_dir(run, overwrite=True)
+            outputs.prepare_output_dir(run, overwrite=True)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-    runs.prepare_output_dir(run, overwrite=True)  # the system dropped the dead process's lock
-    runs.release_output_dir(run)
+    outputs.prepare_output_dir(run, overwrite=True)  # the system dropped the dead process's lock
+    outputs.release_output_dir(run)
 
 
 # ------------------------------------------------------------------ 4. atomic checkpoints, fallback
@@ -308,11 +308,11 @@ def test_damaged_run_files_give_a_clear_error(tmp_path, finished_run, name, cont
 
 def test_a_start_that_failed_after_claiming_the_folder_does_not_refuse_a_plain_rerun(tmp_path):
     run = tmp_path / "run"
-    runs.prepare_output_dir(run, command="evaluate")  # claimed (marker, lock file), then the command failed
-    runs.release_output_dir(run)
+    outputs.prepare_output_dir(run, command="evaluate")  # claimed (marker, lock file), then the command failed
+    outputs.release_output_dir(run)
     assert sorted(p.name for p in run.iterdir()) == [runs.LOCK_FILE, runs.MARKER_FILE]
-    runs.prepare_output_dir(run, command="evaluate")  # no --overwrite needed: nothing of a run is there
-    runs.release_output_dir(run)
+    outputs.prepare_output_dir(run, command="evaluate")  # no --overwrite needed: nothing of a run is there
+    outputs.release_output_dir(run)
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])
@@ -344,7 +344,7 @@ def test_a_linked_lock_file_is_refused_and_its_target_left_alone(tmp_path, link)
         os.link(victim, lock)
     with pytest.raises(InputError, match=r"\.transferkit-lock is not a lock file transferkit can use \(a "
                                           + ("symbolic link" if link == "symlink" else "file with 2 hard links")):
-        runs.prepare_output_dir(tmp_path / "run", overwrite=True)
+        outputs.prepare_output_dir(tmp_path / "run", overwrite=True)
     assert victim.read_bytes() == b"three years of work"
 
 
@@ -352,12 +352,12 @@ def test_a_lock_file_holding_more_than_a_pid_is_locked_but_not_rewritten(tmp_pat
     _victim(tmp_path)
     lock = tmp_path / "run" / runs.LOCK_FILE
     lock.write_bytes(b"notes somebody keeps under that name")
-    runs.prepare_output_dir(tmp_path / "run", overwrite=True)
-    runs.release_output_dir(tmp_path / "run")
+    outputs.prepare_output_dir(tmp_path / "run", overwrite=True)
+    outputs.release_output_dir(tmp_path / "run")
     assert lock.read_bytes() == b"notes somebody keeps under that name"
     lock.write_bytes(b"12345")  # a pid transferkit wrote: replaced by this process's
-    runs.prepare_output_dir(tmp_path / "run", overwrite=True)
-    runs.release_output_dir(tmp_path / "run")
+    outputs.prepare_output_dir(tmp_path / "run", overwrite=True)
+    outputs.release_output_dir(tmp_path / "run")
     assert lock.read_bytes() == str(os.getpid()).encode()
 
 
@@ -375,13 +375,13 @@ def _held_elsewhere(folder: Path) -> bool:
 
 def test_a_folder_deleted_and_made_again_in_the_same_process_is_locked_again(tmp_path):
     run = tmp_path / "run"
-    runs.prepare_output_dir(run)
+    outputs.prepare_output_dir(run)
     shutil.rmtree(run)
-    runs.prepare_output_dir(run)
+    outputs.prepare_output_dir(run)
     try:
         assert _held_elsewhere(run)
     finally:
-        runs.release_output_dir(run)
+        outputs.release_output_dir(run)
     assert not _held_elsewhere(run)
 
 
@@ -397,8 +397,8 @@ def test_evaluate_and_ensemble_release_their_output_folder_however_they_end(tmp_
     with pytest.raises(DataError, match="could be decoded"):
         evaluate_run(finished_run, broken, tmp_path / "eval", verbose=0)
     assert not _held_elsewhere(tmp_path / "eval")
-    runs.prepare_output_dir(tmp_path / "eval")  # and a plain re-run may use it
-    runs.release_output_dir(tmp_path / "eval")
+    outputs.prepare_output_dir(tmp_path / "eval")  # and a plain re-run may use it
+    outputs.release_output_dir(tmp_path / "eval")
 
     ensemble_runs([finished_run, finished_run], tmp_path / "ens", photos, verbose=0)
     assert (tmp_path / "ens" / runs.METRICS_FILE).is_file() and not _held_elsewhere(tmp_path / "ens")
@@ -421,9 +421,9 @@ def test_overwrite_accepts_a_folder_an_earlier_version_wrote(tmp_path, command):
     for name in EARLIER[command]:
         (run / name).write_bytes(b"previous run")
     (run / "checkpoints" / "best.weights.h5").write_bytes(b"previous run")
-    runs.prepare_output_dir(run, overwrite=True, command=command)
-    runs.release_output_dir(run)
-    runs.clear_previous_run(run)
+    outputs.prepare_output_dir(run, overwrite=True, command=command)
+    outputs.release_output_dir(run)
+    outputs.clear_previous_run(run)
     assert (run / runs.MARKER_FILE).is_file() and not (run / "checkpoints").exists()
 
 
@@ -433,7 +433,7 @@ def test_overwrite_still_refuses_a_folder_with_only_some_of_those_names(tmp_path
     (folder / "model.keras").write_bytes(b"my own model")
     (folder / "labels.txt").write_text("cat\ndog\n")
     with pytest.raises(InputError, match="was not written by transferkit"):
-        runs.prepare_output_dir(folder, overwrite=True)
+        outputs.prepare_output_dir(folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["labels.txt", "model.keras"]
 
 

@@ -32,7 +32,7 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
     from transferkit.data.scan import scan_folder
     from transferkit.models.registry import check_image_size, get_backbone
     from transferkit.models.weights import load_backbone, resolve_weights
-    from transferkit.serving import runs
+    from transferkit.serving import outputs
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
@@ -41,7 +41,7 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
         check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]
     resolved = resolve_weights(spec, weights, size)
-    cache_dir = runs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, folder.root))
+    cache_dir = outputs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, folder.root))
     runtime.start_tensorflow()
     import keras
 

@@ -113,7 +113,7 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     output, file_format, augment_views = Path(config.output), config.file_format, config.augment_views
     if output.exists() and not config.overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
-    from transferkit.serving.runs import check_outside_inputs, check_writable_dir
+    from transferkit.serving.outputs import check_outside_inputs, check_writable_dir
 
     check_outside_inputs(output, "-o/--output", [config.image_dir])  # never write into the image folder
     output.resolve().parent.mkdir(parents=True, exist_ok=True)  # as train makes its run folder
@@ -159,7 +159,7 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
     if not output.resolve().parent.is_dir():
         raise click.BadParameter(f"folder '{output.parent}' does not exist", param_hint="-o/--output")
-    from transferkit.serving.runs import check_outside_inputs
+    from transferkit.serving.outputs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
     from transferkit.cache.folder import extract_folder

@@ -203,7 +203,7 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
     from transferkit import files
     from transferkit.data.scan import find_images
     from transferkit.evaluation.explain import explain_files
-    from transferkit.serving import runs
+    from transferkit.serving import outputs, runs
 
     runs.check_run_dir(run_dir)
     paths = [p for item in images for p in (find_images(item) if Path(item).is_dir() else [Path(item)])]
@@ -217,7 +217,7 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
             raise click.BadParameter(f"'{output_dir}' is the image folder of '{item}': the overlays (PNG files) "
                                      "would land among your photos; choose a path outside it.", param_hint="-o")
     inputs = [item for item in images if Path(item).is_dir()]
-    with runs.claimed_output_dir(output_dir, overwrite, inputs=inputs, command="explain") as output:
+    with outputs.claimed_output_dir(output_dir, overwrite, inputs=inputs, command="explain") as output:
         runtime.start_tensorflow()
         run = runs.load_run(run_dir)
         run.require_keras_head("explain (Grad-CAM)")

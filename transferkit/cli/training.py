@@ -64,7 +64,7 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
         raise click.BadParameter(f"must end in .png, received '{output.name}'", param_hint="-o/--output")
     if output.exists() and not overwrite:
         raise click.BadParameter(f"'{output}' exists; pass --overwrite to replace it", param_hint="-o/--output")
-    from transferkit.serving.runs import check_outside_inputs
+    from transferkit.serving.outputs import check_outside_inputs
 
     check_outside_inputs(output, "-o/--output", [image_dir])  # never write into the image folder
     from transferkit.cache.folder import extract_folder

@@ -21,7 +21,7 @@ import numpy as np
 
 from transferkit import files
 from transferkit.errors import DataError, InputError
-from transferkit.serving import runs
+from transferkit.serving import outputs, runs
 
 
 def evaluation_images(loaded: Sequence, image_dir=None) -> tuple[list[Path], np.ndarray, str, list]:
@@ -94,7 +94,8 @@ def ensemble_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pa
     for run_dir in run_dirs:
         runs.check_run_dir(run_dir)
     # Claimed (locked, marked) while it is written, released however this ends.
-    with runs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=[image_dir], command="ensemble") as output_dir:
+    with outputs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=[image_dir],
+                                    command="ensemble") as output_dir:
         loaded = [runs.load_run(run_dir) for run_dir in run_dirs]
         class_names = loaded[0].class_names
         for run in loaded[1:]:

@@ -47,7 +47,7 @@ from transferkit.heads.registry import HEADS
 from transferkit.heads.stats import Verdict, bootstrap_accuracy_ci, paired_mcnemar, pick_winner
 from transferkit.models.registry import BackboneSpec
 from transferkit.models.weights import ResolvedWeights
-from transferkit.serving import runs
+from transferkit.serving import outputs, runs
 
 log = logging.getLogger("transferkit")
 
@@ -184,10 +184,10 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
                         "Add images or raise --test-fraction.")
     inputs = (config.image_dir, folder.root)
     # Every check before the claim: a refused start leaves the output folder as it was.
-    runs.check_output_dir(config.output_dir, config.overwrite, inputs=inputs)
-    runs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
+    outputs.check_output_dir(config.output_dir, config.overwrite, inputs=inputs)
+    outputs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
     # Claimed (locked, marked) until run_comparison ends.
-    output_dir = runs.prepare_output_dir(config.output_dir, config.overwrite, inputs=inputs, command="compare")
+    output_dir = outputs.prepare_output_dir(config.output_dir, config.overwrite, inputs=inputs, command="compare")
     if config.with_fine_tune:
         from transferkit.training.run import prepare_training
 
@@ -195,10 +195,10 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
         try:
             prepare_training(config.train_config(strategy=FINE_TUNE, output_dir=str(fine_tune_dir), overwrite=True))
         except BaseException:
-            runs.release_output_dir(output_dir)
+            outputs.release_output_dir(output_dir)
             raise
         finally:
-            runs.release_output_dir(fine_tune_dir)  # only checked here; its train() claims it again
+            outputs.release_output_dir(fine_tune_dir)  # only checked here; its train() claims it again
     return ComparisonPlan(config, spec, image_size, weights, folder, output_dir)
 
 
@@ -370,7 +370,7 @@ def run_comparison(plan: ComparisonPlan, *, verbose: int = 1) -> ComparisonResul
     try:
         return _run_claimed(plan, verbose)
     finally:
-        runs.release_output_dir(plan.output_dir)  # claimed by prepare_comparison
+        outputs.release_output_dir(plan.output_dir)  # claimed by prepare_comparison
 
 
 def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:

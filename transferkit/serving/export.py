@@ -52,7 +52,7 @@ import numpy as np
 from transferkit import __version__, files
 from transferkit.errors import ExportError, InputError
 from transferkit.runtime import native_stderr_quiet
-from transferkit.serving import runs
+from transferkit.serving import outputs, runs
 from transferkit.serving.predictors import (
     ARTIFACT_NAMES,
     CARD_FILE,
@@ -107,13 +107,13 @@ def export_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, fmt: s
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"Export folder '{output_dir}' (-o) is a file. Choose a folder path.")
-    runs.check_outside_inputs(output_dir, "-o/--output-dir", [image_dir])
+    outputs.check_outside_inputs(output_dir, "-o/--output-dir", [image_dir])
     if output_dir.is_dir() and any(output_dir.iterdir()):
         if not overwrite:
             raise InputError(f"Export folder '{output_dir}' (-o) already exists and is not empty. Choose a new "
                              "folder, or pass --overwrite to replace it.")
         _check_replaceable(output_dir)
-    runs.check_writable_dir(output_dir.parent if output_dir.parent != Path("") else Path("."), "-o")
+    outputs.check_writable_dir(output_dir.parent if output_dir.parent != Path("") else Path("."), "-o")
     run = runs.load_run(run_dir)
     run.require_keras_head("export")
     held_out = sample_images(run, ("test", "val"), num_parity_images, image_dir)
@@ -140,7 +140,7 @@ def export_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, fmt: s
         if fmt == "tflite" and quantize == "int8":
             card["int8_kernels"] = check_int8_kernels(artifact)
         files.write_json(tmp / CARD_FILE, card)
-        runs.mark_output_dir(tmp, "export")
+        outputs.mark_output_dir(tmp, "export")
         _publish(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,7 +152,7 @@ def export_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, fmt: s
 def _check_replaceable(output_dir: Path) -> None:
     """``--overwrite`` replaces a whole export folder, so it must be one transferkit wrote and hold
     nothing else: refuse before any work otherwise (nothing is deleted that transferkit did not write)."""
-    if not runs.is_output_dir(output_dir):
+    if not outputs.is_output_dir(output_dir):
         raise InputError(f"Export folder '{output_dir}' (-o) is not empty and was not written by transferkit (it has "
                          f"no {runs.MARKER_FILE} file), so --overwrite will not replace it. Choose a new or empty "
                          "folder.")

@@ -39,7 +39,7 @@ from transferkit.models.registry import BackboneSpec, check_image_size, get_back
 from transferkit.models.weights import ResolvedWeights, load_backbone, resolve_weights
 from transferkit.report import data as report_data
 from transferkit.runtime import AUTO_BATCH_START, check_optional_flags, with_batch_backoff
-from transferkit.serving import runs
+from transferkit.serving import outputs, runs
 from transferkit.serving.schema import METRICS_VERSION, RunMetrics
 from transferkit.training.choice import describe_phase, measure_auto_evidence, resolve_strategy
 from transferkit.training.distribute import make_strategy, output_dir_for
@@ -128,10 +128,10 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
     overwrite = config.overwrite or worker_dir != Path(config.output_dir)
     # Every check before the claim: a refused start leaves RUN_DIR as it was (a read-only -o
     # creates no cache folder; a bad --cache-dir leaves no locked, marked RUN_DIR).
-    runs.check_output_dir(worker_dir, overwrite, inputs=inputs, resume=resume)
-    runs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
+    outputs.check_output_dir(worker_dir, overwrite, inputs=inputs, resume=resume)
+    outputs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
     # It locks RUN_DIR for this process (run_training releases it) and marks it as a transferkit folder.
-    run_dir = runs.prepare_output_dir(worker_dir, overwrite, inputs=inputs, command="train", resume=resume)
+    run_dir = outputs.prepare_output_dir(worker_dir, overwrite, inputs=inputs, command="train", resume=resume)
     return TrainingPlan(config, spec, image_size, weights, folder, run_dir)
 
 
@@ -162,7 +162,7 @@ def run_training(plan: TrainingPlan, *, verbose: int = 1, resume: bool = False) 
     try:
         return _run_locked(plan, verbose, resume)
     finally:
-        runs.release_output_dir(plan.run_dir)  # taken by prepare_training
+        outputs.release_output_dir(plan.run_dir)  # taken by prepare_training
 
 
 def _run_locked(plan: TrainingPlan, verbose: int, resume: bool) -> TrainResult:
@@ -184,7 +184,7 @@ def _run_locked(plan: TrainingPlan, verbose: int, resume: bool) -> TrainResult:
     for message in dataset_warnings(folder, hashes):
         log.warning(message)
     if not resume:
-        runs.clear_previous_run(run_dir)
+        outputs.clear_previous_run(run_dir)
     save_config(config, run_dir / runs.CONFIG_FILE)  # first, so an interrupted run can resume
     _write_status(run_dir, "running", stage="train")
     try:
@@ -502,19 +502,8 @@ def _write_run(plan: TrainingPlan, data: _Features, choice: _Choice, fitted: _Fi
     # The model and metrics are complete: an interruption from here on leaves only the report to
     # write (--resume writes it), and the fine-tune backup is no longer needed.
     _write_status(run_dir, "running", stage="report")
-    clear_backup(run_dir / runs.CHECKPOINT_DIR)
+    outputs.clear_backup(run_dir / runs.CHECKPOINT_DIR)
     return metrics
-
-
-def clear_backup(checkpoint_dir: Path) -> None:
-    """Remove the fine-tune backup (its files only: see :data:`runs.BACKUP_PATTERNS`)."""
-    backup = checkpoint_dir / runs.BACKUP_DIR
-    for path in [p for pattern in runs.BACKUP_PATTERNS for p in backup.glob(pattern)]:
-        path.unlink(missing_ok=True)
-    try:
-        backup.rmdir()
-    except OSError:
-        pass  # absent, or holds a file that is not ours
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
