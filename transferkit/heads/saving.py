@@ -46,7 +46,7 @@ def save_head(head: FittedHead, path: str | os.PathLike, backbone: Mapping[str, 
     """Write a fitted head with skops (``path``) and its identity to a JSON sidecar (``.json``).
 
     Args:
-        head: from :func:`fit_head`.
+        head: from :func:`transferkit.heads.registry.fit_head`.
         path: the ``.skops`` file to write (atomically).
         backbone: identity of the features the head was trained on: ``backbone``, ``image_size``,
             ``weights_id``, ``class_names`` (more keys are kept).

@@ -62,7 +62,7 @@ class BackboneSpec:
         preprocessing: ``"tf"`` ([-1, 1]), ``"caffe"`` (BGR, mean subtraction), ``"torch"``
             (/255, ImageNet mean/std) or ``"none"`` (the model rescales inside).
         num_params: parameters of the no-top model (measured).
-        num_blocks: blocks :func:`block_boundaries` finds (measured).
+        num_blocks: blocks :func:`transferkit.models.build.block_boundaries` finds (measured).
         min_input_size: smallest input size Keras accepts.
         pretrained: whether Keras has ImageNet weights (False only for test backbones).
     """

@@ -79,7 +79,7 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, option:
         inputs: the image folders the job reads; the output may not be one of them or inside one.
         command: the command writing the folder, recorded in its marker file.
         resume: the folder is an interrupted run to continue (its ``config.yaml`` was checked by
-            :func:`resumable_config`); runs from before the marker file are accepted.
+            :func:`transferkit.serving.runs.resumable_config`); runs from before the marker file are accepted.
 
     Raises:
         InputError: the folder is not empty (and ``overwrite`` is off), is not a transferkit folder
