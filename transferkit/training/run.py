@@ -269,6 +269,11 @@ class _Features:
     def indices(self, role: str) -> np.ndarray:
         return np.flatnonzero(self.roles == role)
 
+    def evaluation(self) -> tuple[np.ndarray, str]:
+        """The images the run is scored on, and their split: test, or val where there is no test split."""
+        test_idx = self.indices("test")
+        return (test_idx, "test") if len(test_idx) else (self.indices("val"), "val")
+
 
 @dataclass
 class _Choice:
@@ -397,7 +402,7 @@ def _fit_step(plan: TrainingPlan, data: _Features, choice: _Choice, distribution
     config, folder, phases = choice.config, plan.folder, choice.phases
     labels, features = folder.labels, data.extraction.vectors
     train_idx, val_idx, test_idx = data.indices("train"), data.indices("val"), data.indices("test")
-    eval_idx = test_idx if len(test_idx) else val_idx
+    eval_idx, _ = data.evaluation()
     weights_by_class = choice.class_weight
     checkpoint_dir = plan.run_dir / runs.CHECKPOINT_DIR
     # --augment-views K: the head trains on each training image and its K cached augmented views.
@@ -450,8 +455,7 @@ def _write_run(plan: TrainingPlan, data: _Features, choice: _Choice, fitted: _Fi
     """Write the model, ``metrics.json`` and the run's CSV files; returns the metrics."""
     config, folder, run_dir, extraction = choice.config, plan.folder, plan.run_dir, data.extraction
     labels, phases = folder.labels, choice.phases
-    test_idx = data.indices("test")
-    eval_idx, eval_split = (test_idx, "test") if len(test_idx) else (data.indices("val"), "val")
+    eval_idx, eval_split = data.evaluation()
     runs.save_model(fitted.model, run_dir / runs.MODEL_FILE)
     test_metrics = classification_metrics(labels[eval_idx], fitted.probabilities, folder.class_names)
     test_metrics["split"] = eval_split
