@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SHARED_DIR = Path(os.environ.get("TRANSFERKIT_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_WEIGHTS = SHARED_DIR / "imagenet-weights"
 SHARED_DATASETS = SHARED_DIR / "datasets"
+
+
+def pytest_runtest_setup(item):
+    """Once TensorFlow is imported, move every object alive to the garbage collector's permanent
+    generation (gc.freeze): TensorFlow and Keras hold hundreds of thousands of objects that every
+    full collection would otherwise walk again (Keras' clear_session collects after each build)."""
+    if "tensorflow" in sys.modules and not getattr(pytest_runtest_setup, "frozen", False):
+        gc.collect()
+        gc.freeze()
+        pytest_runtest_setup.frozen = True
 
 
 def pytest_collection_modifyitems(items):
