@@ -79,6 +79,24 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished run shared by the session's tests that only read a run: ``(image folder,
+    TrainResult)``. tiny_test backbone (random weights), 3 classes x 20 images (PNG and JPEG, 32 px),
+    the default exact softmax head; the folder's feature cache is ``<root>/cache``. Tests must not
+    change its files: copy the run folder first."""
+    from transferkit.config import TrainConfig
+    from transferkit.testing import make_image_folder
+    from transferkit.training.run import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    folder = make_image_folder(root / "photos", num_classes=3, images_per_class=20, image_size=32,
+                               formats=("png", "jpg"))
+    config = TrainConfig(image_dir=str(folder), output_dir=str(root / "run"), backbone="tiny_test", weights="none",
+                         batch_size=8, cache_dir=str(root / "cache"))
+    return folder, train(config, verbose=0)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A small learnable synthetic folder: 3 classes x 12 images, 32 px, mixed formats."""

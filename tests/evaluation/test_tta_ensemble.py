@@ -31,17 +31,14 @@ def test_ten_crop_views_are_the_centre_the_corners_and_their_mirrors():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """Two tiny runs on the same photos and split, with different head settings."""
-    root = tmp_path_factory.mktemp("ensemble")
-    folder = make_image_folder(root / "photos", num_classes=3, images_per_class=12, image_size=32)
-    run_dirs = []
-    for name, rate in (("a", 0.01), ("b", 0.03)):
-        config = TrainConfig(image_dir=str(folder), output_dir=str(root / name), backbone="tiny_test",
-                             weights="none", epochs=30, learning_rate=rate, batch_size=8,
-                             cache_dir=str(root / "cache"))
-        run_dirs.append(train(config, verbose=0).run_dir)
-    return run_dirs, folder
+def two_runs(tiny_run, tmp_path_factory):
+    """The session's tiny run (exact head) and a second run on the same photos and split with
+    another head (Adam, 30 epochs; its features all come from the first run's cache)."""
+    folder, first = tiny_run
+    config = TrainConfig(image_dir=str(folder), output_dir=str(tmp_path_factory.mktemp("ensemble") / "b"),
+                         backbone="tiny_test", weights="none", head_solver="adam", epochs=30, learning_rate=0.03,
+                         batch_size=8, cache_dir=str(first.run_dir.parent / "cache"))
+    return [first.run_dir, train(config, verbose=0).run_dir], folder
 
 
 def test_evaluate_with_tta_reports_accuracy_with_and_without(two_runs, tmp_path):
@@ -54,7 +51,7 @@ def test_evaluate_with_tta_reports_accuracy_with_and_without(two_runs, tmp_path)
     assert "10-crop" in json.loads((tmp_path / "tta" / "metrics.json").read_text())["tta"]["method"]
 
     shown = run_cli("predict", run_dir, folder / "class_0", "--tta")
-    assert shown.exit_code == 0 and len(shown.output.splitlines()) == 12
+    assert shown.exit_code == 0 and len(shown.output.splitlines()) == 20
 
 
 def test_ensemble_of_two_runs_scores_members_and_average(two_runs, tmp_path):
@@ -72,7 +69,7 @@ def test_ensemble_of_two_runs_scores_members_and_average(two_runs, tmp_path):
         metrics["accuracy"] - max(m["accuracy"] for m in metrics["members"]))
 
     on_folder = ensemble_runs(run_dirs, tmp_path / "all", image_dir=folder)
-    assert on_folder["num_examples"] == 36
+    assert on_folder["num_examples"] == 60
 
 
 def test_ensemble_refuses_different_classes_and_different_splits(two_runs, tmp_path):

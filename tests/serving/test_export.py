@@ -7,25 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from transferkit.config import TrainConfig
 from transferkit.errors import ExportError, InputError
 from transferkit.serving import export, predictors, runs
-from transferkit.testing import make_image_folder, run_cli
-from transferkit.training.run import train
+from transferkit.testing import run_cli
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A trained tiny_test run (32 px, 3 classes) and its photo folder."""
-    root = tmp_path_factory.mktemp("export")
-    folder = make_image_folder(root / "photos", num_classes=3, images_per_class=12, image_size=32)
-    config = TrainConfig(image_dir=str(folder), output_dir=str(root / "run"), backbone="tiny_test", weights="none",
-                         epochs=30, learning_rate=0.01, batch_size=8, cache_dir=str(root / "cache"))
-    return train(config, verbose=0).run_dir, folder
+@pytest.fixture
+def trained(tiny_run):
+    """The session's tiny run (tests/conftest.py): its run folder and photo folder."""
+    folder, result = tiny_run
+    return result.run_dir, folder
 
 
-def test_keras_and_saved_model_round_trip_with_exact_parity(tiny_run, tmp_path):
-    run_dir, folder = tiny_run
+def test_keras_and_saved_model_round_trip_with_exact_parity(trained, tmp_path):
+    run_dir, folder = trained
     run = runs.load_run(run_dir)
     images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     expected = run.model.predict(images.astype(np.float32), verbose=0)
@@ -45,8 +40,8 @@ def test_keras_and_saved_model_round_trip_with_exact_parity(tiny_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_tflite_float_round_trips_and_int8_holds_int8_kernels(tiny_run, tmp_path):
-    run_dir, folder = tiny_run
+def test_tflite_float_round_trips_and_int8_holds_int8_kernels(trained, tmp_path):
+    run_dir, folder = trained
     card = export.export_run(run_dir, tmp_path / "fp32", "tflite")
     assert card["parity"]["top1_agreement"] == 1.0 and card["parity"]["max_abs_diff"] <= 1e-4
     card = export.export_run(run_dir, tmp_path / "int8", "tflite", quantize="int8")
@@ -67,8 +62,8 @@ def test_tflite_float_round_trips_and_int8_holds_int8_kernels(tiny_run, tmp_path
             [line.split("\t")[1].split()[0] for line in expected.output.splitlines()]
 
 
-def test_export_cli_prints_parity_and_refuses_an_existing_folder(tiny_run, tmp_path):
-    run_dir, folder = tiny_run
+def test_export_cli_prints_parity_and_refuses_an_existing_folder(trained, tmp_path):
+    run_dir, folder = trained
     out = tmp_path / "out"
     result = run_cli("export", run_dir, "--format", "keras", "-o", out)
     assert result.exit_code == 0, result.output
@@ -81,8 +76,8 @@ def test_export_cli_prints_parity_and_refuses_an_existing_folder(tiny_run, tmp_p
     assert mixed.exit_code == 2 and "--quantize int8 applies to --format tflite only" in mixed.output
 
 
-def test_a_float_export_that_disagrees_fails_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
-    run_dir, _ = tiny_run
+def test_a_float_export_that_disagrees_fails_and_writes_nothing(trained, tmp_path, monkeypatch):
+    run_dir, _ = trained
     real = export.load_predictor
 
     def drifting(*args, **kwargs):
@@ -97,8 +92,8 @@ def test_a_float_export_that_disagrees_fails_and_writes_nothing(tiny_run, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_without_the_photos_parity_uses_random_pixels_and_int8_asks_for_images(tiny_run, tmp_path):
-    run_dir, folder = tiny_run
+def test_without_the_photos_parity_uses_random_pixels_and_int8_asks_for_images(trained, tmp_path):
+    run_dir, folder = trained
     moved = tmp_path / "copy"
     import shutil
 
@@ -114,8 +109,8 @@ def test_without_the_photos_parity_uses_random_pixels_and_int8_asks_for_images(t
     assert card["parity"]["source"] == f"images in {folder}"
 
 
-def test_artifacts_without_labels_are_refused_with_a_fix(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
+def test_artifacts_without_labels_are_refused_with_a_fix(trained, tmp_path):
+    run_dir, _ = trained
     export.export_run(run_dir, tmp_path / "k", "keras")
     (tmp_path / "k" / "model.keras").rename(tmp_path / "alone.keras")
     with pytest.raises(InputError, match=r"No labels.txt beside .*alone.keras"):

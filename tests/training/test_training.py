@@ -27,13 +27,10 @@ def tiny_config(image_dir, output_dir, **changes) -> TrainConfig:
     return base.replace(**changes)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    folder = make_image_folder(root / "photos", num_classes=3, images_per_class=20, image_size=32,
-                               formats=("png", "jpg"))
-    result = train(tiny_config(folder, root / "run", cache_dir=str(root / "cache")), verbose=0)
-    return folder, result
+@pytest.fixture
+def trained_run(tiny_run):
+    """The session's tiny run (tests/conftest.py): 3 classes x 20 images, exact head."""
+    return tiny_run
 
 
 def test_run_folder_holds_everything(trained_run):
