@@ -33,13 +33,17 @@ def test_hymenoptera_with_mobilenet_v2_reaches_the_promised_accuracy(shared_kera
 
 
 def test_real_weights_make_real_predictions_through_the_saved_model(shared_keras_home, tmp_path):
-    """MobileNet v1 0.75 features separate ants from bees; random init cannot (the README's 0.458)."""
+    """MobileNet v1 0.75 features separate ants from bees; random init cannot (the README's 0.458).
+
+    Without flip-averaging, which halves the extraction: this test is about the v1 weights file and
+    the saved model, the test above about the promised accuracy (measured: 0.902 on val/)."""
     from transferkit.config import TrainConfig
     from transferkit.serving import predictors, runs
     from transferkit.training.run import train
 
     data = shared_dataset("hymenoptera_data")
-    result = train(TrainConfig(str(data), str(tmp_path / "run"), backbone="mobilenet_075"), verbose=0)
+    result = train(TrainConfig(str(data), str(tmp_path / "run"), backbone="mobilenet_075",
+                                 flip_average=False), verbose=0)
     assert result.test_accuracy >= 0.88
     run = runs.load_run(result.run_dir)
     rows = predictors.predict_files(run, [data / "val" / "bees"], top_k=1)
