@@ -17,15 +17,18 @@ from transferkit import files
 FEATURE_FORMATS = ("npz", "parquet", "csv")
 
 
-def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequence[str], labels: np.ndarray,
-                   class_names: Sequence[str], splits: Sequence[str], vectors: np.ndarray,
+def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequence[str],
+                   labels: np.ndarray | None = None, class_names: Sequence[str] | None = None,
+                   splits: Sequence[str] | None = None, *, vectors: np.ndarray,
                    views: Sequence[int] | None = None) -> None:
     """Write features for another tool, atomically: one row per image (or per augmented view).
 
     npz holds arrays ``paths``, ``labels``, ``class_names``, ``splits``, ``features``; parquet and
     CSV hold columns ``path, label, class_name, split, f0 .. f{d-1}`` (flat columns, which every
     tool reads). With ``views`` (0 = the image itself, 1..K its augmented views), npz also holds
-    ``views`` and the other formats a ``view`` column after ``split``.
+    ``views`` and the other formats a ``view`` column after ``split``. Unlabelled images
+    (``labels`` None) have no ``labels``, ``class_names`` and ``splits`` (no ``label``,
+    ``class_name`` and ``split`` columns): none is invented.
 
     File names that are not UTF-8 (see :mod:`transferkit.files`) round-trip: CSV holds their bytes,
     npz Python's strings for them (``s.encode("utf-8", "surrogateescape")`` gives back the bytes). Parquet strings
@@ -33,22 +36,29 @@ def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequenc
     ``path_bytes`` column (binary, only when some name needs it) holds every name's exact bytes.
 
     Example:
-        >>> write_features("f.npz", "npz", ["a/1.jpg"], np.array([0]), ["a"], ["train"], np.ones((1, 2)))
+        >>> write_features("f.npz", "npz", ["a/1.jpg"], np.array([0]), ["a"], ["train"], vectors=np.ones((1, 2)))
         ... # doctest: +SKIP
     """
     if file_format not in FEATURE_FORMATS:
         raise ValueError(f"Unknown format {file_format!r}; allowed: {', '.join(FEATURE_FORMATS)}.")
-    labels = np.asarray(labels)
     vectors = np.asarray(vectors, dtype=np.float32)
+    if (labels is None) != (class_names is None) or (labels is None) != (splits is None):
+        raise ValueError("labels, class_names and splits go together: give all three, or none (unlabelled).")
     if file_format == "npz":
+        arrays = {"paths": np.asarray([files.utf8_view(p) for p in rel_paths], dtype=str)}
+        if labels is not None:
+            arrays.update(labels=np.asarray(labels), class_names=np.asarray(class_names, dtype=str),
+                          splits=np.asarray(splits, dtype=str))
+        arrays["features"] = vectors
+        if views is not None:
+            arrays["views"] = np.asarray(views, dtype=np.int64)
         with files.atomic_path(path, suffix=".npz") as tmp:
-            extra = {} if views is None else {"views": np.asarray(views, dtype=np.int64)}
-            np.savez(tmp, paths=np.asarray([files.utf8_view(p) for p in rel_paths], dtype=str), labels=labels,
-                     class_names=np.asarray(class_names, dtype=str), splits=np.asarray(splits, dtype=str),
-                     features=vectors, **extra)
+            np.savez(tmp, **arrays)
         return
-    columns = {"path": list(rel_paths), "label": labels.tolist(),
-               "class_name": [class_names[i] for i in labels], "split": list(splits)}
+    columns = {"path": list(rel_paths)}
+    if labels is not None:
+        labels = np.asarray(labels)
+        columns.update(label=labels.tolist(), class_name=[class_names[i] for i in labels], split=list(splits))
     if views is not None:
         columns["view"] = [int(v) for v in views]
     columns.update({f"f{j}": vectors[:, j] for j in range(vectors.shape[1])})
@@ -60,7 +70,8 @@ def write_features(path: str | os.PathLike, file_format: str, rel_paths: Sequenc
         if shown != [files.utf8_view(p) for p in columns["path"]]:  # some name is not UTF-8
             columns = {"path": shown, "path_bytes": [p.encode("utf-8", files.NAME_ERRORS) for p in columns["path"]],
                        **{k: v for k, v in columns.items() if k != "path"}}
-        columns["class_name"] = [files.display_name(c) for c in columns["class_name"]]
+        if "class_name" in columns:
+            columns["class_name"] = [files.display_name(c) for c in columns["class_name"]]
         with files.atomic_path(path, suffix=".parquet") as tmp:
             pq.write_table(pa.table(columns), tmp)
     else:

@@ -16,10 +16,12 @@ log = logging.getLogger("transferkit")
 
 
 def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
-                   select=None, keep_vectors=True, strict=False, views=0):
+                   select=None, keep_vectors=True, strict=False, views=0, labels="required"):
     """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
 
     With ``views`` K, also K augmented views per image (TrainConfig's default strengths, ``seed``).
+    With ``labels="optional"``, a folder without two class folders is read as unlabelled photos
+    (see :func:`transferkit.data.scan.scan_folder`); the cache keys do not depend on labels.
 
     Returns:
         ``(folder, relative paths extracted, ExtractionResult, FeatureCache)``; skipped files
@@ -36,7 +38,7 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
-    folder = scan_folder(image_dir, seed=seed)  # the hash split of train with the same --seed
+    folder = scan_folder(image_dir, seed=seed, labels=labels)  # the hash split of train with the same --seed
     if strict:
         check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]
@@ -64,7 +66,8 @@ def export_folder_features(folder, paths, result, cache, output, file_format: st
                            augment_views: int = 0) -> tuple[int, int]:
     """``features export``'s file: one row per image extracted by :func:`extract_folder` (K + 1 per
     image with ``augment_views`` K), with its label and the split ``train`` would give it with
-    ``seed``. Warns when a copy of one image sits in two splits.
+    ``seed``. Warns when a copy of one image sits in two splits. An unlabelled folder's rows have
+    no label and no split (the file has no such columns).
 
     Returns:
         ``(rows written, feature dimension)``.
@@ -73,23 +76,26 @@ def export_folder_features(folder, paths, result, cache, output, file_format: st
     from transferkit.data.checks import dataset_warnings
     from transferkit.data.splits import assign_roles
 
-    # The rows carry each image's split: say so when a copy of one image sits in two splits.
-    hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read
-    for message in dataset_warnings(folder, hashes):
-        log.warning(message)
     index = {p: i for i, p in enumerate(folder.paths)}
     rows = [index[p] for p, good in zip(paths, result.ok, strict=True) if good]
-    used = np.zeros(len(folder.paths), dtype=bool)
-    used[rows] = True
-    # Train's rule, not the folders' names: a train/val folder's val/ is train's test split (and a
-    # share of train/ its early-stopping val), so the split column is the split train uses.
-    roles = assign_roles(folder, used, seed, check=False)
+    roles = None
+    if folder.labelled:
+        # The rows carry each image's split: say so when a copy of one image sits in two splits.
+        hashes = FileHashes(cache.root).hashes([folder.abs_path(p) for p in folder.paths])  # remembered: no re-read
+        for message in dataset_warnings(folder, hashes):
+            log.warning(message)
+        used = np.zeros(len(folder.paths), dtype=bool)
+        used[rows] = True
+        # Train's rule, not the folders' names: a train/val folder's val/ is train's test split (and a
+        # share of train/ its early-stopping val), so the split column is the split train uses.
+        roles = assign_roles(folder, used, seed, check=False)
     vectors, views = result.vectors[result.ok], None
     if augment_views:  # K + 1 rows per image, image by image: view 0 (the image), then its views 1..K
         vectors = np.concatenate([vectors[:, None], result.view_vectors[result.ok]], axis=1)
         vectors = vectors.reshape(-1, vectors.shape[-1])
         rows = np.repeat(rows, augment_views + 1).tolist()
         views = np.tile(np.arange(augment_views + 1), len(rows) // (augment_views + 1))
-    write_features(output, file_format, [folder.paths[i] for i in rows], folder.labels[rows], folder.class_names,
-                   [str(roles[i]) for i in rows], vectors, views=views)
+    labelled = {} if roles is None else {"labels": folder.labels[rows], "class_names": folder.class_names,
+                                         "splits": [str(roles[i]) for i in rows]}
+    write_features(output, file_format, [folder.paths[i] for i in rows], vectors=vectors, views=views, **labelled)
     return len(rows), result.vectors.shape[1]

@@ -43,6 +43,8 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
             shard_index, augment_views, strict, quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
+    IMAGE_DIR may hold one sub-folder per class, or photos without classes (a flat folder, or
+    one sub-folder): every image under it is extracted, with the same cache keys either way.
     Images already in the cache (same bytes, same settings) are not computed again. With
     --num-shards N, N workers (--shard-index 0 .. N-1) each extract a fixed part, chosen by a
     hash of each file's relative path; 'transferkit cache merge' then joins their caches.
@@ -57,19 +59,24 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
     folder, paths, result, cache = extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
         select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False,
-        strict=strict, views=augment_views)
+        strict=strict, views=augment_views, labels="optional")
     skipped = list(folder.skipped) + result.skipped_files(paths)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
     part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
     click.echo(
         f"Images seen: {len(folder.paths) + len(folder.skipped)}{part}; computed: {result.num_computed}; "
         f"already cached: {result.num_cached}; skipped: {len(skipped)}; ignored: {folder.num_ignored} "
-        f"(hidden, system and non-image files){rate}.\nCache: {cache.dir}"
+        f"(hidden, system and non-image files){rate}.\n{_kind(folder)}Cache: {cache.dir}"
     )
     if augment_views:
         rate = f"; {result.views_per_second:.1f} views/s" if result.num_views_computed else ""
         click.echo(f"Augmented views ({augment_views} per image): computed: {result.num_views_computed}; "
                    f"already cached: {result.num_views_cached}{rate}.")
+
+
+def _kind(folder) -> str:
+    """A line saying that a folder was read without classes, or nothing."""
+    return "" if folder.labelled else "Unlabelled photos (fewer than two class folders): no labels, no splits.\n"
 
 
 # ----------------------------------------------------------------------------- features
@@ -101,7 +108,9 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
 
     Features come from the cache where present. Rows: path (relative to IMAGE_DIR), label
     (class index), class_name, split (as train would make it with the same --seed), then the
-    vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz). With
+    vector (columns f0, f1, ... in parquet and CSV; an array 'features' in npz). Photos without
+    class folders (a flat folder, or one sub-folder) give rows without label, class_name and
+    split. With
     --augment-views K, K + 1 rows per image and a column 'view' after split: 0 is the image
     itself, 1..K its augmented views. IMAGE_DIR may be tfds:NAME[:SPLIT] (TensorFlow Datasets).
     """
@@ -121,10 +130,10 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
     folder, paths, result, cache = extract_folder(
         config.image_dir, config.backbone, config.weights, config.image_size, config.batch_size, config.cache_dir,
-        config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views)
+        config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views, labels="optional")
     rows, dim = export_folder_features(folder, paths, result, cache, output, file_format, config.seed,
                                        augment_views)
-    click.echo(f"Wrote {rows} rows x {dim} features to {output} ({file_format}).")
+    click.echo(f"{_kind(folder)}Wrote {rows} rows x {dim} features to {output} ({file_format}).")
 
 
 @features.command("plot")
@@ -147,7 +156,8 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
 
     Features come from the cache (computed where missing). Well separated clusters mean a
     head on the frozen backbone (freeze-all) can tell the classes apart; overlapping ones
-    suggest fine-tuning, a bigger backbone or cleaner labels.
+    suggest fine-tuning, a bigger backbone or cleaner labels. Photos without class folders are
+    drawn in one colour (clusters then show groups of similar images).
     """
     from transferkit import files
     from transferkit.report import plots
@@ -165,12 +175,15 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
     from transferkit.cache.folder import extract_folder
 
     folder, _, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
-                                           cache_dtype, seed, quiet)
-    vectors, labels = result.vectors[result.ok], folder.labels[result.ok]
+                                           cache_dtype, seed, quiet, labels="optional")
+    vectors = result.vectors[result.ok]
+    labels = folder.labels[result.ok] if folder.labelled else None  # unlabelled: one group, one colour
+    names = folder.class_names if folder.labelled else ("photos (no classes)",)
     methods = ["pca", "tsne"] if method == "both" else [method]
     projections = [plots.project_features(vectors, labels, m, max_points=max_points, seed=seed) for m in methods]
     title = f"{Path(image_dir).resolve().name}: {backbone} features"
-    files.write_bytes(output, plots.feature_map_png(projections, folder.class_names, title))
+    files.write_bytes(output, plots.feature_map_png(projections, names, title))
     drawn = ", ".join(f"{info['method']}: {info['num_points']} of {info['num_total']} images"
                       for _, _, info in projections)
-    click.echo(f"Wrote {output} ({drawn}; {len(folder.class_names)} classes).")
+    shown = f"{len(folder.class_names)} classes" if folder.labelled else "unlabelled"
+    click.echo(f"Wrote {output} ({drawn}; {shown}).")

@@ -50,7 +50,7 @@ from transferkit.data.splits import (
     write_splits_csv,
 )
 from transferkit.data.tfds import is_tfds_name
-from transferkit.errors import DataError, short_repr
+from transferkit.errors import ArgumentError, DataError, short_repr
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SPLITS", "ImageFolder", "check_class_names", "decode_in_graph", "find_images",
@@ -66,6 +66,8 @@ _ALLOWED = " ".join(IMAGE_EXTENSIONS)
 # Unicode categories a class name cannot hold: control characters (Cc: line breaks, tabs, escapes) and the
 # line and paragraph separators, since labels.txt holds one name a line and readers split on all of them.
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
+_UNLABELLED_HINT = (" (Photos without classes: 'transferkit extract', 'features export' and 'features plot' "
+                    "take them as they are.)")
 
 
 def scan_folder(
@@ -75,8 +77,13 @@ def scan_folder(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     class_names: Sequence[str] | None = None,
+    labels: str = "required",
 ) -> ImageFolder:
     """Find the images of a class-per-folder dataset and assign each one a stable split.
+
+    With ``labels="optional"`` (extract, features export and plot), a folder with fewer than two
+    class folders is a photo collection without labels: every image under it, however deep, with no
+    label and no split (see :attr:`ImageFolder.labelled`).
 
     When ``root`` holds ``train/`` plus ``val/``, ``validation/`` or ``test/`` folders, those are the
     splits (``split_source="folders"``; the fractions and seed are then unused). Otherwise a file's split
@@ -98,6 +105,8 @@ def scan_folder(
         test_fraction: Expected share of the test split, in [0, 1); ``val + test < 1``.
         class_names: Known classes in label order (e.g. from a trained model's ``labels.txt``);
             a folder class missing from it raises. Classes without a folder are allowed.
+        labels: ``"required"`` (train, evaluate, compare: refuse a folder without two classes) or
+            ``"optional"`` (scan such a folder unlabelled).
 
     Returns:
         An :class:`ImageFolder`.
@@ -113,6 +122,8 @@ def scan_folder(
         {'cat': 15, 'dog': 12}
     """
     check_fractions(val_fraction, test_fraction)
+    if labels not in ("required", "optional"):
+        raise ArgumentError("labels", "'required' or 'optional'", labels)
     if is_tfds_name(root):
         from transferkit.data.tfds import prepare_tfds
 
@@ -145,11 +156,13 @@ def scan_folder(
             class_dirs[files.utf8_view(name)] = [(name, None)]
         _count_loose_files(root, ignored)
 
+    if labels == "optional" and len(class_dirs) < 2 and not split_dirs:
+        return _scan_unlabelled(root)
     if not class_dirs:
         raise DataError(
             f"Image folder '{root}' has no class sub-folders. transferkit expects one sub-folder per "
             f"class, e.g. photos/cat/*.jpg, photos/dog/*.jpg (or train/, val/, test/ folders that each "
-            f"hold such class folders).")
+            f"hold such class folders).{_UNLABELLED_HINT}")
 
     check_class_names(sorted(class_dirs), root)
     names = _resolve_class_names(root, sorted(class_dirs), class_names)
@@ -255,6 +268,25 @@ def name_twins(names: Sequence[str], fold_case: bool = True) -> list[tuple[str, 
     return twins
 
 
+def _scan_unlabelled(root: Path) -> ImageFolder:
+    """Every readable image under ``root`` (recursively), without labels or splits."""
+    ignored, skipped, paths = _Counter(), [], []
+    for rel in _walk_images(root, ".", ignored, skipped):
+        reason = unreadable_reason(root / rel)
+        if reason is None:
+            paths.append(rel.removeprefix("./"))
+        else:
+            skipped.append((rel.removeprefix("./"), reason))
+    if not paths:
+        raise DataError(f"Image folder '{root}' holds no readable images (allowed: {_ALLOWED}). Add images, "
+                        f"or give the folder that holds them.")
+    labels = np.full(len(paths), -1, dtype=np.int64)
+    labels.flags.writeable = False
+    return ImageFolder(root=root, class_names=(), paths=tuple(sorted(paths)), labels=labels,
+                       splits=("",) * len(paths), split_source="none", skipped=tuple(sorted(skipped)),
+                       num_ignored=ignored.value)
+
+
 class _Counter:
     value = 0
 
@@ -354,7 +386,7 @@ def _resolve_class_names(root: Path, found: list[str], given: Sequence[str] | No
         got = f"only {names[0]!r}" if names else "none"
         raise DataError(
             f"Image folder '{root}' needs at least 2 classes (one sub-folder per class), found {got}. "
-            f"Add a folder per class, e.g. photos/cat/ and photos/dog/.")
+            f"Add a folder per class, e.g. photos/cat/ and photos/dog/.{_UNLABELLED_HINT}")
     return names
 
 

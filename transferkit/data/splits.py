@@ -41,14 +41,18 @@ class ImageFolder:
     ``paths``, ``labels`` and ``splits`` are aligned and ordered by ``paths`` (sorted POSIX strings).
     ``labels`` is read-only.
 
+    An unlabelled folder (``scan_folder(..., labels="optional")`` on photos without class folders)
+    has no classes: ``class_names`` is empty, every label is -1 and every split ``""``
+    (``split_source="none"``); :attr:`labelled` is False.
+
     Attributes:
         root: The scanned folder.
         class_names: Class names; ``labels`` index into this tuple.
         paths: POSIX paths relative to ``root``, sorted.
         labels: ``int64`` class index per path.
         splits: ``"train"``, ``"val"`` or ``"test"`` per path.
-        split_source: ``"folders"`` (root held train/val/test folders), ``"hash"`` (computed here) or
-            ``"csv"`` (read back by :func:`read_splits_csv`).
+        split_source: ``"folders"`` (root held train/val/test folders), ``"hash"`` (computed here),
+            ``"csv"`` (read back by :func:`read_splits_csv`) or ``"none"`` (unlabelled).
         skipped: ``(relative path, reason)`` of image-named files that could not be opened.
         num_ignored: Hidden, system and non-image entries that were ignored (a hidden folder counts once).
     """
@@ -61,6 +65,11 @@ class ImageFolder:
     split_source: str
     skipped: tuple[tuple[str, str], ...] = ()
     num_ignored: int = 0
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the images have classes (and splits)."""
+        return bool(self.class_names)
 
     def abs_path(self, rel: str) -> Path:
         """The full path of an entry of ``paths``."""

@@ -275,13 +275,13 @@ def accuracy_intervals_png(heads: Sequence[Mapping], reference: str, xlabel: str
 # ----------------------------------------------------------------------------- feature map
 
 
-def project_features(features: np.ndarray, labels: np.ndarray, method: str = "pca", *, max_points: int | None = None,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+def project_features(features: np.ndarray, labels: np.ndarray | None, method: str = "pca", *,
+                     max_points: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Project feature vectors to 2-D with PCA or t-SNE (scikit-learn), on a stratified sample.
 
     Args:
         features: ``(n, d)`` vectors, e.g. cached bottleneck features.
-        labels: ``(n,)`` class indices.
+        labels: ``(n,)`` class indices, or None for unlabelled images (one group, label 0).
         method: ``"pca"`` or ``"tsne"``.
         max_points: sample cap; default :data:`MAX_TSNE_POINTS` for t-SNE, :data:`MAX_SCATTER_POINTS`
             for PCA. The sample keeps every class's share (and every class).
@@ -301,7 +301,7 @@ def project_features(features: np.ndarray, labels: np.ndarray, method: str = "pc
     if method not in ("pca", "tsne"):
         raise ValueError(f"Unknown projection method {method!r}; expected 'pca' or 'tsne'.")
     features = np.asarray(features, dtype=np.float32)
-    labels = np.asarray(labels)
+    labels = np.zeros(len(features), dtype=np.int64) if labels is None else np.asarray(labels)
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features must be (n, d) with one label per row; got {features.shape} and "
                          f"{labels.shape}.")
