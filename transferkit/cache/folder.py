@@ -43,7 +43,7 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
         check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]
     resolved = resolve_weights(spec, weights, size)
-    cache_dir = outputs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, folder.root))
+    cache_dir = outputs.check_cache_dir(cache_dir or default_cache_dir(), (image_dir, *folder.scanned_dirs))
     runtime.start_tensorflow()
     import keras
 

@@ -6,6 +6,8 @@ recipe key are refused alike and cannot drift.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from transferkit import config as limits
@@ -122,12 +124,22 @@ tta_option = click.option(
 )
 
 class ImageDir(click.Path):
-    """An existing folder, or a TensorFlow Datasets name ``tfds:NAME[:SPLIT]`` (checked for its form only)."""
+    """An existing folder, a ``.csv`` or ``.jsonl`` manifest file, or a TensorFlow Datasets name
+    ``tfds:NAME[:SPLIT]`` (checked for its form only)."""
 
-    def __init__(self):
-        super().__init__(exists=True, file_okay=False)
+    def __init__(self, exists: bool = True):
+        super().__init__(exists=exists, file_okay=False)
 
     def convert(self, value, param, ctx):
+        from transferkit.data.manifest import MANIFEST_SUFFIXES, is_manifest
+
+        if is_manifest(value):
+            if self.exists and not Path(value).is_file():
+                self.fail(f"manifest '{value}' does not exist (or is not a file).", param, ctx)
+            return value
+        if Path(str(value)).is_file():
+            self.fail(f"'{value}' is a file: give a folder of images, or a manifest ending in "
+                      f"{' or '.join(MANIFEST_SUFFIXES)} (path,label[,split] rows).", param, ctx)
         if isinstance(value, str) and value.startswith("tfds:"):
             from transferkit.data.tfds import parse_tfds_name
 
@@ -166,7 +178,8 @@ def merge_config(config_path, options: dict, cls: type, **paths) -> dict:
 
 
 _MISSING = {
-    "image_dir": "Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class, or tfds:NAME).",
+    "image_dir": "Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class, a .csv or .jsonl "
+                 "manifest, or tfds:NAME).",
     "output_dir": "Missing option '-o' / '--output-dir' (the folder to write).",
     "output": "Missing option '-o' / '--output' (the file to write).",
 }

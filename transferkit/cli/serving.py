@@ -236,8 +236,9 @@ def explain(run_dir, images, output_dir, class_name, overwrite) -> None:
                 metavar="RUN_DIR...")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), required=True,
               help="Folder for metrics.json, predictions.csv and skipped.csv.")
-@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Labelled folder to score on. Default: the runs' common test split (same photos, same split).")
+@click.option("--image-dir", type=IMAGE_DIR_TYPE, default=None,
+              help="Labelled folder (or manifest) to score on. Default: the runs' common test split (same photos, "
+                   "same split).")
 @batch_size_option
 @tta_option
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")

@@ -15,6 +15,7 @@ from transferkit.cli.options import (
     EPOCHS,
     IMAGE_DIR_TYPE,
     BatchSize,
+    ImageDir,
     backbone_option,
     cache_dir_option,
     cache_dtype_option,
@@ -86,7 +87,8 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
 # ----------------------------------------------------------------------------- train
 
 @main.command()
-@click.argument("image_dir", type=click.Path(file_okay=False), required=False, metavar="IMAGE_DIR")
+# Not checked for existence here: the library's message says where a relative path is looked for.
+@click.argument("image_dir", type=ImageDir(exists=False), required=False, metavar="IMAGE_DIR")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), help="Run folder to write (required).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML file of options (e.g. a previous RUN_DIR/config.yaml); flags override it.")
@@ -182,7 +184,8 @@ def train(image_dir, output_dir, config_path, resume_dir, quiet, verbose, **opti
     stable stratified split is made and written to RUN_DIR/splits.csv.  A train/ + val/
     folder without test/ reports its accuracy on val/.  IMAGE_DIR may also be a TensorFlow
     Datasets name, tfds:NAME[:SPLIT] (e.g. tfds:tf_flowers, tfds:mnist), written out once as
-    a folder under $TRANSFERKIT_DATA_DIR; TFDS's own train/test splits are kept.
+    a folder under $TRANSFERKIT_DATA_DIR; TFDS's own train/test splits are kept.  Or a
+    manifest, a .csv or .jsonl file of path,label[,split] rows (paths relative to its folder).
     """
     from transferkit.config import TrainConfig, config_from_dict, load_config, load_settings
 
@@ -203,7 +206,8 @@ def train(image_dir, output_dir, config_path, resume_dir, quiet, verbose, **opti
     if output_dir:
         settings["output_dir"] = output_dir
     if not settings.get("image_dir"):
-        raise click.UsageError("Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class).")
+        raise click.UsageError("Missing argument 'IMAGE_DIR' (a folder with one sub-folder per class, or a "
+                               ".csv or .jsonl manifest).")
     if not settings.get("output_dir"):
         raise click.UsageError("Missing option '-o' / '--output-dir' (the run folder to write).")
     config = config_from_dict(settings, TrainConfig, source="the options")

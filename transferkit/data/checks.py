@@ -102,7 +102,9 @@ def _missing_classes(folder: ImageFolder) -> list[str]:
         if not missing:
             continue
         names = ", ".join(repr(name) for name in missing)
-        if folder.split_source == "folders":
+        if folder.split_source == "manifest":
+            fix = f"Give some rows of {names} the split '{split}' in the manifest"
+        elif folder.split_source == "folders":
             where = sorted({p.split("/", 1)[0] for p, s in zip(folder.paths, folder.splits, strict=True)
                             if s == split})
             fix = f"Add images of {names} to {' and '.join(f'{w}/' for w in where)}"

@@ -1,4 +1,5 @@
-"""Scan a dataset into images, labels and stable splits: a folder of class folders, or a TFDS name.
+"""Scan a dataset into images, labels and stable splits: a folder of class folders, a manifest file
+or a TFDS name.
 
 The input is a folder with one sub-folder per class (images may be nested deeper)::
 
@@ -23,6 +24,8 @@ Scanning a folder imports no TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import unicodedata
 from collections.abc import Sequence
@@ -40,6 +43,7 @@ from transferkit.data.images import (
     short_message,
     unreadable_reason,
 )
+from transferkit.data.manifest import Manifest, is_manifest, read_manifest
 from transferkit.data.splits import (
     SPLITS,
     ImageFolder,
@@ -59,6 +63,7 @@ __all__ = [
 ]
 
 # Files and folders that operating systems and tools leave behind; never images, never classes.
+log = logging.getLogger("transferkit")
 _SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin"})
 # Folder names (lower-case) that mark a pre-split dataset, mapped to the split they hold.
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -99,7 +104,9 @@ def scan_folder(
     for that TensorFlow Datasets split; its classes keep TFDS's label order.
 
     Args:
-        root: Folder with one sub-folder per class, or ``tfds:NAME[:SPLIT]``.
+        root: Folder with one sub-folder per class, a ``.csv`` or ``.jsonl`` manifest of
+            ``path,label[,split]`` rows (:mod:`transferkit.data.manifest`; ``split_source="manifest"``
+            when it has a split column), or ``tfds:NAME[:SPLIT]``.
         seed: Changes the hash split (not the folder split).
         val_fraction: Expected share of the validation split, in [0, 1).
         test_fraction: Expected share of the test split, in [0, 1); ``val + test < 1``.
@@ -129,6 +136,9 @@ def scan_folder(
 
         prepared = prepare_tfds(root)
         root, class_names = prepared.root, prepared.class_names if class_names is None else class_names
+    if is_manifest(root):
+        return _scan_manifest(read_manifest(root), seed=seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction, class_names=class_names, labels=labels)
     root = Path(root)
     if not root.exists():
         raise DataError(f"Image folder '{root}' does not exist. Check the path (it is relative to "
@@ -270,21 +280,75 @@ def name_twins(names: Sequence[str], fold_case: bool = True) -> list[tuple[str, 
 
 def _scan_unlabelled(root: Path) -> ImageFolder:
     """Every readable image under ``root`` (recursively), without labels or splits."""
-    ignored, skipped, paths = _Counter(), [], []
-    for rel in _walk_images(root, ".", ignored, skipped):
+    ignored, skipped = _Counter(), []
+    found = [rel.removeprefix("./") for rel in _walk_images(root, ".", ignored, skipped)]
+    return _unlabelled(root, found, skipped, ignored.value, f"Image folder '{root}'")
+
+
+def _unlabelled(root: Path, candidates: list[str], skipped: list[tuple[str, str]], num_ignored: int,
+                where: str) -> ImageFolder:
+    """The readable images among ``candidates`` (relative to ``root``), without labels or splits."""
+    paths = []
+    for rel in candidates:
         reason = unreadable_reason(root / rel)
         if reason is None:
-            paths.append(rel.removeprefix("./"))
+            paths.append(rel)
         else:
-            skipped.append((rel.removeprefix("./"), reason))
+            skipped.append((rel, reason))
     if not paths:
-        raise DataError(f"Image folder '{root}' holds no readable images (allowed: {_ALLOWED}). Add images, "
-                        f"or give the folder that holds them.")
+        raise DataError(f"{where} holds no readable images (allowed: {_ALLOWED}). Add images, or give the "
+                        f"folder that holds them.")
     labels = np.full(len(paths), -1, dtype=np.int64)
     labels.flags.writeable = False
     return ImageFolder(root=root, class_names=(), paths=tuple(sorted(paths)), labels=labels,
                        splits=("",) * len(paths), split_source="none", skipped=tuple(sorted(skipped)),
-                       num_ignored=ignored.value)
+                       num_ignored=num_ignored)
+
+
+def _scan_manifest(manifest: Manifest, *, seed: int, val_fraction: float, test_fraction: float,
+                   class_names: Sequence[str] | None, labels: str) -> ImageFolder:
+    """A manifest's images, as a folder's: files that are missing or not images are skipped with the
+    reason; the manifest's splits are kept (``split_source="manifest"``), else hashed."""
+    root, where = manifest.root, f"Manifest '{manifest.path}'"
+    for note in manifest.notes:
+        log.info("%s: %s.", manifest.path, note)
+    found = sorted({row.label for row in manifest.rows if row.label is not None})
+    if labels == "optional" and (not manifest.labelled or len(found) < 2):
+        return dataclasses.replace(_unlabelled(root, [row.path for row in manifest.rows], [], 0, where),
+                                   manifest=manifest.path)
+    if not manifest.labelled:
+        raise DataError(f"{where} has no label column. Add one (path,label[,split]) to train, evaluate or compare "
+                        "on it; 'transferkit extract' and 'features export' take it as it is.")
+    check_class_names(found, manifest.path)
+    names = list(class_names) if class_names is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(f"{where} has label(s) {', '.join(repr(n) for n in unknown)} that the model does not know; "
+                        f"known classes: {', '.join(names)}. Remove those rows or fix their labels.")
+    if len(names) < 2:
+        raise DataError(f"{where} needs at least 2 classes, found {', '.join(repr(n) for n in names) or 'none'}. "
+                        "Add rows of another class.")
+    index_of = {name: i for i, name in enumerate(names)}
+    records, skipped = [], []
+    for row in sorted(manifest.rows, key=lambda r: r.path):
+        reason = unreadable_reason(root / row.path)
+        if reason is None:
+            records.append(row)
+        else:
+            skipped.append((row.path, f"line {row.line}: {reason}"))
+    empty = sorted(set(found) - {row.label for row in records})
+    if empty:
+        raise DataError(f"{where}: class(es) {', '.join(repr(n) for n in empty)} have no readable images (allowed: "
+                        f"{_ALLOWED}). Fix their rows or remove them.")
+    paths = tuple(row.path for row in records)
+    label_array = np.asarray([index_of[row.label] for row in records], dtype=np.int64)
+    if manifest.has_splits:
+        splits, source = tuple(row.split for row in records), "manifest"
+    else:
+        splits, source = hash_splits(paths, label_array, seed, val_fraction, test_fraction), "hash"
+    label_array.flags.writeable = False
+    return ImageFolder(root=root, class_names=tuple(names), paths=paths, labels=label_array, splits=splits,
+                       split_source=source, skipped=tuple(skipped), manifest=manifest.path)
 
 
 class _Counter:

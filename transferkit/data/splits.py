@@ -52,9 +52,12 @@ class ImageFolder:
         labels: ``int64`` class index per path.
         splits: ``"train"``, ``"val"`` or ``"test"`` per path.
         split_source: ``"folders"`` (root held train/val/test folders), ``"hash"`` (computed here),
-            ``"csv"`` (read back by :func:`read_splits_csv`) or ``"none"`` (unlabelled).
+            ``"csv"`` (read back by :func:`read_splits_csv`), ``"manifest"`` (a manifest's split
+            column) or ``"none"`` (unlabelled).
         skipped: ``(relative path, reason)`` of image-named files that could not be opened.
         num_ignored: Hidden, system and non-image entries that were ignored (a hidden folder counts once).
+        manifest: The ``.csv`` or ``.jsonl`` file the images were listed in (``root`` is its folder),
+            or None for a scanned folder.
     """
 
     root: Path
@@ -65,6 +68,18 @@ class ImageFolder:
     split_source: str
     skipped: tuple[tuple[str, str], ...] = ()
     num_ignored: int = 0
+    manifest: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        """What the images were read from, for messages: the manifest, or the folder."""
+        return self.manifest or self.root
+
+    @property
+    def scanned_dirs(self) -> tuple[Path, ...]:
+        """Folders whose whole content is read as images (transferkit never writes into them):
+        ``root``, or none for a manifest, which reads only the files it lists."""
+        return () if self.manifest is not None else (self.root,)
 
     @property
     def labelled(self) -> bool:
@@ -291,7 +306,8 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int, *, check: bool 
     The one rule for a run's splits: ``train`` uses it, and so does ``features export``, whose
     ``split`` column is therefore the split ``train`` would use with the same seed.
 
-    A folder split as ``train/`` + ``val/`` without ``test/`` uses its ``val/`` images as the test
+    A folder split as ``train/`` + ``val/`` without ``test/`` (or a manifest's split column without
+    ``test``) uses its ``val/`` images as the test
     split, so the reported accuracy is on images that chose nothing (not even the epoch), and
     early stopping uses a stable share of ``train/`` instead (the same hash rule as the folder
     split).  ``train/`` + ``test/`` without ``val/`` carves early-stopping images the same way.
@@ -309,7 +325,7 @@ def assign_roles(folder: ImageFolder, ok: np.ndarray, seed: int, *, check: bool 
         {'ants': 70, 'bees': 83}
     """
     roles = np.array(folder.splits, dtype=object)
-    if folder.split_source == "folders":
+    if folder.split_source in ("folders", "manifest"):  # splits given, not hashed
         if not (roles == "test").any():
             roles[roles == "val"] = "test"
         if not (roles == "val").any():

@@ -69,7 +69,7 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     folder = dataclasses.replace(folder, root=folder.root.resolve())
     output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / folder.root.name
     # Claimed (locked, marked) while it is written, released however this ends.
-    with outputs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, folder.root),
+    with outputs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, *folder.scanned_dirs),
                                  command="evaluate") as output_dir:
         started = time.perf_counter()
         result = predict_paths(run_predictor(run, batch_size), [folder.abs_path(p) for p in folder.paths],

@@ -182,7 +182,7 @@ def prepare_comparison(config: CompareConfig) -> ComparisonPlan:
     if len(set(folder.labels[roles == "test"].tolist())) < 2:
         raise DataError(f"The test split of '{folder.root}' holds a single class; accuracy there says little. "
                         "Add images or raise --test-fraction.")
-    inputs = (config.image_dir, folder.root)
+    inputs = (config.image_dir, *folder.scanned_dirs)
     # Every check before the claim: a refused start leaves the output folder as it was.
     outputs.check_output_dir(config.output_dir, config.overwrite, inputs=inputs)
     outputs.check_cache_dir(config.cache_dir or default_cache_dir(), inputs)
@@ -384,7 +384,7 @@ def _run_claimed(plan: ComparisonPlan, verbose: int) -> ComparisonResult:
     if plan.weights.kind == "random":
         log.warning("WARNING: --weights none: the backbone is randomly initialised; expect poor accuracy.")
     log.info("Found %d images in %d classes in %s (%s split), %d skipped.", len(folder.paths),
-             len(folder.class_names), folder.root, folder.split_source, len(folder.skipped))
+             len(folder.class_names), folder.source, folder.split_source, len(folder.skipped))
     import keras
 
     keras.utils.set_random_seed(config.seed)  # --weights none: the same seed gives the same (cached) vectors

@@ -124,7 +124,7 @@ def prepare_training(config: TrainConfig, resume: bool = False) -> TrainingPlan:
         get_head(config.head)  # an unknown name fails now, with the nearest one suggested
     # A non-chief worker of --distribute multi-worker writes its checkpoints beside RUN_DIR.
     worker_dir = output_dir_for(config.output_dir, config.distribute)
-    inputs = (config.image_dir, folder.root)  # folder.root: where a tfds: input was written out
+    inputs = (config.image_dir, *folder.scanned_dirs)  # a tfds: input's folder, written out
     overwrite = config.overwrite or worker_dir != Path(config.output_dir)
     # Every check before the claim: a refused start leaves RUN_DIR as it was (a read-only -o
     # creates no cache folder; a bad --cache-dir leaves no locked, marked RUN_DIR).
@@ -174,7 +174,7 @@ def _run_locked(plan: TrainingPlan, verbose: int, resume: bool) -> TrainResult:
         log.warning("WARNING: --weights none: the backbone is randomly initialised; expect poor accuracy.")
     log.info(
         "Found %d images in %d classes in %s (%s split), %d skipped, %d ignored.",
-        len(folder.paths), len(folder.class_names), folder.root, folder.split_source,
+        len(folder.paths), len(folder.class_names), folder.source, folder.split_source,
         len(folder.skipped), folder.num_ignored,
     )
     for rel, reason in folder.skipped:
