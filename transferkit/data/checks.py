@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from transferkit.data.scan import SPLITS, ImageFolder, name_twins
+from transferkit.data.names import name_twins
+from transferkit.data.scan import SPLITS, ImageFolder
 from transferkit.data.splits import MIN_SPLIT_CLASS_IMAGES
 from transferkit.errors import DataError, short_repr
 

@@ -22,14 +22,25 @@ missing or not images are skipped with a reason later, like a folder's.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import logging
 import os
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from transferkit.data.images import IMAGE_EXTENSIONS, unreadable_reason
+from transferkit.data.names import check_class_names
+from transferkit.data.splits import ImageFolder, hash_splits, unlabelled_folder
 from transferkit.errors import DataError, short_repr
+
+log = logging.getLogger("transferkit")
+_ALLOWED = " ".join(IMAGE_EXTENSIONS)
 
 #: File name endings read as manifests instead of folders.
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -227,3 +238,50 @@ def _rows(records: list[tuple[int, dict]], fields: dict, problems: list[str]) ->
         first_line[rel] = line
         rows.append(ManifestRow(line, rel, label, _SPLITS[split] if has_split else None))
     return rows
+
+
+def scan_manifest(manifest: Manifest, *, seed: int, val_fraction: float, test_fraction: float,
+                   class_names: Sequence[str] | None, labels: str) -> ImageFolder:
+    """A manifest's images as an :class:`ImageFolder`, for :func:`transferkit.data.scan.scan_folder`
+    (whose arguments these are): files that are missing or not images are skipped with their line
+    and reason; the manifest's splits are kept (``split_source="manifest"``), else hashed."""
+    root, where = manifest.root, f"Manifest '{manifest.path}'"
+    for note in manifest.notes:
+        log.info("%s: %s.", manifest.path, note)
+    found = sorted({row.label for row in manifest.rows if row.label is not None})
+    if labels == "optional" and (not manifest.labelled or len(found) < 2):
+        return dataclasses.replace(unlabelled_folder(root, [row.path for row in manifest.rows], [], 0, where),
+                                   manifest=manifest.path)
+    if not manifest.labelled:
+        raise DataError(f"{where} has no label column. Add one (path,label[,split]) to train, evaluate or compare "
+                        "on it; 'transferkit extract' and 'features export' take it as it is.")
+    check_class_names(found, manifest.path)
+    names = list(class_names) if class_names is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(f"{where} has label(s) {', '.join(repr(n) for n in unknown)} that the model does not know; "
+                        f"known classes: {', '.join(names)}. Remove those rows or fix their labels.")
+    if len(names) < 2:
+        raise DataError(f"{where} needs at least 2 classes, found {', '.join(repr(n) for n in names) or 'none'}. "
+                        "Add rows of another class.")
+    index_of = {name: i for i, name in enumerate(names)}
+    records, skipped = [], []
+    for row in sorted(manifest.rows, key=lambda r: r.path):
+        reason = unreadable_reason(root / row.path)
+        if reason is None:
+            records.append(row)
+        else:
+            skipped.append((row.path, f"line {row.line}: {reason}"))
+    empty = sorted(set(found) - {row.label for row in records})
+    if empty:
+        raise DataError(f"{where}: class(es) {', '.join(repr(n) for n in empty)} have no readable images (allowed: "
+                        f"{_ALLOWED}). Fix their rows or remove them.")
+    paths = tuple(row.path for row in records)
+    label_array = np.asarray([index_of[row.label] for row in records], dtype=np.int64)
+    if manifest.has_splits:
+        splits, source = tuple(row.split for row in records), "manifest"
+    else:
+        splits, source = hash_splits(paths, label_array, seed, val_fraction, test_fraction), "hash"
+    label_array.flags.writeable = False
+    return ImageFolder(root=root, class_names=tuple(names), paths=paths, labels=label_array, splits=splits,
+                       split_source=source, skipped=tuple(skipped), manifest=manifest.path)

@@ -18,16 +18,14 @@ which :mod:`transferkit.data.tfds` writes out once as such a folder. Example::
 
 This module is the entry point for datasets; the pieces live beside it and are importable from
 here too: decoding in :mod:`transferkit.data.images` (:func:`load_image`, :func:`image_dataset`), splits
-and ``splits.csv`` in :mod:`transferkit.data.splits` (:class:`ImageFolder`, :func:`read_splits_csv`).
-Scanning a folder imports no TensorFlow.
+and ``splits.csv`` in :mod:`transferkit.data.splits` (:class:`ImageFolder`, :func:`read_splits_csv`),
+manifests in :mod:`transferkit.data.manifest`, the rules for class names in
+:mod:`transferkit.data.names`. Scanning a folder imports no TensorFlow.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,7 +41,8 @@ from transferkit.data.images import (
     short_message,
     unreadable_reason,
 )
-from transferkit.data.manifest import Manifest, is_manifest, read_manifest
+from transferkit.data.manifest import is_manifest, read_manifest, scan_manifest
+from transferkit.data.names import check_class_names
 from transferkit.data.splits import (
     SPLITS,
     ImageFolder,
@@ -51,10 +50,11 @@ from transferkit.data.splits import (
     hash_splits,
     read_splits_csv,
     stable_fraction,
+    unlabelled_folder,
     write_splits_csv,
 )
 from transferkit.data.tfds import is_tfds_name
-from transferkit.errors import ArgumentError, DataError, short_repr
+from transferkit.errors import ArgumentError, DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SPLITS", "ImageFolder", "check_class_names", "decode_in_graph", "find_images",
@@ -63,14 +63,10 @@ __all__ = [
 ]
 
 # Files and folders that operating systems and tools leave behind; never images, never classes.
-log = logging.getLogger("transferkit")
 _SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin"})
 # Folder names (lower-case) that mark a pre-split dataset, mapped to the split they hold.
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _ALLOWED = " ".join(IMAGE_EXTENSIONS)
-# Unicode categories a class name cannot hold: control characters (Cc: line breaks, tabs, escapes) and the
-# line and paragraph separators, since labels.txt holds one name a line and readers split on all of them.
-_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
 _UNLABELLED_HINT = (" (Photos without classes: 'transferkit extract', 'features export' and 'features plot' "
                     "take them as they are.)")
 
@@ -137,7 +133,7 @@ def scan_folder(
         prepared = prepare_tfds(root)
         root, class_names = prepared.root, prepared.class_names if class_names is None else class_names
     if is_manifest(root):
-        return _scan_manifest(read_manifest(root), seed=seed, val_fraction=val_fraction,
+        return scan_manifest(read_manifest(root), seed=seed, val_fraction=val_fraction,
                               test_fraction=test_fraction, class_names=class_names, labels=labels)
     root = Path(root)
     if not root.exists():
@@ -213,142 +209,11 @@ def scan_folder(
                        num_ignored=ignored.value)
 
 
-def check_class_names(names: Sequence[str], root: str | os.PathLike = ".") -> None:
-    """Refuse class folder names that a run could not keep: found at scan time, not when ``predict`` reads them.
-
-    * Bytes that are not UTF-8 (a Latin-1 folder name; lone surrogates in Python): a class name is saved and
-      drawn as text (labels.txt, metrics.json, plots). Image file names may hold any bytes.
-    * A control character (a line break, tab, escape) or a line separator: ``labels.txt`` holds one class
-      name a line, so the name would not read back as one class.
-    * Two names that differ only by Unicode normalisation (``café`` typed as one character and as ``e``
-      plus an accent): they look the same everywhere they are shown, and are one folder on file systems
-      that normalise (macOS). Names that differ only by case (``A`` and ``a`` in a letters set) are
-      allowed: Linux keeps them apart; :func:`transferkit.data.checks.dataset_warnings` warns about them.
-
-    Raises:
-        DataError: naming the folder(s) and how to fix them.
-
-    Example:
-        >>> check_class_names(["cat", "dog"])
-        >>> check_class_names(["caf\u00e9", "cafe\u0301"])  # doctest: +IGNORE_EXCEPTION_DETAIL
-        Traceback (most recent call last):
-        ...
-        transferkit.errors.DataError: Class folders 'café' and 'café' in '.' differ only by ...
-    """
-    for name in names:
-        if any(unicodedata.category(c) == "Cs" for c in name):  # bytes that are not UTF-8 (see transferkit.files)
-            raise DataError(
-                f"Class folder '{files.display_name(name)}' in '{root}' has a name that is not valid UTF-8 (bytes of "
-                f"another encoding, shown as \\xNN; e.g. Latin-1 from an old archive). Class names are saved and shown "
-                f"as text (labels.txt, metrics.json, the report), so rename the folder in UTF-8, e.g. with "
-                f"'convmv -f latin1 -t utf8 -r --notest {files.display_name(str(root))}'. Image file names may stay "
-                f"as they are.")
-        bad = sorted({c for c in name if unicodedata.category(c) in _LINE_BREAKING})
-        if bad:
-            codes = ", ".join(f"U+{ord(c):04X}" for c in bad)
-            raise DataError(
-                f"Class folder {short_repr(name)} in '{root}' has a control character in its name ({codes}, e.g. a "
-                f"line break or tab). Class names are saved one a line in labels.txt, so this one could not be "
-                f"read back. Rename the folder without it.")
-    for other, name in name_twins(names, fold_case=False):
-        raise DataError(
-            f"Class folders {short_repr(other)} and {short_repr(name)} in '{root}' differ only by Unicode "
-            f"normalisation (as code points: {ascii(other[:60])} and {ascii(name[:60])}): they look the same "
-            f"wherever they are shown, and are one folder on macOS. Merge them into one folder, or rename one.")
-
-
-def name_twins(names: Sequence[str], fold_case: bool = True) -> list[tuple[str, str]]:
-    """Pairs of different names that are equal after Unicode normalisation (NFC), and with ``fold_case``
-    after ``lower()`` too: not ``casefold()``, as file systems fold case one character at a time ('ß' is
-    not 'SS' there).
-
-    Example:
-        >>> name_twins(["A", "a", "b"])
-        [('A', 'a')]
-    """
-    first: dict[str, str] = {}
-    twins = []
-    for name in names:
-        key = unicodedata.normalize("NFC", name)
-        if fold_case:
-            key = unicodedata.normalize("NFC", key.lower())
-        other = first.setdefault(key, name)
-        if other != name:
-            twins.append((other, name))
-    return twins
-
-
 def _scan_unlabelled(root: Path) -> ImageFolder:
     """Every readable image under ``root`` (recursively), without labels or splits."""
     ignored, skipped = _Counter(), []
     found = [rel.removeprefix("./") for rel in _walk_images(root, ".", ignored, skipped)]
-    return _unlabelled(root, found, skipped, ignored.value, f"Image folder '{root}'")
-
-
-def _unlabelled(root: Path, candidates: list[str], skipped: list[tuple[str, str]], num_ignored: int,
-                where: str) -> ImageFolder:
-    """The readable images among ``candidates`` (relative to ``root``), without labels or splits."""
-    paths = []
-    for rel in candidates:
-        reason = unreadable_reason(root / rel)
-        if reason is None:
-            paths.append(rel)
-        else:
-            skipped.append((rel, reason))
-    if not paths:
-        raise DataError(f"{where} holds no readable images (allowed: {_ALLOWED}). Add images, or give the "
-                        f"folder that holds them.")
-    labels = np.full(len(paths), -1, dtype=np.int64)
-    labels.flags.writeable = False
-    return ImageFolder(root=root, class_names=(), paths=tuple(sorted(paths)), labels=labels,
-                       splits=("",) * len(paths), split_source="none", skipped=tuple(sorted(skipped)),
-                       num_ignored=num_ignored)
-
-
-def _scan_manifest(manifest: Manifest, *, seed: int, val_fraction: float, test_fraction: float,
-                   class_names: Sequence[str] | None, labels: str) -> ImageFolder:
-    """A manifest's images, as a folder's: files that are missing or not images are skipped with the
-    reason; the manifest's splits are kept (``split_source="manifest"``), else hashed."""
-    root, where = manifest.root, f"Manifest '{manifest.path}'"
-    for note in manifest.notes:
-        log.info("%s: %s.", manifest.path, note)
-    found = sorted({row.label for row in manifest.rows if row.label is not None})
-    if labels == "optional" and (not manifest.labelled or len(found) < 2):
-        return dataclasses.replace(_unlabelled(root, [row.path for row in manifest.rows], [], 0, where),
-                                   manifest=manifest.path)
-    if not manifest.labelled:
-        raise DataError(f"{where} has no label column. Add one (path,label[,split]) to train, evaluate or compare "
-                        "on it; 'transferkit extract' and 'features export' take it as it is.")
-    check_class_names(found, manifest.path)
-    names = list(class_names) if class_names is not None else found
-    unknown = sorted(set(found) - set(names))
-    if unknown:
-        raise DataError(f"{where} has label(s) {', '.join(repr(n) for n in unknown)} that the model does not know; "
-                        f"known classes: {', '.join(names)}. Remove those rows or fix their labels.")
-    if len(names) < 2:
-        raise DataError(f"{where} needs at least 2 classes, found {', '.join(repr(n) for n in names) or 'none'}. "
-                        "Add rows of another class.")
-    index_of = {name: i for i, name in enumerate(names)}
-    records, skipped = [], []
-    for row in sorted(manifest.rows, key=lambda r: r.path):
-        reason = unreadable_reason(root / row.path)
-        if reason is None:
-            records.append(row)
-        else:
-            skipped.append((row.path, f"line {row.line}: {reason}"))
-    empty = sorted(set(found) - {row.label for row in records})
-    if empty:
-        raise DataError(f"{where}: class(es) {', '.join(repr(n) for n in empty)} have no readable images (allowed: "
-                        f"{_ALLOWED}). Fix their rows or remove them.")
-    paths = tuple(row.path for row in records)
-    label_array = np.asarray([index_of[row.label] for row in records], dtype=np.int64)
-    if manifest.has_splits:
-        splits, source = tuple(row.split for row in records), "manifest"
-    else:
-        splits, source = hash_splits(paths, label_array, seed, val_fraction, test_fraction), "hash"
-    label_array.flags.writeable = False
-    return ImageFolder(root=root, class_names=tuple(names), paths=paths, labels=label_array, splits=splits,
-                       split_source=source, skipped=tuple(skipped), manifest=manifest.path)
+    return unlabelled_folder(root, found, skipped, ignored.value, f"Image folder '{root}'")
 
 
 class _Counter:

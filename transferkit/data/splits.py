@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
+from transferkit.data.images import IMAGE_EXTENSIONS, unreadable_reason
 from transferkit.errors import DataError, InputError
+
+_ALLOWED = " ".join(IMAGE_EXTENSIONS)
 
 SPLITS = ("train", "val", "test")
 
@@ -360,3 +363,28 @@ def with_roles(folder: ImageFolder, roles: np.ndarray) -> ImageFolder:
         labels=folder.labels[keep],
         splits=tuple(str(r) for r in roles[keep]),
     )
+
+
+def unlabelled_folder(root: Path, candidates: list[str], skipped: list[tuple[str, str]], num_ignored: int,
+                where: str) -> ImageFolder:
+    """An :class:`ImageFolder` of the readable images among ``candidates`` (paths relative to
+    ``root``), without labels or splits; the others go to ``skipped`` with their reason.
+
+    Raises:
+        DataError: no candidate is readable (``where`` names the input, e.g. "Image folder 'x'").
+    """
+    paths = []
+    for rel in candidates:
+        reason = unreadable_reason(root / rel)
+        if reason is None:
+            paths.append(rel)
+        else:
+            skipped.append((rel, reason))
+    if not paths:
+        raise DataError(f"{where} holds no readable images (allowed: {_ALLOWED}). Add images, or give the "
+                        f"folder that holds them.")
+    labels = np.full(len(paths), -1, dtype=np.int64)
+    labels.flags.writeable = False
+    return ImageFolder(root=root, class_names=(), paths=tuple(sorted(paths)), labels=labels,
+                       splits=("",) * len(paths), split_source="none", skipped=tuple(sorted(skipped)),
+                       num_ignored=num_ignored)
