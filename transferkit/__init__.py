@@ -33,6 +33,7 @@ _EXPORTS = {
     "extract_features": "transferkit.cache",
     "FeatureCache": "transferkit.cache",
     "BottleneckFeatures": "transferkit.heads.estimator",
+    "scan_folder": "transferkit.data.scan",
     "fit_head": "transferkit.heads.registry",
     "CompareConfig": "transferkit.heads.compare",
     "explain_files": "transferkit.evaluation.explain",

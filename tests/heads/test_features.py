@@ -35,3 +35,18 @@ def test_bottleneck_features_is_a_scikit_learn_transformer(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"1 of 2 images could not be used: .*broken\.png"):
         transformer.transform([paths[0], tmp_path / "broken.png"])
+
+
+def test_transform_takes_a_folder_or_a_manifest_whole_labelled_or_not(tmp_path):
+    from transferkit.data.scan import scan_folder
+    from transferkit.testing import make_image_folder
+
+    root = make_image_folder(tmp_path / "photos", num_classes=2, images_per_class=4, image_size=32)
+    transformer = BottleneckFeatures(backbone="tiny_test", weights="none", image_size=32).fit()
+    folder = scan_folder(root)
+    expected = transformer.transform([folder.abs_path(p) for p in folder.paths])
+    np.testing.assert_allclose(transformer.transform(root), expected, atol=1e-6)
+    manifest = tmp_path / "photos.csv"
+    manifest.write_text("path,label\n" + "".join(f"photos/{p},{p.split('/')[0]}\n" for p in folder.paths))
+    np.testing.assert_allclose(transformer.transform(manifest), expected, atol=1e-6)
+    np.testing.assert_allclose(transformer.transform(root / "class_1"), expected[4:], atol=1e-6)  # no classes

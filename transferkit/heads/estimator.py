@@ -87,7 +87,9 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         return self
 
     def transform(self, X) -> np.ndarray:
-        """``(n, feature_dim)`` float32 features of the image files ``X`` (a sequence of paths).
+        """``(n, feature_dim)`` float32 features of the image files ``X``: a sequence of paths, or one
+        folder or ``.csv``/``.jsonl`` manifest, labelled or not, whose rows come in the order of
+        ``scan_folder(X, labels="optional").paths`` (files it skips are left out).
 
         Raises:
             DataError: an image could not be read or decoded (all failures are listed).
@@ -95,7 +97,13 @@ class BottleneckFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         from transferkit.cache import FeatureCache, extract_features
 
         check_is_fitted(self, "model_")
-        paths = [Path(str(p)) for p in np.asarray(X, dtype=object).ravel()]
+        if isinstance(X, (str, os.PathLike)):
+            from transferkit.data.scan import scan_folder
+
+            folder = scan_folder(X, seed=self.seed, labels="optional")
+            paths = [folder.abs_path(p) for p in folder.paths]
+        else:
+            paths = [Path(str(p)) for p in np.asarray(X, dtype=object).ravel()]
         cache = None
         if self.cache_dir is not None:
             cache = FeatureCache(self.cache_dir, self.feature_spec_)
