@@ -61,7 +61,8 @@ AUGMENT_VIEWS_RANGE = f"an integer from 0 to {MAX_AUGMENT_VIEWS}"
 @dataclass(frozen=True, kw_only=True)
 class FeatureSettings:
     """The settings every command that computes features shares (train, compare, extract, features
-    export): the backbone, its weights and input size, the batch, the cache and the seed. Declared
+    export): the backbone, its weights and input size, the batch, the cache, the seed and whether a
+    manifest may list images outside its folder. Declared
     and checked once here; each command's settings add their own fields (keyword-only here, so a
     command's positional fields, its image folder and output, come first).
 
@@ -80,6 +81,7 @@ class FeatureSettings:
     cache_dir: str | None = None
     cache_dtype: str = "float32"
     seed: int = 0
+    allow_outside: bool = False  # a manifest's paths may leave its folder
 
     def __post_init__(self):
         _check_image_size(self.image_size)
@@ -88,6 +90,11 @@ class FeatureSettings:
                BATCH_SIZE_RANGE + (", or auto" if self.AUTO_BATCH_SIZE else ""), self.batch_size)
         _check(self.cache_dtype in CACHE_DTYPES, "cache_dtype", " or ".join(CACHE_DTYPES), self.cache_dtype)
         _check(_in_range(self.seed, 0, MAX_SEED), "seed", SEED_RANGE, self.seed)
+        _check(isinstance(self.allow_outside, bool), "allow_outside", "true or false", self.allow_outside)
+
+    def feature_settings(self) -> dict[str, Any]:
+        """The shared settings alone (the fields declared here), e.g. to make another command's settings."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(FeatureSettings)}
 
     def to_dict(self) -> dict[str, Any]:
         """The settings by name: the command's required ones (folder, output) first, then these shared

@@ -136,3 +136,26 @@ def test_a_file_that_is_not_a_manifest_is_refused_by_the_cli(images, tmp_path):
         in result.output
     missing = run_cli("extract", tmp_path / "nope.csv", *TINY)
     assert missing.exit_code == 2 and "manifest" in missing.output and "does not exist" in missing.output
+
+
+def test_allow_outside_takes_paths_that_leave_the_manifests_folder(images, tmp_path):
+    """The manifest sits in a sub-folder of its own; ``../images/...`` and absolute paths are refused
+    unless allowed, then the images' root is the deepest folder that holds them all."""
+    rows = _rows(images)
+    lists = images.parent / "lists"
+    lists.mkdir()
+    text = "path,label\n" + "".join(f"../{p},{c}\n" for p, c in rows[:12])
+    text += "".join(f"{images.parent / p},{c}\n" for p, c in rows[12:])  # absolute
+    manifest = _write(lists / "labels.csv", text)
+    with pytest.raises(DataError, match=r"line 2: path '\.\./images/.*' leaves the manifest's folder.*--allow-outside"):
+        scan_folder(manifest)
+    folder = scan_folder(manifest, allow_outside=True)
+    assert folder.root == images.parent and len(folder.paths) == 24 and folder.paths[0].startswith("images/")
+    assert not folder.skipped
+
+    refused = run_cli("extract", manifest, *TINY, "--cache-dir", tmp_path / "cache")
+    assert refused.exit_code == 2 and "--allow-outside" in refused.output and "line 2" in refused.output
+    result = run_cli("train", manifest, "-o", tmp_path / "run", *TINY, "--cache-dir", tmp_path / "cache",
+                     "--allow-outside")
+    assert result.exit_code == 0, result.output
+    assert "allow_outside: true" in (tmp_path / "run" / "config.yaml").read_text()  # --resume reads it back

@@ -16,7 +16,8 @@ log = logging.getLogger("transferkit")
 
 
 def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
-                   select=None, keep_vectors=True, strict=False, views=0, labels="required"):
+                   select=None, keep_vectors=True, strict=False, views=0, labels="required",
+                   allow_outside=False):
     """Scan, check, then compute (or look up) the features of a folder: shared by extract and export.
 
     With ``views`` K, also K augmented views per image (TrainConfig's default strengths, ``seed``).
@@ -38,7 +39,8 @@ def extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_d
 
     spec = get_backbone(backbone)
     size = check_image_size(spec, image_size)
-    folder = scan_folder(image_dir, seed=seed, labels=labels)  # the hash split of train with the same --seed
+    # The hash split of train with the same --seed.
+    folder = scan_folder(image_dir, seed=seed, labels=labels, allow_outside=allow_outside)
     if strict:
         check_strict(folder.skipped)  # before any TensorFlow work
     paths = [p for p in folder.paths if select is None or select(p)]

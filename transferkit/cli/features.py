@@ -10,6 +10,7 @@ import click
 from transferkit.cli.app import handle_errors, main
 from transferkit.cli.options import (
     IMAGE_DIR_TYPE,
+    allow_outside_option,
     augment_views_option,
     backbone_option,
     extraction_options,
@@ -37,10 +38,11 @@ log = logging.getLogger("transferkit")
               help="Which part this worker extracts (0 .. num-shards - 1).")
 @augment_views_option
 @strict_option
+@allow_outside_option
 @quiet_option
 @handle_errors
 def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, num_shards,
-            shard_index, augment_views, strict, quiet) -> None:
+            shard_index, augment_views, strict, allow_outside, quiet) -> None:
     """Compute the pooled bottleneck features of every image in IMAGE_DIR into the cache.
 
     IMAGE_DIR may hold one sub-folder per class, or photos without classes (a flat folder, or
@@ -59,7 +61,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
     folder, paths, result, cache = extract_folder(
         image_dir, backbone, weights, image_size, batch_size, cache_dir, cache_dtype, seed, quiet,
         select=lambda rel: int(stable_fraction(rel, 0) * num_shards) == shard_index, keep_vectors=False,
-        strict=strict, views=augment_views, labels="optional")
+        strict=strict, views=augment_views, labels="optional", allow_outside=allow_outside)
     skipped = list(folder.skipped) + result.skipped_files(paths)
     rate = f"; {result.images_per_second:.1f} images/s" if result.num_computed else ""
     part = f" (part {shard_index + 1} of {num_shards}: {len(paths)} images)" if num_shards > 1 else ""
@@ -101,6 +103,7 @@ def features() -> None:
 @overwrite_file_option
 @augment_views_option
 @strict_option
+@allow_outside_option
 @quiet_option
 @handle_errors
 def features_export(image_dir, output, config_path, quiet, **options) -> None:
@@ -130,7 +133,8 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
     check_writable_dir(output.resolve().parent, "-o/--output")  # a read-only folder fails now, not at the end
     folder, paths, result, cache = extract_folder(
         config.image_dir, config.backbone, config.weights, config.image_size, config.batch_size, config.cache_dir,
-        config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views, labels="optional")
+        config.cache_dtype, config.seed, quiet, strict=config.strict, views=augment_views, labels="optional",
+        allow_outside=config.allow_outside)
     rows, dim = export_folder_features(folder, paths, result, cache, output, file_format, config.seed,
                                        augment_views)
     click.echo(f"{_kind(folder)}Wrote {rows} rows x {dim} features to {output} ({file_format}).")
@@ -148,10 +152,11 @@ def features_export(image_dir, output, config_path, quiet, **options) -> None:
 @extraction_options
 @seed_option("Seed of the sample and of t-SNE.")
 @overwrite_file_option
+@allow_outside_option
 @quiet_option
 @handle_errors
 def features_plot(image_dir, backbone, output_path, method, max_points, weights, image_size, batch_size, cache_dir,
-                  cache_dtype, seed, overwrite, quiet) -> None:
+                  cache_dtype, seed, overwrite, allow_outside, quiet) -> None:
     """Draw the features of IMAGE_DIR in 2-D, coloured by class: how separable are the classes?
 
     Features come from the cache (computed where missing). Well separated clusters mean a
@@ -175,7 +180,8 @@ def features_plot(image_dir, backbone, output_path, method, max_points, weights,
     from transferkit.cache.folder import extract_folder
 
     folder, _, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
-                                           cache_dtype, seed, quiet, labels="optional")
+                                           cache_dtype, seed, quiet, labels="optional",
+                                           allow_outside=allow_outside)
     vectors = result.vectors[result.ok]
     labels = folder.labels[result.ok] if folder.labelled else None  # unlabelled: one group, one colour
     names = folder.class_names if folder.labelled else ("photos (no classes)",)

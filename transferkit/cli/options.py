@@ -77,6 +77,10 @@ cache_dir_option = click.option(
     help="Feature cache folder. Default: $TRANSFERKIT_CACHE_DIR or the user cache folder.",
 )
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+allow_outside_option = click.option(
+    "--allow-outside", is_flag=True,
+    help="A manifest (.csv/.jsonl) may list images outside its own folder (../ or absolute paths).",
+)
 strict_option = click.option(
     "--strict", is_flag=True,
     help="Fail (exit 2, listing them) if any image file is skipped, instead of going on without it.",

@@ -16,6 +16,7 @@ from transferkit.cli.options import (
     IMAGE_DIR_TYPE,
     BatchSize,
     ImageDir,
+    allow_outside_option,
     backbone_option,
     cache_dir_option,
     cache_dtype_option,
@@ -171,6 +172,7 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
               help="Exit with code 1 (after writing everything) if test accuracy is below this. Default: no gate.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
 @strict_option
+@allow_outside_option
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue an interrupted run from its checkpoints (its config.yaml; other flags are ignored).")
 @click.option("-v", "--verbose", count=True, help="-v: one line per head epoch, progress bars when fine-tuning.")
@@ -271,6 +273,7 @@ def _run_training(config, verbose: int, resume: bool = False) -> None:
 @click.option("--test-fraction", type=float, default=0.15, show_default=True,
               help="Share of images for the test when IMAGE_DIR is not split into folders.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
+@allow_outside_option
 @quiet_option
 @handle_errors
 def compare(image_dir, output_dir, config_path, quiet, **options) -> None:

@@ -11,9 +11,10 @@ Labelling tools and spreadsheets keep labels in such files, with the images in o
 Wherever a command takes IMAGE_DIR, a ``.csv`` or ``.jsonl`` file works too;
 :func:`transferkit.data.scan.scan_folder` reads it with :func:`read_manifest`. Paths are relative to
 the manifest's folder (``\\`` is read as ``/``, as Windows tools write them); a path that leaves that
-folder is refused. The ``split`` column is optional: given, it is kept (``validation`` = ``val``);
-absent, the stable hashed split applies. Other columns are ignored, with a note. Without a label
-column, a manifest lists unlabelled photos (for extract and features export).
+folder is refused unless allowed (``--allow-outside``). The ``split`` column is optional: given,
+it is kept (``validation`` = ``val``); absent, the stable hashed split applies. Other columns are
+ignored, with a note. Without a label column, a manifest lists unlabelled photos (for extract and
+features export).
 
 Every problem row is reported at once with its line number (the header is line 1); files that are
 missing or not images are skipped with a reason later, like a folder's.
@@ -84,8 +85,11 @@ def is_manifest(value) -> bool:
     return isinstance(value, (str, os.PathLike)) and Path(value).suffix.lower() in MANIFEST_SUFFIXES
 
 
-def read_manifest(path: str | os.PathLike) -> Manifest:
+def read_manifest(path: str | os.PathLike, *, allow_outside: bool = False) -> Manifest:
     """Read and check a ``.csv`` or ``.jsonl`` manifest.
+
+    With ``allow_outside``, paths may leave the manifest's folder (``../``, absolute paths); the
+    images' root is then the deepest folder that holds the manifest's folder and every image.
 
     Raises:
         DataError: the file is missing or empty, a column is missing, or rows are bad (not UTF-8,
@@ -111,7 +115,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     records, fields, notes = (_jsonl_records if path.suffix.lower() == ".jsonl" else _csv_records)(text, problems)
     if not records and not problems:
         problems.append("no image rows: add one row per image (path, label and optionally split)")
-    rows = _rows(records, fields, problems)
+    rows = _rows(records, fields, problems, allow_outside)
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:_SHOWN])
         more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
@@ -191,6 +195,11 @@ def _jsonl_records(text: str, problems: list[str]) -> tuple[list[tuple[int, dict
     return out, fields, notes
 
 
+def _leaves(rel: str) -> bool:
+    """Whether a normalised manifest path leaves the manifest's folder (``..``, absolute, a drive)."""
+    return rel.startswith("/") or rel == ".." or rel.startswith("../") or (len(rel) > 1 and rel[1] == ":")
+
+
 def _fields(names: list[str], line: int, problems: list[str]) -> tuple[dict, list[str]]:
     """``{field: column name}`` for the columns found, and a note on the columns ignored."""
     lowered = {name.lower(): name for name in reversed(names)}
@@ -207,7 +216,8 @@ def _fields(names: list[str], line: int, problems: list[str]) -> tuple[dict, lis
     return fields, notes
 
 
-def _rows(records: list[tuple[int, dict]], fields: dict, problems: list[str]) -> list[ManifestRow]:
+def _rows(records: list[tuple[int, dict]], fields: dict, problems: list[str],
+          allow_outside: bool = False) -> list[ManifestRow]:
     rows, first_line = [], {}
     has_split = "split" in fields and any(values.get("split", "").strip() for _, values in records)
     for line, values in records:
@@ -218,9 +228,9 @@ def _rows(records: list[tuple[int, dict]], fields: dict, problems: list[str]) ->
         bad = []
         if not rel:
             bad.append("empty path")
-        elif rel.startswith("/") or rel == ".." or rel.startswith("../") or (len(rel) > 1 and rel[1] == ":"):
+        elif not allow_outside and _leaves(rel):
             bad.append(f"path {short_repr(raw)} leaves the manifest's folder; give it relative to that folder "
-                       "(move the manifest up to a folder that holds every image)")
+                       "(or move the manifest up to a folder that holds every image, or pass --allow-outside)")
         elif rel in first_line:
             bad.append(f"path {short_repr(raw)} is listed again (first on line {first_line[rel]})")
         if label is not None and not label:
@@ -244,8 +254,17 @@ def scan_manifest(manifest: Manifest, *, seed: int, val_fraction: float, test_fr
                    class_names: Sequence[str] | None, labels: str) -> ImageFolder:
     """A manifest's images as an :class:`ImageFolder`, for :func:`transferkit.data.scan.scan_folder`
     (whose arguments these are): files that are missing or not images are skipped with their line
-    and reason; the manifest's splits are kept (``split_source="manifest"``), else hashed."""
+    and reason; the manifest's splits are kept (``split_source="manifest"``), else hashed. The
+    folder's root is the manifest's folder, or (paths allowed outside it) the deepest folder that
+    holds it and every image, so every path stays relative to the root."""
     root, where = manifest.root, f"Manifest '{manifest.path}'"
+    if any(_leaves(row.path) for row in manifest.rows):  # --allow-outside: the root holds every image
+        base = os.path.abspath(root)
+        targets = [os.path.normpath(os.path.join(base, row.path)) for row in manifest.rows]
+        root = Path(os.path.commonpath([base, *targets]))
+        manifest = dataclasses.replace(manifest, rows=tuple(
+            dataclasses.replace(row, path=Path(os.path.relpath(target, root)).as_posix())
+            for row, target in zip(manifest.rows, targets, strict=True)))
     for note in manifest.notes:
         log.info("%s: %s.", manifest.path, note)
     found = sorted({row.label for row in manifest.rows if row.label is not None})

@@ -79,6 +79,7 @@ def scan_folder(
     test_fraction: float = 0.15,
     class_names: Sequence[str] | None = None,
     labels: str = "required",
+    allow_outside: bool = False,
 ) -> ImageFolder:
     """Find the images of a class-per-folder dataset and assign each one a stable split.
 
@@ -110,6 +111,7 @@ def scan_folder(
             a folder class missing from it raises. Classes without a folder are allowed.
         labels: ``"required"`` (train, evaluate, compare: refuse a folder without two classes) or
             ``"optional"`` (scan such a folder unlabelled).
+        allow_outside: a manifest's paths may leave its folder (see :func:`read_manifest`).
 
     Returns:
         An :class:`ImageFolder`.
@@ -133,7 +135,7 @@ def scan_folder(
         prepared = prepare_tfds(root)
         root, class_names = prepared.root, prepared.class_names if class_names is None else class_names
     if is_manifest(root):
-        return scan_manifest(read_manifest(root), seed=seed, val_fraction=val_fraction,
+        return scan_manifest(read_manifest(root, allow_outside=allow_outside), seed=seed, val_fraction=val_fraction,
                               test_fraction=test_fraction, class_names=class_names, labels=labels)
     root = Path(root)
     if not root.exists():

@@ -101,10 +101,8 @@ class CompareConfig(FeatureSettings):
 
     def train_config(self, **changes: Any) -> TrainConfig:
         """The ``transferkit train`` settings of the softmax (and fine-tune) arm: the same split and cache."""
-        return TrainConfig(self.image_dir, self.output_dir, backbone=self.backbone, weights=self.weights,
-                           image_size=self.image_size, batch_size=self.batch_size, seed=self.seed,
-                           val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                           cache_dir=self.cache_dir, cache_dtype=self.cache_dtype, flip_average=self.flip_average,
+        return TrainConfig(self.image_dir, self.output_dir, **self.feature_settings(), val_fraction=self.val_fraction,
+                           test_fraction=self.test_fraction, flip_average=self.flip_average,
                            overwrite=self.overwrite).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:

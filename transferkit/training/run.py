@@ -100,7 +100,7 @@ def check_inputs(config, strict: bool = False) -> tuple[BackboneSpec, int, Image
     spec = get_backbone(config.backbone)
     image_size = check_image_size(spec, config.image_size)
     folder = scan_folder(config.image_dir, seed=config.seed, val_fraction=config.val_fraction,
-                         test_fraction=config.test_fraction)
+                         test_fraction=config.test_fraction, allow_outside=config.allow_outside)
     if strict:
         check_strict(folder.skipped)
     weights = resolve_weights(spec, config.weights, image_size)
