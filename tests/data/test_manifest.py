@@ -159,3 +159,6 @@ def test_allow_outside_takes_paths_that_leave_the_manifests_folder(images, tmp_p
                      "--allow-outside")
     assert result.exit_code == 0, result.output
     assert "allow_outside: true" in (tmp_path / "run" / "config.yaml").read_text()  # --resume reads it back
+    twice = _write(lists / "twice.csv", f"path,label\n../{rows[0][0]},{rows[0][1]}\n{images.parent / rows[0][0]},x\n")
+    with pytest.raises(DataError, match=r"line 3 lists the image of line 2 again"):
+        scan_folder(twice, allow_outside=True)

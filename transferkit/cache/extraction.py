@@ -105,6 +105,7 @@ def extract_features(
         predict = compute.compiled_predict(model)  # looked up at call time: tests pace it
         dataset = compute.read_dataset([paths[i] for i in todo], image_size, batch_size, reads, cache)
         progress = progress_bar(len(todo), "image", verbose)
+        shown = 0  # images the bar counts as done
         noted: set[int] = set()
 
         def remember_reads() -> None:
@@ -131,7 +132,8 @@ def extract_features(
                             vectors[i] = vector
                         pending.add(cache, hashes[i], vector)
                     num_computed += len(batch_vectors)
-                    progress.update(int(positions[-1]) + 1)  # in order: every file before it is done
+                    shown = int(positions[-1]) + 1  # in order: every file before it is done
+                    progress.update(shown)
                     if pending.full():
                         remember_reads()
                         pending.flush()
@@ -140,7 +142,8 @@ def extract_features(
             with contextlib.suppress(Exception):  # it only saves a read: the original error matters
                 remember_reads()  # what was read is remembered, even after an interruption
             raise
-        progress.update(len(todo))
+        if shown < len(todo):  # unreadable files last: done too (the bar's last line is written once)
+            progress.update(len(todo))
         moved = []
         for position, i in enumerate(todo):
             read = reads[position]

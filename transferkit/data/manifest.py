@@ -265,6 +265,11 @@ def scan_manifest(manifest: Manifest, *, seed: int, val_fraction: float, test_fr
         manifest = dataclasses.replace(manifest, rows=tuple(
             dataclasses.replace(row, path=Path(os.path.relpath(target, root)).as_posix())
             for row, target in zip(manifest.rows, targets, strict=True)))
+        first: dict[str, int] = {}
+        for row in manifest.rows:  # one file named two ways (relative and absolute)
+            if first.setdefault(row.path, row.line) != row.line:
+                raise DataError(f"{where}: line {row.line} lists the image of line {first[row.path]} again "
+                                f"({row.path} under {root}). Keep one of the two rows.")
     for note in manifest.notes:
         log.info("%s: %s.", manifest.path, note)
     found = sorted({row.label for row in manifest.rows if row.label is not None})
