@@ -41,7 +41,7 @@ from transferkit import files
 from transferkit.cache import default_cache_dir
 from transferkit.config import FeatureSettings, TrainConfig
 from transferkit.data.scan import ImageFolder
-from transferkit.errors import ArgumentError, DataError, InputError
+from transferkit.errors import ArgumentError, DataError
 from transferkit.evaluation.metrics import classification_metrics, expected_calibration_error
 from transferkit.heads.registry import HEADS
 from transferkit.heads.stats import Verdict, bootstrap_accuracy_ci, paired_mcnemar, pick_winner
@@ -118,7 +118,7 @@ def resolve_heads(names: str | Sequence[str]) -> tuple[str, ...]:
     ``all`` stands for the softmax head and every registry head.
 
     Raises:
-        InputError: an unknown name (with the closest names), or an empty list.
+        ArgumentError: an unknown name (with the closest names), or an empty list.
 
     Example:
         >>> resolve_heads("softmax, Linear_SVM,knn,knn")
@@ -136,17 +136,16 @@ def resolve_heads(names: str | Sequence[str]) -> tuple[str, ...]:
             resolved.extend(allowed)
             continue
         if key == FINE_TUNE:
-            raise InputError(f"Invalid --heads: '{raw}' is not a head on features; add the fine-tuned model "
-                             "as an arm with --with-fine-tune.")
+            raise ArgumentError("heads", "heads on cached features (the fine-tuned model is an arm of its own: "
+                                "with_fine_tune, --with-fine-tune)", str(raw).strip())
         if key not in allowed:
             close = difflib.get_close_matches(key, (*allowed, "all"), n=2, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise InputError(f"Invalid --heads: unknown head '{str(raw).strip()}'.{hint} "
-                             f"Allowed: {', '.join(allowed)}, or all.")
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ArgumentError("heads", f"head names from {', '.join(allowed)}, or all{hint}", str(raw).strip())
         resolved.append(key)
     unique = tuple(dict.fromkeys(resolved))
     if not unique:
-        raise InputError(f"Invalid --heads: no head given. Allowed: {', '.join(allowed)}, or all.")
+        raise ArgumentError("heads", f"at least one head name from {', '.join(allowed)}, or all", ",".join(names))
     return unique
 
 

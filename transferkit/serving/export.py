@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import __version__, files
-from transferkit.errors import ExportError, InputError
+from transferkit.errors import ArgumentError, ExportError, InputError
 from transferkit.runtime import native_stderr_quiet
 from transferkit.serving import outputs, runs
 from transferkit.serving.predictors import (
@@ -94,13 +94,14 @@ def export_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, fmt: s
         The model card written to ``model_card.json``.
 
     Raises:
-        InputError: bad format/quantisation, output folder or run folder.
+        ArgumentError: an unknown format or quantisation (an InputError).
+        InputError: a bad output folder or run folder, or int8 for a format other than tflite.
         ExportError: a float export disagrees with the Keras model, or int8 kernels are missing.
     """
     if fmt not in FORMATS:
-        raise InputError(f"Unknown export format '{fmt}' (allowed: {', '.join(FORMATS)}).")
+        raise ArgumentError("fmt", f"one of {', '.join(FORMATS)}", fmt)
     if quantize not in QUANTIZATIONS:
-        raise InputError(f"Unknown quantisation '{quantize}' (allowed: {', '.join(QUANTIZATIONS)}).")
+        raise ArgumentError("quantize", f"one of {', '.join(QUANTIZATIONS)}", quantize)
     if quantize != "none" and fmt != "tflite":
         raise InputError(f"--quantize {quantize} applies to --format tflite only; {fmt} exports are float32. "
                          "Drop --quantize or export to tflite.")
