@@ -439,7 +439,6 @@ def test_open_regular_refuses_every_special_file_with_its_kind_and_enforces_the_
 
 def test_a_fifo_named_status_json_is_an_unknown_state_and_resume_says_so(tmp_path):
     from transferkit.serving import runs
-    from transferkit.training import run as training
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -453,7 +452,7 @@ def test_a_fifo_named_status_json_is_an_unknown_state_and_resume_says_so(tmp_pat
     assert "status.json" in result.output and "named pipe (FIFO)" in result.output
     assert status.is_fifo(), "a file transferkit did not write is left alone"
     # The failure path of a run reads the stage it reached from status.json before writing it.
-    _finishes(lambda: training._write_failure(run_dir, RuntimeError("boom")), fifos=[status], seconds=QUICK)
+    _finishes(lambda: runs.write_failure(run_dir, RuntimeError("boom")), fifos=[status], seconds=QUICK)
     assert runs.read_status(run_dir)["state"] == "failed"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -77,3 +78,30 @@ def name_twins(names: Sequence[str], fold_case: bool = True) -> list[tuple[str, 
         if other != name:
             twins.append((other, name))
     return twins
+
+
+def class_folder_names(names) -> list[str]:
+    """Folder-safe class names that :func:`check_class_names` accepts.
+
+    Separators, NULs, control characters and line separators become ``_``, a leading dot ``_`` (hidden
+    otherwise); names are NFC.
+
+    Raises:
+        DataError: two labels give one folder name, or names equal but for case.
+
+    Example:
+        >>> class_folder_names(["cat", "n/a", ".dot"])
+        ['cat', 'n_a', '_dot']
+    """
+    safe = [re.sub(r"[/\\\0]", "_", str(n)) for n in names]
+    safe = ["".join("_" if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in n) for n in safe]
+    safe = [unicodedata.normalize("NFC", n).strip() or "_" for n in safe]
+    safe = ["_" + n[1:] if n.startswith(".") else n for n in safe]
+    first: dict[str, int] = {}
+    for label, name in enumerate(safe):
+        other = first.setdefault(name.lower(), label)
+        if other != label:
+            raise DataError(f"Class names {short_repr(names[other])} and {short_repr(names[label])} give the same "
+                            f"folder name once made folder-safe ({short_repr(safe[label])}, case aside); "
+                            "transferkit cannot keep these classes apart.")
+    return safe

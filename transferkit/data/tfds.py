@@ -55,7 +55,6 @@ import shutil
 import socket
 import threading
 import time
-import unicodedata
 import urllib.parse
 import urllib.request
 import uuid
@@ -63,7 +62,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.data.images import IMAGE_EXTENSIONS
-from transferkit.errors import DataError, InputError, short_repr
+from transferkit.data.names import class_folder_names
+from transferkit.errors import DataError, InputError
 
 log = logging.getLogger("transferkit")
 
@@ -411,33 +411,6 @@ def _remove_stale_partials(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         except (ValueError, IndexError, PermissionError, OSError):
             continue
-
-
-def class_folder_names(names) -> list[str]:
-    """Folder-safe class names that :func:`transferkit.data.scan.check_class_names` accepts.
-
-    Separators, NULs, control characters and line separators become ``_``, a leading dot ``_`` (hidden
-    otherwise); names are NFC.
-
-    Raises:
-        DataError: two labels give one folder name, or names equal but for case.
-
-    Example:
-        >>> class_folder_names(["cat", "n/a", ".dot"])
-        ['cat', 'n_a', '_dot']
-    """
-    safe = [re.sub(r"[/\\\0]", "_", str(n)) for n in names]
-    safe = ["".join("_" if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in n) for n in safe]
-    safe = [unicodedata.normalize("NFC", n).strip() or "_" for n in safe]
-    safe = ["_" + n[1:] if n.startswith(".") else n for n in safe]
-    first: dict[str, int] = {}
-    for label, name in enumerate(safe):
-        other = first.setdefault(name.lower(), label)
-        if other != label:
-            raise DataError(f"Class names {short_repr(names[other])} and {short_repr(names[label])} give the same "
-                            f"folder name once made folder-safe ({short_repr(safe[label])}, case aside); "
-                            "transferkit cannot keep these classes apart.")
-    return safe
 
 
 def _extension(data: bytes) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,19 @@ def read_status(run_dir: str | os.PathLike) -> dict:
     except files.NotRegularFileError as exc:
         log.warning("Ignoring the run status '%s' (%s); treating the run's state as unknown.", path, exc.strerror)
         return {}
+
+
+def write_status(run_dir: Path, state: str, detail: str = "", *, stage: str) -> None:
+    """``status.json`` says whether a run finished, failed or was interrupted (resume with --resume),
+    and its stage: ``train`` until the model and metrics are written, then ``report``, then ``done``."""
+    files.write_json(run_dir / STATUS_FILE, {"state": state, "stage": stage, "detail": detail,
+                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def write_failure(run_dir: Path, exc: BaseException) -> None:
+    """The run stopped: say how, keeping the stage it had reached (so --resume redoes only the rest)."""
+    write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                  f"{type(exc).__name__}: {exc}"[:300], stage=read_status(run_dir).get("stage", "train"))
 
 
 def _read_status_file(path: Path) -> dict:
@@ -280,3 +294,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             f"but {LABELS_FILE} lists {len(class_names)} classes."
         )
     return Run(run_dir, model, class_names, config or {}, head)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    """``history.csv``: one row per epoch of every phase, numbered per phase."""
+    columns = ["phase", "epoch"] + sorted({k for row in rows for k in row} - {"phase", "epoch"})
+    files.write_csv(path, columns, [[row.get(c, "") for c in columns] for row in rows])

@@ -186,13 +186,13 @@ def _run_locked(plan: TrainingPlan, verbose: int, resume: bool) -> TrainResult:
     if not resume:
         outputs.clear_previous_run(run_dir)
     save_config(config, run_dir / runs.CONFIG_FILE)  # first, so an interrupted run can resume
-    _write_status(run_dir, "running", stage="train")
+    runs.write_status(run_dir, "running", stage="train")
     try:
         result = _run_phases(plan, started, verbose, resume)
     except BaseException as exc:
-        _write_failure(run_dir, exc)
+        runs.write_failure(run_dir, exc)
         raise
-    _write_status(run_dir, "finished", stage="done")
+    runs.write_status(run_dir, "finished", stage="done")
     return _worker_done(plan, result)
 
 
@@ -203,19 +203,6 @@ def _worker_done(plan: TrainingPlan, result: TrainResult) -> TrainResult:
         log.info("This worker's part is done; the chief writes %s.", plan.config.output_dir)
         result = dataclasses.replace(result, run_dir=Path(plan.config.output_dir))
     return result
-
-
-def _write_status(run_dir: Path, state: str, detail: str = "", *, stage: str) -> None:
-    """``status.json`` says whether a run finished, failed or was interrupted (resume with --resume),
-    and its stage: ``train`` until the model and metrics are written, then ``report``, then ``done``."""
-    files.write_json(run_dir / runs.STATUS_FILE, {"state": state, "stage": stage, "detail": detail,
-                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def _write_failure(run_dir: Path, exc: BaseException) -> None:
-    """The run stopped: say how, keeping the stage it had reached (so --resume redoes only the rest)."""
-    _write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                  f"{type(exc).__name__}: {exc}"[:300], stage=runs.read_status(run_dir).get("stage", "train"))
 
 
 def _report_pending(run_dir: Path) -> bool:
@@ -236,9 +223,9 @@ def _finish_report(plan: TrainingPlan) -> TrainResult:
             log.info("The feature map needs the backbone's features: add it with 'transferkit report %s "
                      "--feature-map'.", run_dir)
     except BaseException as exc:
-        _write_failure(run_dir, exc)
+        runs.write_failure(run_dir, exc)
         raise
-    _write_status(run_dir, "finished", stage="done")
+    runs.write_status(run_dir, "finished", stage="done")
     return result
 
 
@@ -499,18 +486,12 @@ def _write_run(plan: TrainingPlan, data: _Features, choice: _Choice, fitted: _Fi
     runs.write_labels(run_dir / runs.LABELS_FILE, folder.class_names)
     write_splits_csv(run_folder, run_dir / runs.SPLITS_FILE)  # skipped images are in skipped.csv
     files.write_csv(run_dir / runs.SKIPPED_FILE, ["path", "reason"], data.skipped)
-    _write_history(run_dir / runs.HISTORY_FILE, fitted.history)
+    runs.write_history(run_dir / runs.HISTORY_FILE, fitted.history)
     write_predictions(run_dir / runs.PREDICTIONS_FILE, [folder.paths[i] for i in eval_idx], labels[eval_idx],
                       fitted.probabilities, folder.class_names)
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     # The model and metrics are complete: an interruption from here on leaves only the report to
     # write (--resume writes it), and the fine-tune backup is no longer needed.
-    _write_status(run_dir, "running", stage="report")
+    runs.write_status(run_dir, "running", stage="report")
     outputs.clear_backup(run_dir / runs.CHECKPOINT_DIR)
     return metrics
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    """``history.csv``: one row per epoch of every phase, numbered per phase."""
-    columns = ["phase", "epoch"] + sorted({k for row in rows for k in row} - {"phase", "epoch"})
-    files.write_csv(path, columns, [[row.get(c, "") for c in columns] for row in rows])
