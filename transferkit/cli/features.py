@@ -78,7 +78,7 @@ def extract(image_dir, backbone, weights, image_size, batch_size, cache_dir, cac
 
 def _kind(folder) -> str:
     """A line saying that a folder was read without classes, or nothing."""
-    return "" if folder.labelled else "Unlabelled photos (fewer than two class folders): no labels, no splits.\n"
+    return "" if folder.labelled else "Unlabelled photos (no classes to read): no labels, no splits.\n"
 
 
 # ----------------------------------------------------------------------------- features
