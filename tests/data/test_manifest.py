@@ -114,9 +114,9 @@ def test_train_evaluate_and_extract_take_a_manifest(images, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["split_source"] == "hash" and metrics["test"]["num_examples"] > 0
     assert (tmp_path / "run" / "report.html").is_file()
-    evaluated = run_cli("evaluate", tmp_path / "run", manifest, "-o", tmp_path / "eval")
+    evaluated = run_cli("evaluate", tmp_path / "run", manifest)  # default: RUN/evaluations/<manifest name>
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_examples"] == 24
+    assert json.loads((tmp_path / "run" / "evaluations" / "labels" / "metrics.json").read_text())["num_examples"] == 24
     extracted = run_cli("extract", manifest, *TINY, *cache)  # train's vectors were flip-averaged: others
     assert extracted.exit_code == 0 and "Images seen: 24; computed: 24" in extracted.output
 
@@ -159,6 +159,8 @@ def test_allow_outside_takes_paths_that_leave_the_manifests_folder(images, tmp_p
                      "--allow-outside")
     assert result.exit_code == 0, result.output
     assert "allow_outside: true" in (tmp_path / "run" / "config.yaml").read_text()  # --resume reads it back
+    evaluated = run_cli("evaluate", tmp_path / "run", manifest, "--allow-outside", "-q")
+    assert evaluated.exit_code == 0 and "(24 images)" in evaluated.output
     twice = _write(lists / "twice.csv", f"path,label\n../{rows[0][0]},{rows[0][1]}\n{images.parent / rows[0][0]},x\n")
     with pytest.raises(DataError, match=r"line 3 lists the image of line 2 again"):
         scan_folder(twice, allow_outside=True)

@@ -9,7 +9,7 @@ import click
 
 from transferkit import runtime
 from transferkit.cli.app import handle_errors, main
-from transferkit.cli.options import IMAGE_DIR_TYPE, batch_size_option, quiet_option, tta_option
+from transferkit.cli.options import IMAGE_DIR_TYPE, allow_outside_option, batch_size_option, quiet_option, tta_option
 
 log = logging.getLogger("transferkit")
 
@@ -23,9 +23,10 @@ log = logging.getLogger("transferkit")
               help="Where to write metrics.json. Default: RUN_DIR/evaluations/<IMAGE_DIR name>.")
 @batch_size_option
 @tta_option
+@allow_outside_option
 @quiet_option
 @handle_errors
-def evaluate(run_dir, image_dir, output_dir, batch_size, tta, quiet) -> None:
+def evaluate(run_dir, image_dir, output_dir, batch_size, tta, allow_outside, quiet) -> None:
     """Evaluate the model of RUN_DIR on every image of a labelled IMAGE_DIR."""
     from transferkit.evaluation.evaluate import evaluate_run
     from transferkit.serving.runs import check_run_dir
@@ -34,7 +35,7 @@ def evaluate(run_dir, image_dir, output_dir, batch_size, tta, quiet) -> None:
     runtime.start_tensorflow()
 
     metrics = evaluate_run(run_dir, image_dir, output_dir, batch_size=batch_size, verbose=0 if quiet else 1,
-                           tta=tta)
+                           tta=tta, allow_outside=allow_outside)
     for item in metrics["skipped"]:
         log.warning("Skipped %s: %s", item["path"], item["reason"])
     gain = metrics.get("tta")

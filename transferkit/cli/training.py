@@ -43,10 +43,11 @@ from transferkit.training.strategies import STRATEGIES
 @extraction_options
 @seed_option("Seed of the split and the sweep.")
 @overwrite_file_option
+@allow_outside_option
 @quiet_option
 @handle_errors
 def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, cache_dir, cache_dtype, seed, overwrite,
-            quiet) -> None:
+            allow_outside, quiet) -> None:
     """Sweep the head's learning rate on IMAGE_DIR's training split and suggest one.
 
     The sweep trains a softmax head on the cached features with the rate growing each batch
@@ -72,7 +73,7 @@ def lr_find(image_dir, backbone, output_path, weights, image_size, batch_size, c
     from transferkit.cache.folder import extract_folder
 
     folder, paths, result, _ = extract_folder(image_dir, backbone, weights, image_size, batch_size, cache_dir,
-                                               cache_dtype, seed, quiet)
+                                               cache_dtype, seed, quiet, allow_outside=allow_outside)
     train = result.ok & (np.array(folder.splits) == "train")
     sweep = find_learning_rate(result.vectors[train], folder.labels[train],
                                TrainConfig(str(image_dir), "", batch_size=batch_size, seed=seed))

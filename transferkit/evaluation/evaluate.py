@@ -31,18 +31,21 @@ def write_predictions(path, rel_paths: Sequence[str], y_true: np.ndarray, probab
 
 
 def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, overwrite: bool = True,
-                 verbose: int = 1, tta: bool = False) -> dict:
+                 verbose: int = 1, tta: bool = False, allow_outside: bool = False) -> dict:
     """Evaluate a trained run on every image of a labelled folder and write ``metrics.json``.
 
     The folder's class sub-folders must be among the run's classes (a folder may lack some).
 
     Args:
         run_dir: the folder of a ``transferkit train`` run.
-        image_dir: a folder with one sub-folder per class (split folders are pooled).
-        output_dir: where to write; default ``RUN_DIR/evaluations/<folder name>``.
+        image_dir: a folder with one sub-folder per class (split folders are pooled), or a
+            ``.csv``/``.jsonl`` manifest (:mod:`transferkit.data.manifest`; its splits are pooled too).
+        output_dir: where to write; default ``RUN_DIR/evaluations/<folder name>`` (a manifest's
+            file name without its ending).
         tta: evaluate with 10-crop test-time augmentation (:mod:`transferkit.evaluation.tta`); the metrics are
             then those of the averaged predictions, and ``metrics["tta"]`` holds the accuracy and
             macro-F1 with and without it.
+        allow_outside: a manifest's paths may leave its folder.
 
     Returns:
         The metrics written.
@@ -65,9 +68,10 @@ def evaluate_run(run_dir, image_dir, output_dir=None, *, batch_size: int = 32, o
     # itself by the report, so its thumbnails and Grad-CAM found no image).
     # The folder is resolved after the scan: IMAGE_DIR may be a tfds:NAME, which names no path.
     run = runs.load_run(Path(run_dir).resolve())
-    folder = scan_folder(image_dir, class_names=run.class_names)
+    folder = scan_folder(image_dir, class_names=run.class_names, allow_outside=allow_outside)
     folder = dataclasses.replace(folder, root=folder.root.resolve())
-    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / folder.root.name
+    name = folder.manifest.stem if folder.manifest else folder.root.name  # two manifests in a folder: two names
+    output_dir = Path(output_dir) if output_dir else run.run_dir / "evaluations" / name
     # Claimed (locked, marked) while it is written, released however this ends.
     with outputs.claimed_output_dir(output_dir, overwrite=overwrite, inputs=(image_dir, *folder.scanned_dirs),
                                  command="evaluate") as output_dir:
