@@ -24,14 +24,18 @@ SHARED_WEIGHTS = SHARED_DIR / "imagenet-weights"
 SHARED_DATASETS = SHARED_DIR / "datasets"
 
 
+_frozen = False  # whether this process has frozen its objects (see pytest_runtest_setup)
+
+
 def pytest_runtest_setup(item):
     """Once TensorFlow is imported, move every object alive to the garbage collector's permanent
     generation (gc.freeze): TensorFlow and Keras hold hundreds of thousands of objects that every
     full collection would otherwise walk again (Keras' clear_session collects after each build)."""
-    if "tensorflow" in sys.modules and not getattr(pytest_runtest_setup, "frozen", False):
+    global _frozen
+    if "tensorflow" in sys.modules and not _frozen:
         gc.collect()
         gc.freeze()
-        pytest_runtest_setup.frozen = True
+        _frozen = True
 
 
 def pytest_collection_modifyitems(items):

@@ -62,9 +62,9 @@ AUGMENT_VIEWS_RANGE = f"an integer from 0 to {MAX_AUGMENT_VIEWS}"
 class FeatureSettings:
     """The settings every command that computes features shares (train, compare, extract, features
     export): the backbone, its weights and input size, the batch, the cache, the seed and whether a
-    manifest may list images outside its folder. Declared
-    and checked once here; each command's settings add their own fields (keyword-only here, so a
-    command's positional fields, its image folder and output, come first).
+    manifest may list images outside its folder. Declared and checked once here; each command's
+    settings add their own fields (keyword-only here, so a command's positional fields, its image
+    folder and output, come first).
 
     Example:
         >>> FeatureSettings(backbone="resnet50", seed=3).cache_dtype

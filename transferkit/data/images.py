@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The file name extensions treated as images (lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: The same, as messages list them ("allowed: .jpg .jpeg ...").
+ALLOWED_EXTENSIONS = " ".join(IMAGE_EXTENSIONS)
 
 
 #: Largest image file read, in bytes: bigger files are refused unread, as ``PIL.Image.MAX_IMAGE_PIXELS``

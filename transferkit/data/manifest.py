@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.images import IMAGE_EXTENSIONS, unreadable_reason
+from transferkit.data.images import ALLOWED_EXTENSIONS, unreadable_reason
 from transferkit.data.names import check_class_names
 from transferkit.data.splits import ImageFolder, hash_splits, unlabelled_folder
 from transferkit.errors import DataError, short_repr
 
 log = logging.getLogger("transferkit")
-_ALLOWED = " ".join(IMAGE_EXTENSIONS)
 
 #: File name endings read as manifests instead of folders.
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -299,7 +298,7 @@ def scan_manifest(manifest: Manifest, *, seed: int, val_fraction: float, test_fr
     empty = sorted(set(found) - {row.label for row in records})
     if empty:
         raise DataError(f"{where}: class(es) {', '.join(repr(n) for n in empty)} have no readable images (allowed: "
-                        f"{_ALLOWED}). Fix their rows or remove them.")
+                        f"{ALLOWED_EXTENSIONS}). Fix their rows or remove them.")
     paths = tuple(row.path for row in records)
     label_array = np.asarray([index_of[row.label] for row in records], dtype=np.int64)
     if manifest.has_splits:

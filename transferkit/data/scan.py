@@ -33,6 +33,7 @@ import numpy as np
 
 from transferkit import files
 from transferkit.data.images import (
+    ALLOWED_EXTENSIONS,
     IMAGE_EXTENSIONS,
     decode_in_graph,
     image_dataset,
@@ -66,7 +67,6 @@ __all__ = [
 _SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin"})
 # Folder names (lower-case) that mark a pre-split dataset, mapped to the split they hold.
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-_ALLOWED = " ".join(IMAGE_EXTENSIONS)
 _UNLABELLED_HINT = (" (Photos without classes: 'transferkit extract', 'features export' and 'features plot' "
                     "take them as they are.)")
 
@@ -193,7 +193,7 @@ def scan_folder(
             noun = "Class folder" if len(class_dirs[name]) == 1 else "Class folders"
             verb = "holds" if len(class_dirs[name]) == 1 else "hold"
             raise DataError(
-                f"{noun} {where} {verb} no readable images (allowed: {_ALLOWED}). Add images or remove "
+                f"{noun} {where} {verb} no readable images (allowed: {ALLOWED_EXTENSIONS}). Add images or remove "
                 f"the folder.")
 
     records.sort(key=lambda r: r[0])

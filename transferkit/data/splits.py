@@ -25,10 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import files
-from transferkit.data.images import IMAGE_EXTENSIONS, unreadable_reason
+from transferkit.data.images import ALLOWED_EXTENSIONS, unreadable_reason
 from transferkit.errors import DataError, InputError
-
-_ALLOWED = " ".join(IMAGE_EXTENSIONS)
 
 SPLITS = ("train", "val", "test")
 
@@ -381,7 +379,7 @@ def unlabelled_folder(root: Path, candidates: list[str], skipped: list[tuple[str
         else:
             skipped.append((rel, reason))
     if not paths:
-        raise DataError(f"{where} holds no readable images (allowed: {_ALLOWED}). Add images, or give the "
+        raise DataError(f"{where} holds no readable images (allowed: {ALLOWED_EXTENSIONS}). Add images, or give the "
                         f"folder that holds them.")
     labels = np.full(len(paths), -1, dtype=np.int64)
     labels.flags.writeable = False

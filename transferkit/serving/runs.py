@@ -88,13 +88,13 @@ def write_status(run_dir: Path, state: str, detail: str = "", *, stage: str) -> 
     """``status.json`` says whether a run finished, failed or was interrupted (resume with --resume),
     and its stage: ``train`` until the model and metrics are written, then ``report``, then ``done``."""
     files.write_json(run_dir / STATUS_FILE, {"state": state, "stage": stage, "detail": detail,
-                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def write_failure(run_dir: Path, exc: BaseException) -> None:
     """The run stopped: say how, keeping the stage it had reached (so --resume redoes only the rest)."""
     write_status(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                  f"{type(exc).__name__}: {exc}"[:300], stage=read_status(run_dir).get("stage", "train"))
+                 f"{type(exc).__name__}: {exc}"[:300], stage=read_status(run_dir).get("stage", "train"))
 
 
 def _read_status_file(path: Path) -> dict:
